@@ -1,0 +1,56 @@
+"""ExpertBank: one layer's local experts, each in one contiguous buffer row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class ExpertBank:
+    """Rows of `buffer` are experts: [gate (I*H) | up (I*H) | down (H*I)], so moving one is one copy."""
+
+    layer: int
+    expert_ids: tuple[int, ...]  # global expert id of each row
+    buffer: torch.Tensor  # [n, 3*I*H]
+    hidden: int
+    intermediate: int
+    slot_of: torch.Tensor  # [E] int64: row of each global expert, -1 when not local
+
+    @classmethod
+    def empty(cls, layer: int, expert_ids: tuple[int, ...], num_experts: int, hidden: int,
+              intermediate: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> "ExpertBank":
+        buffer = torch.empty(len(expert_ids), 3 * intermediate * hidden, dtype=dtype, device=device)
+        slot_of = torch.full((num_experts,), -1, dtype=torch.int64, device=device)
+        slot_of[list(expert_ids)] = torch.arange(len(expert_ids), device=device)
+        return cls(layer, expert_ids, buffer, hidden, intermediate, slot_of)
+
+    @property
+    def w_gate_up(self) -> torch.Tensor:  # [n, 2I, H] strided view
+        n, i, h = len(self.expert_ids), self.intermediate, self.hidden
+        return self.buffer[:, : 2 * i * h].view(n, 2 * i, h)
+
+    @property
+    def w_down(self) -> torch.Tensor:  # [n, H, I] strided view
+        n, i, h = len(self.expert_ids), self.intermediate, self.hidden
+        return self.buffer[:, 2 * i * h:].view(n, h, i)
+
+    @property
+    def is_identity(self) -> bool:
+        """Row r holds global expert r for every expert of the layer."""
+        return self.expert_ids == tuple(range(self.slot_of.numel()))
+
+    def set_expert(self, row: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+        i, h = self.intermediate, self.hidden
+        dst = self.buffer[row]
+        dst[: i * h].view(i, h).copy_(gate)
+        dst[i * h: 2 * i * h].view(i, h).copy_(up)
+        dst[2 * i * h:].view(h, i).copy_(down)
+
+    def local_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Global expert ids [T, K] -> bank rows [T, K] (-1 where the expert is not local)."""
+        return topk_ids if self.is_identity else self.slot_of[topk_ids]
+
+    def nbytes(self) -> int:
+        return self.buffer.numel() * self.buffer.element_size()

@@ -1,0 +1,23 @@
+"""ExpertShard: owns some (layer, expert) FFNs and runs them on the tokens routed to them."""
+
+from __future__ import annotations
+
+import torch
+
+from experts.expert_bank import ExpertBank
+from kernels.dispatch import KernelOps
+
+
+class ExpertShard:
+    """Plain class; the cluster builder makes it a Ray actor. `banks[layer]` holds its experts."""
+
+    def __init__(self, banks: dict[int, ExpertBank], ops: KernelOps) -> None:
+        self.banks, self.ops = banks, ops
+
+    def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x: [T, H]; ids/weights: [T, K] global expert ids -> [T, H] sum over this shard's experts."""
+        bank = self.banks[layer]
+        return self.ops.fused_moe(x, bank.w_gate_up, bank.w_down, bank.local_ids(ids), weights)
+
+    def nbytes(self) -> int:
+        return sum(b.nbytes() for b in self.banks.values())
