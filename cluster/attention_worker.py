@@ -1,0 +1,78 @@
+"""AttentionWorker: embeddings, attention with its paged KV cache, norms, dense MLPs, LM head.
+
+The memory-bound half of the model (attention offloading). Plain class: the cluster builder turns
+it into a Ray actor; the in-process engine calls it directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cluster.batch import StepBatch
+from cluster.layers import apply_rope, gated_mlp, paged_attention, rms_norm, rope_table
+from experts.config import ModelSpec
+from experts.loader import DenseWeights, LayerWeights
+
+
+class AttentionWorker:
+    def __init__(self, spec: ModelSpec, weights: DenseWeights, num_slots: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.spec, self.w, self.dtype, self.device = spec, weights, dtype, device
+        cos, sin = rope_table(spec.head_dim, spec.rope_theta, spec.max_position_embeddings)
+        self.cos, self.sin = cos.to(device, dtype), sin.to(device, dtype)
+        shape = (num_slots, spec.num_kv_heads, spec.head_dim)
+        # zeros, not empty: padded keys point at slot 0 and must be finite
+        self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        self.scale = spec.head_dim ** -0.5
+
+    def kv_cache_bytes(self) -> int:
+        t = self.k_cache[0]
+        return 2 * len(self.k_cache) * t.numel() * t.element_size()
+
+    def embed(self, batch: StepBatch) -> torch.Tensor:  # [T, H]
+        return F.embedding(batch.input_ids, self.w.embed)
+
+    def attention(self, layer: int, h: torch.Tensor, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual stream h [T, H] -> (h + attention, post-attention-normed input of the FFN)."""
+        lw = self.w.layers[layer]
+        x = rms_norm(h, lw.input_norm, self.spec.rms_norm_eps)
+        q, k, v = self._qkv(lw, x, batch)
+        self.k_cache[layer][batch.slot_mapping] = k
+        self.v_cache[layer][batch.slot_mapping] = v
+        attn = paged_attention(q, self.k_cache[layer], self.v_cache[layer], batch, self.scale)
+        h = h + F.linear(attn, lw.o)
+        return h, rms_norm(h, lw.post_norm, self.spec.rms_norm_eps)
+
+    def _qkv(self, lw: LayerWeights, x: torch.Tensor, batch: StepBatch):
+        s = self.spec
+        q_out, kv_out = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        q, k, v = F.linear(x, lw.qkv, lw.qkv_bias).split([q_out, kv_out, kv_out], dim=-1)
+        if s.qk_norm == "full":
+            q, k = rms_norm(q, lw.q_norm, s.rms_norm_eps), rms_norm(k, lw.k_norm, s.rms_norm_eps)
+        if s.clip_qkv is not None:
+            q, k, v = (t.clamp(-s.clip_qkv, s.clip_qkv) for t in (q, k, v))
+        t = x.shape[0]
+        q = q.reshape(t, s.num_heads, s.head_dim)
+        k = k.reshape(t, s.num_kv_heads, s.head_dim)
+        v = v.reshape(t, s.num_kv_heads, s.head_dim)
+        if s.qk_norm == "head":
+            q, k = rms_norm(q, lw.q_norm, s.rms_norm_eps), rms_norm(k, lw.k_norm, s.rms_norm_eps)
+        cos, sin = self.cos[batch.positions], self.sin[batch.positions]
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def dense_ffn(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
+        """The shared expert (sigmoid-gated) of a MoE layer or the MLP of a dense layer; None if neither."""
+        lw = self.w.layers[layer]
+        if lw.shared is None:
+            return None
+        y = gated_mlp(x, lw.shared.gate_up, lw.shared.down)
+        if lw.shared_score is not None:
+            y = torch.sigmoid(F.linear(x, lw.shared_score)) * y
+        return y
+
+    def logits(self, h: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+        """[S, V] float32 logits of the rows whose next token is sampled."""
+        last = rms_norm(h[batch.logit_rows], self.w.final_norm, self.spec.rms_norm_eps)
+        return F.linear(last, self.w.lm_head).float()

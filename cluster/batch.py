@@ -1,0 +1,68 @@
+"""StepBatch: the tensors one engine step needs, built once from the scheduler's output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cluster.scheduler import SchedulerOutput
+
+
+@dataclass(slots=True)
+class StepBatch:
+    """T new tokens of B sequences, padded to [B, max_q] queries over [B, max_k] cached keys."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64: flat KV slot each new token is written to
+    kv_index: torch.Tensor  # [B, max_k] int64: flat KV slot of each key (padding -> slot 0)
+    attn_mask: torch.Tensor  # [B, 1, max_q, max_k] bool
+    q_dest: torch.Tensor  # [T] int64: row of each token in the padded [B * max_q] layout
+    q_padded: bool  # False when every sequence has exactly max_q new tokens
+    num_seqs: int
+    max_q: int
+    logit_rows: torch.Tensor  # [S] int64: rows of T whose next token is sampled
+    sample_seq_ids: tuple[int, ...]  # [S] the sequences those rows belong to
+
+
+def build_batch(out: SchedulerOutput, block_size: int, sliding_window: int | None,
+                device: torch.device) -> StepBatch:
+    chunks = out.chunks
+    lens = [len(c.token_ids) for c in chunks]
+    max_q, max_k = max(lens), max(c.start + n for c, n in zip(chunks, lens))
+    ids, pos, dest, kv, qpos, rows, seq_ids = [], [], [], [], [], [], []
+    for b, (c, n) in enumerate(zip(chunks, lens)):
+        ids.extend(c.token_ids)
+        pos.extend(range(c.start, c.start + n))
+        dest.extend(range(b * max_q, b * max_q + n))
+        kv.append(_slots(c.block_ids, c.start + n, block_size) + [0] * (max_k - c.start - n))
+        qpos.append(list(range(c.start, c.start + n)) + [0] * (max_q - n))
+        if c.sample:
+            rows.append(len(ids) - 1)
+            seq_ids.append(c.seq_id)
+    kv_t = torch.tensor(kv, dtype=torch.int64)
+    positions = torch.tensor(pos, dtype=torch.int64)
+    slot_mapping = kv_t.view(-1)[torch.tensor(dest, dtype=torch.int64) // max_q * max_k + positions]
+    mask = _mask(torch.tensor(qpos, dtype=torch.int64), max_k, sliding_window)
+    return StepBatch(
+        input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
+        positions=positions.to(device), slot_mapping=slot_mapping.to(device),
+        kv_index=kv_t.to(device), attn_mask=mask.to(device),
+        q_dest=torch.tensor(dest, dtype=torch.int64, device=device),
+        q_padded=any(n != max_q for n in lens), num_seqs=len(chunks), max_q=max_q,
+        logit_rows=torch.tensor(rows, dtype=torch.int64, device=device),
+        sample_seq_ids=tuple(seq_ids))
+
+
+def _slots(block_ids: tuple[int, ...], num_tokens: int, block_size: int) -> list[int]:
+    return [block_ids[p // block_size] * block_size + p % block_size for p in range(num_tokens)]
+
+
+def _mask(qpos: torch.Tensor, max_k: int, window: int | None) -> torch.Tensor:
+    """qpos: [B, max_q] -> [B, 1, max_q, max_k]: key j visible to a query at p iff j <= p (within window)."""
+    keys = torch.arange(max_k)[None, None, :]
+    visible = keys <= qpos[:, :, None]
+    if window:
+        visible &= keys > qpos[:, :, None] - window
+    return visible[:, None]

@@ -1,0 +1,154 @@
+"""LLMEngine: continuous batching over the in-process model. Each step: schedule -> execute -> update."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from cluster.batch import build_batch
+from cluster.config import EngineConfig
+from cluster.detokenizer import IncrementalText
+from cluster.model import InProcessModel
+from cluster.request import Request, RequestOutput
+from cluster.sampler import new_generator, sample
+from cluster.sampling_params import SamplingParams
+from cluster.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from cluster.sequence import Sequence
+from experts.tokenizer import load_tokenizer
+from kernels.dispatch import select_kernels
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.ops = select_kernels(self.device, config.kernel_backend)
+        self.tokenizer = load_tokenizer(config.model)
+        self.model = InProcessModel.load(
+            Path(config.model), DTYPES[config.dtype], self.device,
+            num_kv_slots=config.num_blocks * config.block_size, ops=self.ops,
+            show_progress=config.show_progress)
+        self.spec = self.model.spec
+        max_len = config.max_model_len or self.spec.max_position_embeddings
+        if max_len > self.spec.max_position_embeddings:
+            raise ValueError(f"max_model_len {max_len} exceeds the model's "
+                             f"max_position_embeddings {self.spec.max_position_embeddings}")
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+            block_size=config.block_size, num_blocks=config.num_blocks, max_model_len=max_len))
+        eos = set(self.spec.eos_token_ids)
+        if self.tokenizer and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_ids = frozenset(eos)
+        self.requests: dict[str, Request] = {}
+        self._by_seq: dict[int, Request] = {}
+        self._seq_ids = itertools.count()
+
+    # ---- requests in -------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """Text or token ids -> validated token ids (ValueError naming the problem)."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer.json: pass the prompt as token ids")
+            return self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.spec.vocab_size]
+        if bad:
+            raise ValueError(f"token ids out of range [0, {self.spec.vocab_size}): {bad[:5]}")
+        return ids
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams,
+                    request_id: str | None = None) -> str:
+        seq_id = next(self._seq_ids)
+        request_id = request_id or f"req-{seq_id}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        seq = Sequence(seq_id, self.tokenize(prompt), params.max_tokens)
+        self.scheduler.add(seq)
+        text = IncrementalText(self.tokenizer.decode, params.stop) if self.tokenizer else None
+        req = Request(request_id, seq, params, new_generator(params, self.device), text, self.eos_ids)
+        self.requests[request_id] = req
+        self._by_seq[seq_id] = req
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.get(request_id)
+        return self._finish(req, "abort") if req else None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step loop -----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if not out.chunks:
+            return []
+        try:
+            sampled = self._execute(out)
+        except Exception as exc:  # a failed step ends its requests, never the engine
+            log.exception("engine step failed")
+            return [self._finish(self._by_seq[c.seq_id], "error", f"{type(exc).__name__}: {exc}")
+                    for c in out.chunks if c.seq_id in self._by_seq]
+        self.scheduler.update(out, sampled)
+        return [self._report(self._by_seq[sid]) for sid in sampled]
+
+    def _execute(self, out: SchedulerOutput) -> dict[int, int]:
+        batch = build_batch(out, self.config.block_size, self.spec.sliding_window, self.device)
+        logits = self.model.forward(batch)
+        reqs = [self._by_seq[sid] for sid in batch.sample_seq_ids]
+        tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        return dict(zip(batch.sample_seq_ids, tokens))
+
+    def _report(self, req: Request) -> RequestOutput:
+        new_text = ""
+        if req.text is not None:
+            new_text, req.stopped = req.text.update(req.seq.output_ids)
+        reason = req.finish_reason()
+        if reason is not None:
+            return self._finish(req, reason, prefix_text=new_text)
+        return self._output(req, new_text)
+
+    def _finish(self, req: Request, reason: str, error: str | None = None,
+                prefix_text: str = "") -> RequestOutput:
+        self.scheduler.finish(req.seq.seq_id, reason)
+        self.requests.pop(req.request_id, None)
+        self._by_seq.pop(req.seq.seq_id, None)
+        if req.text is not None and reason != "stop":
+            prefix_text += req.text.update(req.seq.output_ids, final=True)[0]
+        return self._output(req, prefix_text, reason, error)
+
+    def _output(self, req: Request, new_text: str, reason: str | None = None,
+                error: str | None = None) -> RequestOutput:
+        ids = tuple(req.seq.output_ids)
+        new_ids, req.num_reported = ids[req.num_reported:], len(ids)
+        return RequestOutput(req.request_id, new_ids, new_text, ids,
+                             req.text.text[:req.text.emitted] if req.text else "", len(req.seq.prompt_ids),
+                             finished=reason is not None, finish_reason=reason, error=error)
+
+    # ---- convenience -------------------------------------------------------------------------
+    def generate(self, prompts: Iterable[str | list[int]], params: SamplingParams) -> list[RequestOutput]:
+        """Run prompts to completion together; final outputs in prompt order."""
+        ids = [self.add_request(p, params) for p in prompts]
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for o in self.step():
+                if o.finished:
+                    final[o.request_id] = o
+        return [final[i] for i in ids]
+
+    def stream(self, prompt: str | list[int], params: SamplingParams) -> Iterator[RequestOutput]:
+        """Yield one request's updates as its tokens are produced (other requests keep running)."""
+        rid = self.add_request(prompt, params)
+        while True:
+            for o in self.step():
+                if o.request_id == rid:
+                    yield o
+                    if o.finished:
+                        return

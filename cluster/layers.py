@@ -1,0 +1,59 @@
+"""Stateless torch building blocks: RMSNorm, rotary embeddings, paged attention, gated MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cluster.batch import StepBatch
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, computed in float32 like HF, weight applied in x.dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def rope_table(head_dim: int, theta: float, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [max_pos, D] float32, HF layout (frequencies repeated over both halves)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = torch.arange(max_pos, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, n, D]; cos/sin: [T, D] already in x.dtype."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    batch: StepBatch, scale: float) -> torch.Tensor:
+    """q: [T, nh, D] new tokens; caches: [slots, nkv, D] already holding these tokens' K/V.
+
+    Returns [T, nh * D]. Sequences are padded to [B, Lq] queries x [B, Lk] keys; the mask lets
+    query i of a sequence see keys at positions <= its own (and inside the sliding window).
+    """
+    b, lq = batch.num_seqs, batch.max_q
+    nh, d = q.shape[1], q.shape[2]
+    k = k_cache[batch.kv_index].transpose(1, 2)  # [B, nkv, Lk, D]
+    v = v_cache[batch.kv_index].transpose(1, 2)
+    if batch.q_padded:
+        qp = q.new_zeros(b * lq, nh, d)
+        qp[batch.q_dest] = q
+        qp = qp.view(b, lq, nh, d)
+    else:
+        qp = q.view(b, lq, nh, d)
+    out = F.scaled_dot_product_attention(qp.transpose(1, 2), k, v, attn_mask=batch.attn_mask,
+                                         scale=scale, enable_gqa=True)  # [B, nh, Lq, D]
+    out = out.transpose(1, 2).reshape(b * lq, nh * d)
+    return out[batch.q_dest] if batch.q_padded else out
+
+
+def gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """x: [T, H]; gate_up: [2I, H]; down: [H, I] -> [T, H]."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)

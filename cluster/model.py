@@ -1,0 +1,57 @@
+"""The in-process model: one AttentionWorker, one Gate and one ExpertShard holding every expert.
+
+This is the reference path (and the fallback with no Ray): the per-layer flow is
+attention worker -> router -> expert shard -> combine, the same calls the cluster makes remotely.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from cluster.attention_worker import AttentionWorker
+from cluster.batch import StepBatch
+from experts.checkpoint import Checkpoint
+from experts.config import ModelSpec, load_spec
+from experts.loader import load_dense, load_experts
+from experts.shard import ExpertShard
+from kernels.dispatch import KernelOps
+from router.gating import Gate
+
+
+class InProcessModel:
+    def __init__(self, spec: ModelSpec, attention: AttentionWorker, gate: Gate, experts: ExpertShard) -> None:
+        self.spec, self.attention, self.gate, self.experts = spec, attention, gate, experts
+
+    @classmethod
+    def load(cls, model_dir: str | Path, dtype: torch.dtype, device: torch.device, num_kv_slots: int,
+             ops: KernelOps, show_progress: bool = False) -> "InProcessModel":
+        spec = load_spec(Path(model_dir))
+        ckpt = Checkpoint(model_dir)
+        bar = tqdm(total=2 * spec.num_layers, desc="loading", unit="layer", disable=not show_progress)
+        dense = load_dense(ckpt, spec, dtype, device, progress=bar.update)
+        banks = {}
+        for layer in spec.moe_layers:
+            banks[layer] = load_experts(ckpt, spec, layer, range(spec.num_experts), dtype, device)
+            bar.update(1)
+        bar.close()
+        attention = AttentionWorker(spec, dense, num_kv_slots, dtype, device)
+        gate = Gate(spec, [lw.router for lw in dense.layers], ops)
+        return cls(spec, attention, gate, ExpertShard(banks, ops))
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch) -> torch.Tensor:
+        """Logits [S, V] float32 for the batch's sampled rows."""
+        h = self.attention.embed(batch)
+        for layer in range(self.spec.num_layers):
+            h, x = self.attention.attention(layer, h, batch)
+            y = self.attention.dense_ffn(layer, x)
+            if self.spec.sparse_layers[layer]:
+                route = self.gate.route(layer, x)
+                moe = self.experts.forward(layer, x, route.ids, route.weights)
+                y = moe if y is None else moe + y
+            h = h + y
+        return self.attention.logits(h, batch)
+

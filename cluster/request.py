@@ -1,0 +1,49 @@
+"""A request's engine-side state and the RequestOutput it streams out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from cluster.detokenizer import IncrementalText
+from cluster.sampling_params import SamplingParams
+from cluster.sequence import Sequence
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutput:
+    """One update of a request: what is new since the last update, and the totals so far."""
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    new_text: str
+    token_ids: tuple[int, ...]
+    text: str
+    num_prompt_tokens: int
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    request_id: str
+    seq: Sequence
+    params: SamplingParams
+    generator: torch.Generator | None
+    text: IncrementalText | None  # None when the model has no tokenizer
+    eos_ids: frozenset[int]
+    num_reported: int = 0  # output tokens already sent in a RequestOutput
+    stopped: bool = field(default=False)
+
+    def finish_reason(self) -> str | None:
+        """Why this request is done after its latest token, or None to continue."""
+        out = self.seq.output_ids
+        if self.stopped:
+            return "stop"
+        if out and not self.params.ignore_eos and out[-1] in self.eos_ids:
+            return "stop"
+        if len(out) >= self.params.max_tokens:
+            return "length"
+        return None

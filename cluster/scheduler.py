@@ -1,0 +1,137 @@
+"""Continuous-batching scheduler (torch-free).
+
+Every step: running sequences that decode get one token each, partly prefilled prompts continue,
+then waiting requests are admitted first-come-first-served while a sequence slot, the token budget
+and KV blocks for their whole length (prompt + max_tokens) are available. Reserving the whole
+length at admission means a running sequence never runs out of cache and is never preempted.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from cluster.block_manager import BlockManager
+from cluster.sequence import Sequence, SeqStatus
+
+
+class AdmissionError(ValueError):
+    """A request can never fit the engine's limits (context length or KV-cache budget)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    num_blocks: int = 512
+    max_model_len: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_blocks", "max_model_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledChunk:
+    """Run `token_ids` at positions start.. of `seq_id`; sample the next token when `sample`."""
+
+    seq_id: int
+    token_ids: tuple[int, ...]
+    start: int
+    block_ids: tuple[int, ...]
+    sample: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerOutput:
+    chunks: tuple[ScheduledChunk, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.blocks = BlockManager(config.num_blocks, config.block_size)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.seqs: dict[int, Sequence] = {}
+
+    def check_fits(self, num_prompt: int, max_tokens: int) -> None:
+        """Raise AdmissionError when a request of this size could never be scheduled."""
+        total = num_prompt + max_tokens
+        if num_prompt == 0:
+            raise AdmissionError("prompt is empty")
+        if total > self.config.max_model_len:
+            raise AdmissionError(
+                f"prompt ({num_prompt} tokens) + max_tokens ({max_tokens}) = {total} exceeds "
+                f"max_model_len {self.config.max_model_len}")
+        need = self.blocks.blocks_for(num_prompt + max_tokens - 1)
+        if need > self.config.num_blocks:
+            raise AdmissionError(
+                f"request needs {need} KV blocks; the KV cache has {self.config.num_blocks} in total")
+
+    def add(self, seq: Sequence) -> None:
+        self.check_fits(len(seq.prompt_ids), seq.max_tokens)
+        self.seqs[seq.seq_id] = seq
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        decoding = [s for s in self.running if s.num_pending == 1]
+        prefilling = [s for s in self.running if s.num_pending > 1]
+        for seq in decoding + prefilling:
+            budget = self._take(seq, budget, chunks)
+        while self.waiting and budget > 0 and self._admit(self.waiting[0]):
+            budget = self._take(self.waiting.popleft(), budget, chunks)
+        return SchedulerOutput(tuple(chunks))
+
+    def _admit(self, seq: Sequence) -> bool:
+        if len(self.running) >= self.config.max_num_seqs or not self.blocks.can_allocate(seq.max_len):
+            return False
+        seq.block_ids = self.blocks.allocate(seq.max_len)
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+        return True
+
+    def _take(self, seq: Sequence, budget: int, chunks: list[ScheduledChunk]) -> int:
+        n = min(seq.num_pending, budget)
+        if n <= 0:
+            return budget
+        start = seq.num_computed
+        chunks.append(ScheduledChunk(seq.seq_id, tuple(seq.tokens(start, start + n)), start,
+                                     tuple(seq.block_ids), start + n == seq.num_tokens))
+        return budget - n
+
+    def update(self, output: SchedulerOutput, sampled: dict[int, int]) -> None:
+        """Advance computed counts and append each sampled token (seq_id -> token)."""
+        for chunk in output.chunks:
+            seq = self.seqs.get(chunk.seq_id)
+            if seq is None or seq.status is not SeqStatus.RUNNING:
+                continue
+            seq.num_computed = chunk.start + len(chunk.token_ids)
+            if chunk.seq_id in sampled:
+                seq.output_ids.append(sampled[chunk.seq_id])
+
+    def finish(self, seq_id: int, reason: str) -> Sequence | None:
+        """Finish (or abort) a sequence wherever it is, freeing its blocks; None if unknown."""
+        seq = self.seqs.pop(seq_id, None)
+        if seq is None:
+            return None
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+            self.blocks.free(seq.block_ids)
+        elif seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        seq.block_ids = []
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        return seq

@@ -1,0 +1,46 @@
+"""Per-request token state, shared by the scheduler and the engine (torch-free)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """Invariant: tokens [0, num_computed) have their K/V in the cache blocks `block_ids`."""
+
+    seq_id: int
+    prompt_ids: list[int]
+    max_tokens: int
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: str | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def max_len(self) -> int:
+        """Tokens whose K/V may ever be cached: the prompt plus all but the last output token."""
+        return len(self.prompt_ids) + max(self.max_tokens - 1, 0)
+
+    @property
+    def num_pending(self) -> int:
+        return self.num_tokens - self.num_computed
+
+    def token(self, pos: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[pos] if pos < n else self.output_ids[pos - n]
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        return [self.token(p) for p in range(start, end)]
