@@ -18,15 +18,15 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+        _check(_integer(self.max_tokens) and self.max_tokens >= 1,
                f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         _check(_number(self.temperature) and 0.0 <= self.temperature <= 100.0,
                f"temperature must be in [0, 100], got {self.temperature!r}")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0,
+        _check(_integer(self.top_k) and self.top_k >= 0,
                f"top_k must be an integer >= 0, got {self.top_k!r}")
         _check(_number(self.top_p) and 0.0 < self.top_p <= 1.0,
                f"top_p must be in (0, 1], got {self.top_p!r}")
-        _check(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
+        _check(self.seed is None or (_integer(self.seed) and 0 <= self.seed < 2**63),
                f"seed must be a non-negative integer, got {self.seed!r}")
         _check(isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop),
                f"stop must be a tuple of non-empty strings, got {self.stop!r}")
@@ -34,6 +34,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def _integer(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _number(x: object) -> bool:

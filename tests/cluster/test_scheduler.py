@@ -1,0 +1,94 @@
+"""The torch-free continuous-batching scheduler and KV block accounting."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from cluster.scheduler import AdmissionError, Scheduler, SchedulerConfig
+from cluster.sequence import Sequence, SeqStatus
+
+
+def make(max_num_seqs=4, budget=64, block_size=4, num_blocks=16, max_model_len=64):
+    return Scheduler(SchedulerConfig(max_num_seqs, budget, block_size, num_blocks, max_model_len))
+
+
+def seq(i, n_prompt, max_tokens):
+    return Sequence(i, list(range(1, n_prompt + 1)), max_tokens)
+
+
+def run_step(s: Scheduler, token=7):
+    out = s.schedule()
+    s.update(out, {c.seq_id: token for c in out.chunks if c.sample})
+    return out
+
+
+def test_scheduler_imports_neither_torch_nor_ray():
+    import subprocess
+    code = "import cluster.scheduler, cluster.detokenizer, sys; print('torch' in sys.modules, 'ray' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.split() == ["False", "False"]
+
+
+def test_new_requests_join_while_others_decode():
+    s = make()
+    s.add(seq(0, 5, 4))
+    first = run_step(s)
+    assert [(c.seq_id, c.start, len(c.token_ids), c.sample) for c in first.chunks] == [(0, 0, 5, True)]
+    s.add(seq(1, 3, 4))
+    second = run_step(s)
+    assert [(c.seq_id, c.start, len(c.token_ids)) for c in second.chunks] == [(0, 5, 1), (1, 0, 3)]
+    assert second.chunks[0].token_ids == (7,)  # the token sampled in step 1
+
+
+def test_chunked_prefill_respects_token_budget():
+    s = make(budget=4)
+    s.add(seq(0, 10, 2))
+    chunks = [run_step(s).chunks[0] for _ in range(3)]
+    assert [(c.start, len(c.token_ids), c.sample) for c in chunks] == [(0, 4, False), (4, 4, False), (8, 2, True)]
+    assert s.seqs[0].output_ids == [7]
+
+
+def test_admission_waits_for_blocks_and_slots():
+    s = make(max_num_seqs=2, block_size=4, num_blocks=4)
+    s.add(seq(0, 4, 5))  # reserves ceil(8 / 4) = 2 blocks
+    s.add(seq(1, 4, 5))
+    s.add(seq(2, 1, 1))
+    run_step(s)
+    assert [q.seq_id for q in s.running] == [0, 1] and s.blocks.num_free == 0
+    s.finish(0, "stop")
+    assert s.blocks.num_free == 2
+    run_step(s)
+    assert [q.seq_id for q in s.running] == [1, 2]
+
+
+def test_requests_that_can_never_fit_are_rejected():
+    s = make(num_blocks=2, block_size=4, max_model_len=64)
+    with pytest.raises(AdmissionError, match="needs 3 KV blocks; the KV cache has 2"):
+        s.add(seq(0, 8, 2))
+    with pytest.raises(AdmissionError, match=r"prompt \(60 tokens\) \+ max_tokens \(10\) = 70 exceeds max_model_len 64"):
+        s.add(seq(1, 60, 10))
+    with pytest.raises(AdmissionError, match="prompt is empty"):
+        s.add(seq(2, 0, 1))
+    assert not s.has_unfinished()
+
+
+def test_finish_frees_blocks_and_abort_of_waiting():
+    s = make(max_num_seqs=1)
+    s.add(seq(0, 3, 3))
+    s.add(seq(1, 3, 3))
+    run_step(s)
+    assert s.finish(1, "abort").status is SeqStatus.FINISHED  # still waiting
+    assert s.finish(0, "length").finish_reason == "length"
+    assert s.blocks.num_free == 16 and not s.has_unfinished()
+    assert s.finish(0, "stop") is None
+
+
+def test_decode_never_runs_out_of_reserved_blocks():
+    s = make(block_size=2, num_blocks=8)
+    s.add(seq(0, 3, 6))
+    for _ in range(6):
+        out = run_step(s)
+        c = out.chunks[0]
+        assert c.start + len(c.token_ids) <= len(c.block_ids) * 2
