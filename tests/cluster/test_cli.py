@@ -1,0 +1,49 @@
+"""The `moe-serve` command line, run as a user runs it (a subprocess)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from cluster.config import EngineConfig
+from cluster.engine import LLMEngine
+from cluster.sampling_params import SamplingParams
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **(env or {})})
+
+
+def test_make_tiny_then_generate_streams_the_engine_output(tmp_path):
+    out = tmp_path / "qwen"
+    res = cli("make-tiny", "--family", "qwen2_moe", "--out", str(out), "--shards", "2")
+    assert res.returncode == 0, res.stderr
+    assert (out / "model.safetensors.index.json").is_file()
+    res = cli("generate", "--model", str(out), "--prompt", "def f(x):", "--max-tokens", "12",
+              "--temperature", "0")
+    assert res.returncode == 0, res.stderr
+    engine = LLMEngine(EngineConfig(model=str(out)))
+    want = engine.generate(["def f(x):"], SamplingParams(max_tokens=12, temperature=0.0))[0]
+    assert res.stdout == want.text + "\n"
+    assert f"finish_reason={want.finish_reason}" in res.stderr
+
+
+def test_generate_without_model_uses_demo_model(tmp_path):
+    res = cli("generate", "--prompt", "hi", "--max-tokens", "4", "--seed", "1",
+              env={"MOE_SERVE_CACHE": str(tmp_path)})
+    assert res.returncode == 0, res.stderr
+    assert "creating demo model" in res.stderr and (tmp_path / "demo-olmoe-v1" / "config.json").is_file()
+    again = cli("generate", "--prompt", "hi", "--max-tokens", "4", "--seed", "1",
+                env={"MOE_SERVE_CACHE": str(tmp_path)})
+    assert again.stdout == res.stdout and "creating demo model" not in again.stderr
+
+
+def test_bad_arguments_give_clear_errors(tmp_path):
+    res = cli("generate", "--model", str(tmp_path), "--prompt", "x")
+    assert res.returncode == 2 and "missing config.json" in res.stderr
+    res = cli("make-tiny", "--family", "gpt2", "--out", str(tmp_path / "m"))
+    assert res.returncode == 2 and "unknown MoE family 'gpt2'" in res.stderr
+    res = cli("generate", "--prompt", "x", "--temperature", "-1", env={"MOE_SERVE_CACHE": str(tmp_path)})
+    assert res.returncode == 2 and "temperature must be in [0, 100]" in res.stderr
