@@ -1,0 +1,85 @@
+"""Single dispatch point for the MoE kernels, chosen once at start-up.
+
+``select_kernels(device, backend)`` returns a :class:`KernelOps` bundle whose
+callables share the signatures of the torch references:
+
+    fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights) -> Tensor [T, H]
+    topk_gating(logits, top_k, renormalize) -> (weights [T, K], ids [T, K])
+
+Triton is imported lazily, so the torch backend works without it installed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kernels.fused_moe import fused_moe_ref
+from kernels.topk_gating import topk_gating_ref
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True, slots=True)
+class KernelOps:
+    """The kernel implementations the engine calls."""
+
+    backend: str  # "torch" or "triton"
+    fused_moe: Callable[..., Tensor]
+    topk_gating: Callable[..., tuple[Tensor, Tensor]]
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_triton_allowed(device: torch.device) -> None:
+    """Raise ValueError unless Triton kernels can run on ``device``."""
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"kernel backend 'triton' needs a CUDA device, got {device}; on CPU it only "
+            "runs under the Triton interpreter (set TRITON_INTERPRET=1 before start-up)"
+        )
+    if not _triton_importable():
+        raise ValueError(
+            "kernel backend 'triton' requested but the triton package cannot be imported"
+        )
+
+
+def _triton_ops() -> KernelOps:
+    from kernels.fused_moe_triton import fused_moe_triton
+    from kernels.topk_gating_triton import topk_gating_triton
+
+    return KernelOps(backend="triton", fused_moe=fused_moe_triton, topk_gating=topk_gating_triton)
+
+
+def select_kernels(device: torch.device | str, backend: str = "auto") -> KernelOps:
+    """Pick the kernel implementations for ``device``.
+
+    Args:
+        device: where the model runs, e.g. ``"cuda:0"`` or ``torch.device("cpu")``.
+        backend: ``"auto"`` (Triton on CUDA when importable, else torch),
+            ``"torch"`` (always available) or ``"triton"`` (CUDA, or CPU with
+            ``TRITON_INTERPRET=1``).
+
+    Raises:
+        ValueError: unknown backend name, or Triton forced where it cannot run.
+    """
+    if backend not in BACKENDS:
+        choices = ", ".join(BACKENDS)
+        raise ValueError(f"unknown kernel backend {backend!r}; valid choices: {choices}")
+    device = torch.device(device)
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and _triton_importable() else "torch"
+    if backend == "torch":
+        return KernelOps(backend="torch", fused_moe=fused_moe_ref, topk_gating=topk_gating_ref)
+    _check_triton_allowed(device)
+    return _triton_ops()

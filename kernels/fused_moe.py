@@ -1,0 +1,81 @@
+"""Torch reference for the MoE expert computation (SwiGLU experts).
+
+Semantics follow HF transformers: for every expert ``e`` that received tokens,
+
+    h = x[tok] @ w_gate_up[e].T          # [n, 2I]
+    gate, up = h.chunk(2, -1)            # [n, I] each
+    y = (silu(gate) * up) @ w_down[e].T  # [n, H]
+    out[tok] += (y * weight).to(x.dtype)
+
+Token-slot pairs are grouped by expert with one argsort, so each expert runs
+once on all of its tokens and its weights are read once. The weight tensors
+may be strided views into a per-expert parameter bank; they are never copied.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def check_moe_args(
+    x: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_ids: Tensor, topk_weights: Tensor
+) -> None:
+    """Validate shapes shared by every fused-MoE implementation."""
+    if x.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3:
+        raise ValueError("expected x [T, H], w_gate_up [E, 2I, H], w_down [E, H, I]")
+    num_tokens, hidden = x.shape
+    num_experts, two_inter, gate_hidden = w_gate_up.shape
+    inter = two_inter // 2
+    if gate_hidden != hidden or two_inter != 2 * inter:
+        raise ValueError(f"w_gate_up must be [E, 2I, {hidden}], got {tuple(w_gate_up.shape)}")
+    if tuple(w_down.shape) != (num_experts, hidden, inter):
+        raise ValueError(
+            f"w_down must be [{num_experts}, {hidden}, {inter}], got {tuple(w_down.shape)}"
+        )
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens:
+        raise ValueError(f"topk_ids must be [{num_tokens}, K], got {tuple(topk_ids.shape)}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError("topk_weights and topk_ids must have the same shape [T, K]")
+
+
+def _expert_mlp(x_e: Tensor, w_gate_up_e: Tensor, w_down_e: Tensor) -> Tensor:
+    """SwiGLU MLP of one expert: ``x_e [n, H]`` -> ``[n, H]`` in x_e's dtype."""
+    gate, up = (x_e @ w_gate_up_e.T).chunk(2, dim=-1)  # [n, I] each
+    return (F.silu(gate) * up) @ w_down_e.T  # [n, H]
+
+
+def fused_moe_ref(
+    x: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_ids: Tensor, topk_weights: Tensor
+) -> Tensor:
+    """Apply the routed experts to ``x`` and combine them with the routing weights.
+
+    Args:
+        x: hidden states ``[T, H]`` (float32 or bfloat16).
+        w_gate_up: ``[E, 2I, H]``; rows ``:I`` are the gate, ``I:`` the up projection.
+        w_down: ``[E, H, I]``.
+        topk_ids: int64 ``[T, K]`` expert ids; ``-1`` means "no expert".
+        topk_weights: float32 ``[T, K]`` routing weights.
+
+    Returns:
+        ``[T, H]`` in ``x.dtype``.
+    """
+    check_moe_args(x, w_gate_up, w_down, topk_ids, topk_weights)
+    top_k = topk_ids.shape[1]
+    out = torch.zeros_like(x)  # [T, H]
+    flat_ids = topk_ids.reshape(-1)  # [T*K]
+    flat_weights = topk_weights.reshape(-1)  # [T*K]
+    order = torch.argsort(flat_ids, stable=True)  # [T*K], slot indices grouped by expert
+    experts, counts = torch.unique_consecutive(flat_ids[order], return_counts=True)
+    start = 0
+    for expert, count in zip(experts.tolist(), counts.tolist()):
+        slots = order[start : start + count]  # [n]
+        start += count
+        if expert < 0:
+            continue
+        tokens = slots // top_k  # [n]
+        y = _expert_mlp(x[tokens], w_gate_up[expert], w_down[expert])  # [n, H]
+        weighted = y * flat_weights[slots, None]  # [n, H], promoted to float32
+        out.index_add_(0, tokens, weighted.to(x.dtype))
+    return out
