@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels.fused_moe import fused_moe_ref
+from kernels.fused_moe_batched import fused_moe_batched
 from kernels.topk_gating import topk_gating_ref
 
 BACKENDS = ("auto", "torch", "triton")
@@ -80,6 +80,6 @@ def select_kernels(device: torch.device | str, backend: str = "auto") -> KernelO
     if backend == "auto":
         backend = "triton" if device.type == "cuda" and _triton_importable() else "torch"
     if backend == "torch":
-        return KernelOps(backend="torch", fused_moe=fused_moe_ref, topk_gating=topk_gating_ref)
+        return KernelOps(backend="torch", fused_moe=fused_moe_batched, topk_gating=topk_gating_ref)
     _check_triton_allowed(device)
     return _triton_ops()

@@ -22,6 +22,7 @@ import torch
 
 from kernels import KernelOps, select_kernels
 from kernels.fused_moe import fused_moe_ref
+from kernels.fused_moe_batched import fused_moe_batched
 from kernels.topk_gating import topk_gating_ref
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -175,7 +176,7 @@ def test_select_auto_on_cpu_is_torch():
     ops = select_kernels("cpu")
     assert isinstance(ops, KernelOps)
     assert ops.backend == "torch"
-    assert ops.fused_moe is fused_moe_ref and ops.topk_gating is topk_gating_ref
+    assert ops.fused_moe is fused_moe_batched and ops.topk_gating is topk_gating_ref
     assert select_kernels(torch.device("cpu"), "torch").backend == "torch"
 
 

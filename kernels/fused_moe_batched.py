@@ -1,0 +1,43 @@
+"""Batched torch path of the MoE expert computation, the CPU production path.
+
+Same contract as `fused_moe_ref`. When most experts of the bank have tokens (decode at large batch,
+prefill), tokens are scattered into a padded [E, M, H] block and every expert runs in one `bmm`
+per projection: one call per layer instead of two per expert. Otherwise (few active experts, e.g.
+batch-1 decode) it is the reference's loop over the active experts, which reads only their weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels.fused_moe import check_moe_args, fused_moe_ref
+
+DENSE_FRACTION = 0.75  # run all experts batched once at least this share of them has tokens
+
+
+def fused_moe_batched(x: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_ids: Tensor,
+                      topk_weights: Tensor) -> Tensor:
+    check_moe_args(x, w_gate_up, w_down, topk_ids, topk_weights)
+    num_experts = w_gate_up.shape[0]
+    flat = topk_ids.reshape(-1)  # [T*K]
+    counts = torch.bincount(flat[flat >= 0], minlength=num_experts)  # [E]
+    if int((counts > 0).sum()) < DENSE_FRACTION * num_experts:
+        return fused_moe_ref(x, w_gate_up, w_down, topk_ids, topk_weights)
+    top_k = topk_ids.shape[1]
+    valid = (flat >= 0).nonzero().squeeze(1)  # [S] slots with an expert
+    experts = flat[valid]
+    order = torch.argsort(experts, stable=True)
+    valid, experts = valid[order], experts[order]
+    starts = torch.cumsum(counts, 0) - counts  # [E]
+    rank = torch.arange(valid.numel(), device=x.device) - starts[experts]  # [S] row within expert
+    tokens = valid // top_k
+    x_pad = x.new_zeros(num_experts, int(counts.max()), x.shape[1])  # [E, M, H]
+    x_pad[experts, rank] = x[tokens]
+    gate, up = torch.bmm(x_pad, w_gate_up.transpose(1, 2)).chunk(2, dim=-1)  # [E, M, I] each
+    y = torch.bmm(F.silu(gate) * up, w_down.transpose(1, 2))  # [E, M, H]
+    weighted = y[experts, rank] * topk_weights.reshape(-1)[valid, None]  # [S, H] float32
+    out = torch.zeros_like(x)
+    out.index_add_(0, tokens, weighted.to(x.dtype))
+    return out
