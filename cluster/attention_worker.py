@@ -10,15 +10,17 @@ import torch
 import torch.nn.functional as F
 
 from cluster.batch import StepBatch
-from cluster.layers import apply_rope, gated_mlp, linear_t, paged_attention, rms_norm, rope_table
+from cluster.layers import apply_rope, gated_mlp, paged_attention, rms_norm, rope_table
 from experts.config import ModelSpec
 from experts.loader import DenseWeights, LayerWeights
+from kernels.dispatch import KernelOps
 
 
 class AttentionWorker:
     def __init__(self, spec: ModelSpec, weights: DenseWeights, num_slots: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, ops: KernelOps) -> None:
         self.spec, self.w, self.dtype, self.device = spec, weights, dtype, device
+        self.linear = ops.linear
         cos, sin = rope_table(spec.head_dim, spec.rope_theta, spec.max_position_embeddings)
         self.cos, self.sin = cos.to(device, dtype), sin.to(device, dtype)
         shape = (num_slots, spec.num_kv_heads, spec.head_dim)
@@ -42,13 +44,13 @@ class AttentionWorker:
         self.k_cache[layer][batch.slot_mapping] = k
         self.v_cache[layer][batch.slot_mapping] = v
         attn = paged_attention(q, self.k_cache[layer], self.v_cache[layer], batch, self.scale)
-        h = h + linear_t(attn, lw.o_t)
+        h = h + self.linear(attn, lw.o)
         return h, rms_norm(h, lw.post_norm, self.spec.rms_norm_eps)
 
     def _qkv(self, lw: LayerWeights, x: torch.Tensor, batch: StepBatch):
         s = self.spec
         q_out, kv_out = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
-        q, k, v = linear_t(x, lw.qkv_t, lw.qkv_bias).split([q_out, kv_out, kv_out], dim=-1)
+        q, k, v = self.linear(x, lw.qkv, lw.qkv_bias).split([q_out, kv_out, kv_out], dim=-1)
         if s.qk_norm == "full":
             q, k = rms_norm(q, lw.q_norm, s.rms_norm_eps), rms_norm(k, lw.k_norm, s.rms_norm_eps)
         if s.clip_qkv is not None:
@@ -67,7 +69,7 @@ class AttentionWorker:
         lw = self.w.layers[layer]
         if lw.shared is None:
             return None
-        y = gated_mlp(x, lw.shared.gate_up_t, lw.shared.down_t)
+        y = gated_mlp(x, lw.shared.gate_up, lw.shared.down, self.linear)
         if lw.shared_score is not None:
             y = torch.sigmoid(F.linear(x, lw.shared_score)) * y
         return y
@@ -75,4 +77,4 @@ class AttentionWorker:
     def logits(self, h: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         """[S, V] float32 logits of the rows whose next token is sampled."""
         last = rms_norm(h[batch.logit_rows], self.w.final_norm, self.spec.rms_norm_eps)
-        return linear_t(last, self.w.lm_head_t).float()
+        return self.linear(last, self.w.lm_head).float()

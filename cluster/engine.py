@@ -29,7 +29,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.device = torch.device(config.device)
-        self.ops = select_kernels(self.device, config.kernel_backend)
+        self.ops = select_kernels(self.device, config.kernel_backend, DTYPES[config.dtype])
         self.tokenizer = load_tokenizer(config.model)
         self.model = InProcessModel.load(
             Path(config.model), DTYPES[config.dtype], self.device,

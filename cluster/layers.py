@@ -53,12 +53,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out[batch.q_dest] if batch.q_padded else out
 
 
-def linear_t(x: torch.Tensor, w_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [T, in] @ w_t: [in, out] (+ bias [out]) -> [T, out]; w_t is the input-major weight."""
-    return x @ w_t if bias is None else torch.addmm(bias, x, w_t)
-
-
-def gated_mlp(x: torch.Tensor, gate_up_t: torch.Tensor, down_t: torch.Tensor) -> torch.Tensor:
-    """x: [T, H]; gate_up_t: [H, 2I]; down_t: [I, H] -> [T, H]."""
-    gate, up = (x @ gate_up_t).chunk(2, dim=-1)
-    return (F.silu(gate) * up) @ down_t
+def gated_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, linear=F.linear) -> torch.Tensor:
+    """x: [T, H]; gate_up: [2I, H]; down: [H, I] -> [T, H]."""
+    gate, up = linear(x, gate_up).chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, down)

@@ -37,7 +37,7 @@ class InProcessModel:
             banks[layer] = load_experts(ckpt, spec, layer, range(spec.num_experts), dtype, device)
             bar.update(1)
         bar.close()
-        attention = AttentionWorker(spec, dense, num_kv_slots, dtype, device)
+        attention = AttentionWorker(spec, dense, num_kv_slots, dtype, device, ops)
         gate = Gate(spec, [lw.router for lw in dense.layers], ops)
         return cls(spec, attention, gate, ExpertShard(banks, ops))
 

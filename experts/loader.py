@@ -15,23 +15,19 @@ from experts.families import TABLES, expert_name, fused_name, layer_name
 Progress = Callable[[int], None]
 
 
-# Projection matrices are stored input-major (the transpose of HF's [out, in]), so `x @ w` reads
-# a contiguous matrix: that is what runs at close to memory bandwidth on CPU.
-
-
 @dataclass(slots=True)
 class MLPWeights:
-    gate_up_t: torch.Tensor  # [H, 2I]
-    down_t: torch.Tensor  # [I, H]
+    gate_up: torch.Tensor  # [2I, H]
+    down: torch.Tensor  # [H, I]
 
 
 @dataclass(slots=True)
 class LayerWeights:
     input_norm: torch.Tensor  # [H]
     post_norm: torch.Tensor  # [H]
-    qkv_t: torch.Tensor  # [H, (nh + 2 nkv) * D]
+    qkv: torch.Tensor  # [(nh + 2 nkv) * D, H]
     qkv_bias: torch.Tensor | None  # [(nh + 2 nkv) * D]
-    o_t: torch.Tensor  # [nh * D, H]
+    o: torch.Tensor  # [H, nh * D]
     q_norm: torch.Tensor | None  # [D] (head) or [nh * D] (full)
     k_norm: torch.Tensor | None  # [D] (head) or [nkv * D] (full)
     router: torch.Tensor | None  # [E, H]; None on dense layers
@@ -43,7 +39,7 @@ class LayerWeights:
 class DenseWeights:
     embed: torch.Tensor  # [V, H]
     final_norm: torch.Tensor  # [H]
-    lm_head_t: torch.Tensor  # [H, V]
+    lm_head: torch.Tensor  # [V, H]
     layers: list[LayerWeights]
 
 
@@ -57,14 +53,13 @@ def load_dense(ckpt: Checkpoint, spec: ModelSpec, dtype: torch.dtype,
         lm_head = embed
     else:
         lm_head = ckpt.read(table.globals["lm_head"], (v, h), dtype, device)
-    lm_head_t = lm_head.T.contiguous()
     layers = []
     for layer in range(spec.num_layers):
         layers.append(_load_layer(ckpt, spec, layer, dtype, device))
         if progress:
             progress(1)
     final_norm = ckpt.read(table.globals["final_norm"], (h,), dtype, device)
-    return DenseWeights(embed, final_norm, lm_head_t, layers)
+    return DenseWeights(embed, final_norm, lm_head, layers)
 
 
 def _load_layer(ckpt: Checkpoint, spec: ModelSpec, layer: int, dtype: torch.dtype,
@@ -89,7 +84,7 @@ def _load_layer(ckpt: Checkpoint, spec: ModelSpec, layer: int, dtype: torch.dtyp
     shared, score = _load_shared(read, spec, sparse)
     return LayerWeights(
         input_norm=read("input_norm", (h,)), post_norm=read("post_norm", (h,)),
-        qkv_t=qkv.T.contiguous(), qkv_bias=bias, o_t=read("o", (h, q_out)).T.contiguous(),
+        qkv=qkv, qkv_bias=bias, o=read("o", (h, q_out)),
         q_norm=q_norm, k_norm=k_norm,
         router=read("router", (spec.num_experts, h)) if sparse else None,
         shared=shared, shared_score=score)
@@ -108,7 +103,7 @@ def _load_shared(read, spec: ModelSpec, sparse: bool) -> tuple[MLPWeights | None
 
 def _mlp(read, prefix: str, i: int, h: int) -> MLPWeights:
     gate_up = torch.cat([read(f"{prefix}_gate", (i, h)), read(f"{prefix}_up", (i, h))])  # [2I, H]
-    return MLPWeights(gate_up_t=gate_up.T.contiguous(), down_t=read(f"{prefix}_down", (h, i)).T.contiguous())
+    return MLPWeights(gate_up=gate_up, down=read(f"{prefix}_down", (h, i)))
 
 
 def load_experts(ckpt: Checkpoint, spec: ModelSpec, layer: int, expert_ids: Iterable[int],

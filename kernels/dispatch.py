@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from kernels.fused_moe_batched import fused_moe_batched
+from kernels.linear import linear_ref, select_linear
 from kernels.topk_gating import topk_gating_ref
 
 BACKENDS = ("auto", "torch", "triton")
@@ -31,6 +32,7 @@ class KernelOps:
     backend: str  # "torch" or "triton"
     fused_moe: Callable[..., Tensor]
     topk_gating: Callable[..., tuple[Tensor, Tensor]]
+    linear: Callable[..., Tensor] = linear_ref  # dense projections y = x @ w^T (+ b)
 
 
 def _triton_importable() -> bool:
@@ -61,7 +63,8 @@ def _triton_ops() -> KernelOps:
     return KernelOps(backend="triton", fused_moe=fused_moe_triton, topk_gating=topk_gating_triton)
 
 
-def select_kernels(device: torch.device | str, backend: str = "auto") -> KernelOps:
+def select_kernels(device: torch.device | str, backend: str = "auto",
+                   dtype: torch.dtype = torch.float32) -> KernelOps:
     """Pick the kernel implementations for ``device``.
 
     Args:
@@ -80,6 +83,7 @@ def select_kernels(device: torch.device | str, backend: str = "auto") -> KernelO
     if backend == "auto":
         backend = "triton" if device.type == "cuda" and _triton_importable() else "torch"
     if backend == "torch":
-        return KernelOps(backend="torch", fused_moe=fused_moe_batched, topk_gating=topk_gating_ref)
+        return KernelOps(backend="torch", fused_moe=fused_moe_batched, topk_gating=topk_gating_ref,
+                         linear=select_linear(device, dtype))
     _check_triton_allowed(device)
     return _triton_ops()

@@ -28,7 +28,7 @@ def test_sharded_checkpoint_loads_same_weights(tiny_model):
     b = load_experts(Checkpoint(sharded), spec, 1, [3, 5], torch.float32)
     assert torch.equal(a.buffer, b.buffer)
     da, db = load_dense(Checkpoint(single), spec, torch.float32), load_dense(Checkpoint(sharded), spec, torch.float32)
-    assert torch.equal(da.layers[1].qkv_t, db.layers[1].qkv_t)
+    assert torch.equal(da.layers[1].qkv, db.layers[1].qkv)
 
 
 def test_expert_bank_rows_are_the_hf_matrices(tiny_model):

@@ -1,0 +1,44 @@
+"""Dense projections `y = x @ w^T (+ b)`: torch reference and the oneDNN CPU path.
+
+On CPU, `F.linear` in float32 goes to the BLAS sgemm, which on this class of machine (AMD EPYC,
+MKL) reaches roughly half of what oneDNN's inner-product primitive does for decode shapes (measured
+for [32, 512] x [512, 50304]: 25 ms against 11 ms). The oneDNN path is chosen once at start-up,
+after checking that it exists in this torch build and agrees with the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Linear = Callable[..., Tensor]
+
+
+def linear_ref(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x: [T, in]; w: [out, in] (HF orientation); bias: [out] -> [T, out]."""
+    return F.linear(x, w, bias)
+
+
+def linear_onednn(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Same contract as `linear_ref`, through oneDNN's inner product (CPU)."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+
+
+def select_linear(device: torch.device, dtype: torch.dtype) -> Linear:
+    """oneDNN for float32 on CPU when it is present and correct; the reference otherwise."""
+    if device.type != "cpu" or dtype != torch.float32 or not _onednn_works():
+        return linear_ref
+    return linear_onednn
+
+
+def _onednn_works() -> bool:
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g) for s in ((3, 8), (5, 8), (5,)))
+    try:
+        got = linear_onednn(x, w, b)
+    except (AttributeError, RuntimeError):
+        return False
+    return torch.allclose(got, linear_ref(x, w, b), atol=1e-5, rtol=1e-5)
