@@ -116,7 +116,18 @@ def all_cases() -> dict[str, tuple]:
             cases[f"{name}-{dtype}"] = make_case(t, e, k, h, i, dtype=dtype, seed=t + e, **opts)
     x, *rest = make_case(6, 5, 2, 24, 20, seed=3)
     cases["strided-x"] = (torch.cat([x, x], dim=1)[:, ::2], *rest)  # x column stride 2
+    cases["input-major-bank"] = input_major_case()
     return cases
+
+
+def input_major_case() -> tuple:
+    """The engine's own ExpertBank layout: each row stores gate_up^T and down^T."""
+    from experts.expert_bank import ExpertBank
+    x, w_gate_up, w_down, ids, weights = make_case(9, 6, 2, 40, 24, seed=5)
+    bank = ExpertBank.empty(0, tuple(range(6)), 6, 40, 24, torch.float32)
+    for e in range(6):
+        bank.set_expert(e, w_gate_up[e, :24], w_gate_up[e, 24:], w_down[e])
+    return x, bank.w_gate_up, bank.w_down, ids, weights
 
 
 CASES = all_cases()
