@@ -8,11 +8,6 @@ transformers, which imports torch._dynamo, which imports triton).
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,13 +15,14 @@ from torch import Tensor
 
 from kernels.fused_moe import fused_moe_ref
 from kernels.fused_moe_batched import fused_moe_batched
+from tests.kernels.interpreter import run_interpreted
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 
 # Runs in the child: {case_id: args} -> {case_id: (fused_moe(*args), w_gate_up strides)}.
 CHILD_SCRIPT = """
 import sys, torch
+from tests.kernels.interpreter import run_interpreted
 from kernels import select_kernels
 ops = select_kernels("cpu", "triton")
 cases = torch.load(sys.argv[1])
@@ -35,22 +31,6 @@ torch.save(results, sys.argv[2])
 """
 
 BF16_TOL = {"atol": 5e-2, "rtol": 5e-2}
-
-
-def run_interpreted(cases: dict, workdir: Path) -> dict:
-    """Run ``CHILD_SCRIPT`` on ``cases`` in a child process under the Triton interpreter."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed; Triton interpreter tests need it")
-    cases_path, results_path = workdir / "cases.pt", workdir / "results.pt"
-    torch.save(cases, cases_path)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD_SCRIPT, str(cases_path), str(results_path)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"interpreter child failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
-    return torch.load(results_path)
 
 
 def make_case(
@@ -163,7 +143,7 @@ def test_reference_rejects_bad_shapes():
 
 @pytest.fixture(scope="module")
 def interpreted_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return run_interpreted(CASES, tmp_path_factory.mktemp("fused_moe"))
+    return run_interpreted(CHILD_SCRIPT, CASES, tmp_path_factory.mktemp("fused_moe"))
 
 
 @pytest.mark.parametrize("case_id", list(CASES))

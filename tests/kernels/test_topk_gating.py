@@ -10,22 +10,16 @@ with ``TRITON_INTERPRET=1``, whatever the test order or prior imports.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.kernels.interpreter import run_interpreted
 from kernels import KernelOps, select_kernels
-from kernels.fused_moe import fused_moe_ref
 from kernels.fused_moe_batched import fused_moe_batched
 from kernels.topk_gating import topk_gating_ref
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 
 # Runs in the child: loads {case_id: args}, saves {case_id: topk_gating(*args)}.
@@ -36,22 +30,6 @@ ops = select_kernels("cpu", "triton")
 cases = torch.load(sys.argv[1])
 torch.save({name: ops.topk_gating(*args) for name, args in cases.items()}, sys.argv[2])
 """
-
-
-def run_interpreted(cases: dict, workdir: Path, script: str = CHILD_SCRIPT) -> dict:
-    """Run ``script`` on ``cases`` in a child process under the Triton interpreter."""
-    if importlib.util.find_spec("triton") is None:
-        pytest.skip("triton is not installed; Triton interpreter tests need it")
-    cases_path, results_path = workdir / "cases.pt", workdir / "results.pt"
-    torch.save(cases, cases_path)
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(cases_path), str(results_path)],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"interpreter child failed (rc={proc.returncode}):\n{proc.stderr[-4000:]}")
-    return torch.load(results_path)
 
 
 def naive_gating(logits: torch.Tensor, top_k: int, renormalize: bool):
@@ -143,7 +121,7 @@ CASES = interpreter_cases()
 
 @pytest.fixture(scope="module")
 def interpreted_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return run_interpreted(CASES, tmp_path_factory.mktemp("topk_gating"))
+    return run_interpreted(CHILD_SCRIPT, CASES, tmp_path_factory.mktemp("topk_gating"))
 
 
 @pytest.mark.parametrize("case_id", list(CASES))
