@@ -1,0 +1,135 @@
+"""Decode throughput against transformers, and batch-1 decode against the memory-bandwidth roofline.
+
+On an OLMoE-shaped random model (~261M parameters: hidden 512, 8 layers, 32 experts, top-4),
+measured in one run on the same model, dtype and inputs:
+- decode tokens/s of moe-serve and of `transformers` `generate()` at batch 1, 8 and 32;
+- batch-1 decode time as a fraction of the roofline: weight bytes read per token divided by the
+  read bandwidth measured here on a buffer of the model's size.
+Decode time excludes prefill on both sides (time for N+1 new tokens minus time for 1).
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cluster.config import EngineConfig
+from cluster.engine import LLMEngine
+from cluster.sampling_params import SamplingParams
+from experts.config import ModelSpec
+from experts.tiny import make_tiny, olmoe_bench_config
+
+PROMPT_LEN = 32
+
+
+def bench_model(cache: Path, dtype: str) -> Path:
+    path = cache / f"bench-olmoe-250m-{dtype}"
+    if not (path / "config.json").is_file():
+        print(f"building benchmark model in {path}", file=sys.stderr)
+        make_tiny("olmoe", path, dtype=dtype, **olmoe_bench_config())
+    return path
+
+
+def prompts(batch: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(batch)
+    return torch.randint(0, 256, (batch, PROMPT_LEN), generator=g).tolist()
+
+
+def ours_decode_seconds(engine: LLMEngine, batch: int, new_tokens: int) -> float:
+    """Seconds for `new_tokens` decode steps of `batch` requests (prefill excluded)."""
+    params = SamplingParams(max_tokens=new_tokens + 1, temperature=0.0, ignore_eos=True)
+    for p in prompts(batch):
+        engine.add_request(p, params)
+    while any(s.num_computed < len(s.prompt_ids) for s in engine.scheduler.seqs.values()):
+        engine.step()  # prefill, sampling each request's first token
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+    return time.perf_counter() - start
+
+
+def hf_decode_seconds(model, batch: int, new_tokens: int) -> float:
+    ids = torch.tensor(prompts(batch))
+    mask = torch.ones_like(ids)
+
+    def run(n: int) -> float:
+        start = time.perf_counter()
+        model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False)
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        return min(run(new_tokens + 1) for _ in range(2)) - min(run(1) for _ in range(2))
+
+
+def weight_bytes_per_token(spec: ModelSpec, elem: int) -> int:
+    """Bytes of weights one batch-1 decode step reads: attention, norms, routers, top-k experts, LM head."""
+    h, d = spec.hidden_size, spec.head_dim
+    attn = h * d * (2 * spec.num_heads + 2 * spec.num_kv_heads) + 2 * h
+    router = spec.num_experts * h
+    experts = spec.top_k * spec.expert_numel
+    per_layer = attn + router + experts
+    return elem * (spec.num_layers * per_layer + spec.vocab_size * h + h + h)
+
+
+def read_bandwidth(nbytes: int) -> float:
+    """Bytes/s of reading a buffer of `nbytes` (best of several passes)."""
+    buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("MOE_SERVE_CACHE", Path.home() / ".cache/moe-serve")))
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    path = bench_model(args.cache, args.dtype)
+    engine = LLMEngine(EngineConfig(model=str(path), dtype=args.dtype, kv_cache_tokens=max(batches) * 128,
+                                    max_num_seqs=max(batches)))
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    ours_tps, hf_tps = {}, {}
+    for b in batches:
+        ours_decode_seconds(engine, b, 2)  # warm-up
+        ours_tps[b] = b * args.new_tokens / min(ours_decode_seconds(engine, b, args.new_tokens) for _ in range(2))
+        hf_tps[b] = b * args.new_tokens / hf_decode_seconds(hf, b, args.new_tokens)
+        print(f"batch {b}: moe-serve {ours_tps[b]:.1f} tok/s, transformers {hf_tps[b]:.1f} tok/s", file=sys.stderr)
+    spec = engine.spec
+    elem = torch.finfo(getattr(torch, args.dtype)).bits // 8
+    model_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    bw = read_bandwidth(model_bytes)
+    per_token = weight_bytes_per_token(spec, elem)
+    result = {
+        "model": {"family": spec.family, "hidden": spec.hidden_size, "layers": spec.num_layers,
+                  "experts": spec.num_experts, "top_k": spec.top_k, "dtype": args.dtype,
+                  "weight_bytes": model_bytes},
+        "threads": torch.get_num_threads(),
+        "new_tokens": args.new_tokens,
+        "tokens_per_s": {"moe_serve": ours_tps, "transformers": hf_tps},
+        "vs_transformers": {b: ours_tps[b] / hf_tps[b] for b in batches},
+        "bandwidth_gb_s": bw / 1e9,
+        "weight_bytes_per_token_b1": per_token,
+    }
+    if 1 in batches:
+        result["roofline_fraction_b1"] = (per_token / bw) / (1.0 / ours_tps[1])
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
