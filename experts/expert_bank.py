@@ -39,11 +39,6 @@ class ExpertBank:
         n, i, h = len(self.expert_ids), self.intermediate, self.hidden
         return self.buffer[:, 2 * i * h:].view(n, i, h).transpose(1, 2)
 
-    @property
-    def is_identity(self) -> bool:
-        """Row r holds global expert r for every expert of the layer."""
-        return self.expert_ids == tuple(range(self.slot_of.numel()))
-
     def set_expert(self, row: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
         """gate, up: [I, H]; down: [H, I] (HF orientation)."""
         i, h = self.intermediate, self.hidden
@@ -55,7 +50,7 @@ class ExpertBank:
 
     def local_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """Global expert ids [T, K] -> bank rows [T, K] (-1 where the expert is not local)."""
-        return topk_ids if self.is_identity else self.slot_of[topk_ids]
+        return self.slot_of[topk_ids]
 
     def nbytes(self) -> int:
         return self.buffer.numel() * self.buffer.element_size()
