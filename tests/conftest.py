@@ -24,3 +24,31 @@ def tiny_model(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+NODE_LABEL = "moe-serve/node-kind"
+TEST_NODES = {  # kind -> extra node args; the head node has kind "head" and runs nothing heavy
+    "cpu-highmem": {"resources": {"cpu_highmem": 4}},
+    "gpu": {"resources": {"fake_gpu": 4}},
+    "cpu": {},
+}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local multi-node Ray cluster per test session (ray.cluster_utils.Cluster), connected.
+
+    Nodes carry the label `moe-serve/node-kind` = head | cpu-highmem | gpu | cpu (the "gpu" node is a
+    CPU process with a `fake_gpu` resource: the machine has no GPU)."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 4, "labels": {NODE_LABEL: "head"}, "include_dashboard": False})
+    for kind, args in TEST_NODES.items():
+        cluster.add_node(num_cpus=4, labels={NODE_LABEL: kind}, **args)
+    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
