@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 DTYPES = ("float32", "bfloat16")
 BACKENDS = ("auto", "torch", "triton")
+ENGINES = ("inprocess", "ray")
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,13 +21,32 @@ class EngineConfig:
     kv_cache_tokens: int = 16384  # KV-cache budget in tokens, over all sequences
     block_size: int = 16
     show_progress: bool = False
+    # ---- cluster mode (engine="ray") ----
+    engine: str = "inprocess"  # "inprocess": one process, no Ray; "ray": actors on a Ray cluster
+    cluster: str | None = None  # cluster description file (or built-in name); None: from the live nodes
+    address: str | None = None  # Ray address to join; None: the running one, else start a local one
+    num_attention_workers: int = 1
+    num_expert_shards: int | None = None  # None: one per eligible node kind instance
+    microbatches: int = 2  # ping-pong micro-batches per attention worker (1 = off)
+    actor_threads: int = 1  # torch threads (and Ray CPUs) per actor
+    transport_timeout_s: float = 30.0  # a data-plane peer silent this long is declared failed
+    max_step_retries: int = 2  # consecutive failed steps recovered before requests end with an error
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.kernel_backend not in BACKENDS:
             raise ValueError(f"kernel_backend must be one of {', '.join(BACKENDS)}, got {self.kernel_backend!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_tokens", "block_size"):
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.microbatches not in (1, 2):
+            raise ValueError(f"microbatches must be 1 or 2, got {self.microbatches}")
+        if self.num_expert_shards is not None and self.num_expert_shards <= 0:
+            raise ValueError(f"num_expert_shards must be > 0, got {self.num_expert_shards}")
+        if self.transport_timeout_s <= 0 or self.max_step_retries < 0:
+            raise ValueError("transport_timeout_s must be > 0 and max_step_retries >= 0")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_tokens", "block_size",
+                     "num_attention_workers", "actor_threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len <= 0:

@@ -9,10 +9,10 @@ from typing import Iterable, Iterator
 
 import torch
 
-from cluster.batch import build_batch
 from cluster.config import EngineConfig
 from cluster.detokenizer import IncrementalText
 from cluster.model import InProcessModel
+from cluster.errors import ClusterRecovered
 from cluster.request import Request, RequestOutput
 from cluster.sampler import new_generator, sample
 from cluster.sampling_params import SamplingParams
@@ -31,10 +31,7 @@ class LLMEngine:
         self.device = torch.device(config.device)
         self.ops = select_kernels(self.device, config.kernel_backend, DTYPES[config.dtype])
         self.tokenizer = load_tokenizer(config.model)
-        self.model = InProcessModel.load(
-            Path(config.model), DTYPES[config.dtype], self.device,
-            num_kv_slots=config.num_blocks * config.block_size, ops=self.ops,
-            show_progress=config.show_progress)
+        self.model = _load_model(config, self.device, self.ops)
         self.spec = self.model.spec
         max_len = config.max_model_len or self.spec.max_position_embeddings
         if max_len > self.spec.max_position_embeddings:
@@ -50,6 +47,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._by_seq: dict[int, Request] = {}
         self._seq_ids = itertools.count()
+        self._failed_steps = 0  # consecutive steps the cluster recovered from
 
     # ---- requests in -------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -92,19 +90,30 @@ class LLMEngine:
             return []
         try:
             sampled = self._execute(out)
+        except ClusterRecovered as exc:  # actors were restarted: recompute what was running
+            self._failed_steps += 1
+            if self._failed_steps <= self.config.max_step_retries:
+                log.warning("%s; recomputing %d running requests", exc, len(self.scheduler.running))
+                self.scheduler.recompute_running()
+                return []
+            return self._fail(out, exc)
         except Exception as exc:  # a failed step ends its requests, never the engine
             log.exception("engine step failed")
-            return [self._finish(self._by_seq[c.seq_id], "error", f"{type(exc).__name__}: {exc}")
-                    for c in out.chunks if c.seq_id in self._by_seq]
+            return self._fail(out, exc)
+        self._failed_steps = 0
         self.scheduler.update(out, sampled)
         return [self._report(self._by_seq[sid]) for sid in sampled]
 
     def _execute(self, out: SchedulerOutput) -> dict[int, int]:
-        batch = build_batch(out, self.config.block_size, self.spec.sliding_window, self.device)
-        logits = self.model.forward(batch)
-        reqs = [self._by_seq[sid] for sid in batch.sample_seq_ids]
+        logits, seq_ids = self.model.execute(out)
+        reqs = [self._by_seq[sid] for sid in seq_ids]
         tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
-        return dict(zip(batch.sample_seq_ids, tokens))
+        return dict(zip(seq_ids, tokens))
+
+    def _fail(self, out: SchedulerOutput, exc: BaseException) -> list[RequestOutput]:
+        self._failed_steps = 0
+        return [self._finish(self._by_seq[c.seq_id], "error", f"{type(exc).__name__}: {exc}")
+                for c in out.chunks if c.seq_id in self._by_seq]
 
     def _report(self, req: Request) -> RequestOutput:
         new_text = ""
@@ -132,6 +141,12 @@ class LLMEngine:
                              req.text.text[:req.text.emitted] if req.text else "", len(req.seq.prompt_ids),
                              finished=reason is not None, finish_reason=reason, error=error)
 
+    def shutdown(self) -> None:
+        """Stop the model's actors (cluster mode); the in-process model needs nothing."""
+        stop = getattr(self.model, "shutdown", None)
+        if stop is not None:
+            stop()
+
     # ---- convenience -------------------------------------------------------------------------
     def generate(self, prompts: Iterable[str | list[int]], params: SamplingParams) -> list[RequestOutput]:
         """Run prompts to completion together; final outputs in prompt order."""
@@ -152,3 +167,13 @@ class LLMEngine:
                     yield o
                     if o.finished:
                         return
+
+
+def _load_model(config: EngineConfig, device: torch.device, ops):
+    if config.engine == "ray":
+        from cluster.ray_setup import start_ray_model
+
+        return start_ray_model(config)
+    return InProcessModel.load(
+        Path(config.model), DTYPES[config.dtype], device, num_kv_slots=config.num_blocks * config.block_size,
+        ops=ops, block_size=config.block_size, show_progress=config.show_progress)

@@ -12,7 +12,8 @@ import torch
 from tqdm import tqdm
 
 from cluster.attention_worker import AttentionWorker
-from cluster.batch import StepBatch
+from cluster.batch import StepBatch, build_batch
+from cluster.scheduler import SchedulerOutput
 from experts.checkpoint import Checkpoint
 from experts.config import ModelSpec, load_spec
 from experts.loader import load_dense, load_experts
@@ -22,12 +23,14 @@ from router.gating import Gate
 
 
 class InProcessModel:
-    def __init__(self, spec: ModelSpec, attention: AttentionWorker, gate: Gate, experts: ExpertShard) -> None:
+    def __init__(self, spec: ModelSpec, attention: AttentionWorker, gate: Gate, experts: ExpertShard,
+                 block_size: int) -> None:
         self.spec, self.attention, self.gate, self.experts = spec, attention, gate, experts
+        self.block_size = block_size
 
     @classmethod
     def load(cls, model_dir: str | Path, dtype: torch.dtype, device: torch.device, num_kv_slots: int,
-             ops: KernelOps, show_progress: bool = False) -> "InProcessModel":
+             ops: KernelOps, block_size: int, show_progress: bool = False) -> "InProcessModel":
         spec = load_spec(Path(model_dir))
         ckpt = Checkpoint(model_dir)
         bar = tqdm(total=2 * spec.num_layers, desc="loading", unit="layer", disable=not show_progress)
@@ -39,7 +42,12 @@ class InProcessModel:
         bar.close()
         attention = AttentionWorker(spec, dense, num_kv_slots, dtype, device, ops)
         gate = Gate(spec, [lw.router for lw in dense.layers], ops)
-        return cls(spec, attention, gate, ExpertShard(banks, ops))
+        return cls(spec, attention, gate, ExpertShard(banks, ops), block_size)
+
+    def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """-> (logits [S, V] float32, the sequence of each row)."""
+        batch = build_batch(out, self.block_size, self.spec.sliding_window, self.attention.device)
+        return self.forward(batch), batch.sample_seq_ids
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch) -> torch.Tensor:

@@ -121,6 +121,12 @@ class Scheduler:
             if chunk.seq_id in sampled:
                 seq.output_ids.append(sampled[chunk.seq_id])
 
+    def recompute_running(self) -> None:
+        """Forget every running sequence's cached K/V (its cache was lost): the next steps
+        prefill prompt + output so far again, into the blocks it already holds."""
+        for seq in self.running:
+            seq.num_computed = 0
+
     def finish(self, seq_id: int, reason: str) -> Sequence | None:
         """Finish (or abort) a sequence wherever it is, freeing its blocks; None if unknown."""
         seq = self.seqs.pop(seq_id, None)

@@ -79,3 +79,22 @@ def fused_moe_ref(
         weighted = y * flat_weights[slots, None]  # [n, H], promoted to float32
         out.index_add_(0, tokens, weighted.to(x.dtype))
     return out
+
+
+def expert_pair_outputs_ref(x: Tensor, w_gate_up: Tensor, w_down: Tensor, pair_row: Tensor,
+                            pair_expert: Tensor) -> Tensor:
+    """Unweighted expert outputs of (token, expert) pairs: ``[P, H]`` in ``x.dtype``.
+
+    ``pair_row`` [P] indexes rows of ``x`` [n, H]; ``pair_expert`` [P] bank rows. Each expert runs
+    once on its rows in pair order, so with pairs in ascending token order an expert sees exactly
+    the rows `fused_moe_ref` gives it and its outputs are the same bits.
+    """
+    out = x.new_empty(pair_row.numel(), x.shape[1])  # [P, H]
+    order = torch.argsort(pair_expert, stable=True)
+    experts, counts = torch.unique_consecutive(pair_expert[order], return_counts=True)
+    start = 0
+    for expert, count in zip(experts.tolist(), counts.tolist()):
+        pairs = order[start : start + count]
+        start += count
+        out[pairs] = _expert_mlp(x[pair_row[pairs]], w_gate_up[expert], w_down[expert])
+    return out

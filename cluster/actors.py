@@ -1,0 +1,226 @@
+"""The cluster's actors as plain classes (cluster/builder.py makes them Ray actors).
+
+AttentionActor: embeddings, attention + KV cache, norms, routers, shared/dense MLPs, LM head. Per
+MoE layer it dispatches each micro-batch's tokens to the shards over the data plane and combines
+their outputs. ExpertShard actors serve one engine step per Ray call: for every MoE layer and
+micro-batch they receive tokens from each attention worker, run their experts, and send back.
+Ray carries one call per actor per step; hidden states go over cluster/transport.py only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cluster.attention_worker import AttentionWorker
+from cluster.batch import StepBatch
+from cluster.moe_dispatch import ABORT, ShardSlice, combine, pack, payload_nbytes, split_route, unpack
+from cluster.transport import Transport, free_endpoint, wait
+from experts.checkpoint import Checkpoint
+from experts.config import load_spec
+from experts.loader import load_dense, load_experts
+from experts.shard import ExpertShard
+from kernels.dispatch import select_kernels
+from router.gating import Gate
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True, slots=True)
+class ActorConfig:
+    """What every actor needs to load its part of the model."""
+
+    model: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    kernel_backend: str = "auto"
+    num_threads: int = 1
+    transport_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.num_threads <= 0 or self.transport_timeout_s <= 0:
+            raise ValueError("num_threads and transport_timeout_s must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """The data-plane group: ranks [0, A) are attention workers, [A, A + S) expert shards."""
+
+    master: tuple[str, int]
+    node_of: tuple[str, ...]  # Ray node id of each rank
+    num_attention: int
+    owner: dict[int, tuple[int, ...]] = field(default_factory=dict)  # MoE layer -> shard of each expert
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.node_of) - self.num_attention
+
+
+@dataclass(slots=True)
+class StepResult:
+    logits: torch.Tensor  # [S, V] float32, rows in the order of the micro-batches' samples
+    traffic: dict  # TrafficStats.to_dict() of this rank for the step
+    expert_tokens: dict[int, list[int]]  # MoE layer -> tokens routed to each expert
+
+
+class _Actor:
+    def __init__(self, cfg: ActorConfig) -> None:
+        torch.set_num_threads(cfg.num_threads)
+        self.cfg = cfg
+        self.dtype, self.device = DTYPES[cfg.dtype], torch.device(cfg.device)
+        self.spec = load_spec(Path(cfg.model))
+        self.ckpt = Checkpoint(cfg.model)
+        self.ops = select_kernels(self.device, cfg.kernel_backend, self.dtype)
+        self.transport: Transport | None = None
+        self.topology: Topology | None = None
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def endpoint(self) -> tuple[str, int]:
+        return free_endpoint()
+
+    def connect(self, rank: int, topology: Topology) -> None:
+        self.topology = topology
+        self.transport = Transport(rank, list(topology.node_of), self.cfg.transport_timeout_s)
+        self.transport.connect(topology.master)
+
+    def disconnect(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class AttentionActor(_Actor):
+    def __init__(self, cfg: ActorConfig, num_kv_slots: int) -> None:
+        super().__init__(cfg)
+        dense = load_dense(self.ckpt, self.spec, self.dtype, self.device)
+        self.worker = AttentionWorker(self.spec, dense, num_kv_slots, self.dtype, self.device, self.ops)
+        self.gate = Gate(self.spec, [lw.router for lw in dense.layers], self.ops)
+        self._owner: dict[int, torch.Tensor] = {}
+
+    def connect(self, rank: int, topology: Topology) -> None:
+        super().connect(rank, topology)
+        self._owner = {layer: torch.tensor(o, dtype=torch.int64) for layer, o in topology.owner.items()}
+
+    @torch.inference_mode()
+    def step(self, batches: list[StepBatch]) -> StepResult:
+        """Run every layer for the micro-batches, overlapping one's attention with the other's experts."""
+        counts: dict[int, list[int]] = {}
+        try:
+            hs = [self.worker.embed(b) for b in batches]
+            for layer in range(self.spec.num_layers):
+                pending = [self._attend(layer, m, hs, b, counts) for m, b in enumerate(batches)]
+                for m, p in enumerate(pending):
+                    if p is not None:
+                        hs[m] = hs[m] + self._combine(layer, *p)
+        except Exception:
+            self._abort_shards()
+            self.transport.close()  # peers see the broken group at once, not at their timeout
+            raise
+        logits = torch.cat([self.worker.logits(h, b) for h, b in zip(hs, batches)])
+        return StepResult(logits, self.transport.take_stats().to_dict(), counts)
+
+    def _attend(self, layer: int, m: int, hs: list[torch.Tensor], batch: StepBatch, counts: dict):
+        hs[m], x = self.worker.attention(layer, hs[m], batch)
+        dense = self.worker.dense_ffn(layer, x)
+        if not self.spec.sparse_layers[layer]:
+            hs[m] = hs[m] + dense
+            return None
+        route = self.gate.route(layer, x)
+        flat = route.ids.reshape(-1)
+        tally = torch.bincount(flat, minlength=self.spec.num_experts).tolist()
+        counts[layer] = [a + b for a, b in zip(counts.get(layer, [0] * len(tally)), tally)]
+        return self._dispatch(layer, x, route.ids), route, dense
+
+    def _dispatch(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> list:
+        """Send each shard its tokens; post the receives of their outputs. -> [(slice, out, works)]"""
+        top = self.topology
+        slices = split_route(ids, self._owner[layer], top.num_shards)
+        pending = []
+        for s, sl in enumerate(slices):
+            dst = top.num_attention + s
+            header, payload = pack(x, sl)
+            works, out = [self.transport.isend(header, dst, layer)], None
+            if payload is not None:
+                works.append(self.transport.isend(payload, dst, layer))
+                out = torch.empty(sl.pair_row.numel(), x.shape[1], dtype=x.dtype)
+                works.append(self.transport.irecv(out, dst, layer))
+            pending.append((sl, out, works, header, payload))  # tensors stay alive until waited
+        return pending
+
+    def _combine(self, layer: int, pending: list, route, dense: torch.Tensor | None) -> torch.Tensor:
+        outputs: list[tuple[ShardSlice, torch.Tensor]] = []
+        for sl, out, works, *_keepalive in pending:
+            for w in works:
+                wait(w)
+            if out is not None:
+                outputs.append((sl, out))
+        moe = combine(outputs, route.ids, route.weights, self.dtype)
+        return moe if dense is None else moe + dense
+
+    def _abort_shards(self) -> None:
+        """Best effort: tell every shard the step is over so none waits for its timeout."""
+        if self.transport is None or self.topology is None:
+            return
+        for s in range(self.topology.num_shards):
+            try:
+                wait(self.transport.isend(torch.tensor(ABORT, dtype=torch.int64), self.topology.num_attention + s))
+            except Exception:  # the shard may be the one that failed
+                pass
+
+
+class ShardActor(_Actor):
+    def __init__(self, cfg: ActorConfig, experts: dict[int, tuple[int, ...]]) -> None:
+        super().__init__(cfg)
+        banks = {layer: load_experts(self.ckpt, self.spec, layer, ids, self.dtype, self.device)
+                 for layer, ids in experts.items()}
+        self.shard = ExpertShard(banks, self.ops)
+        self.experts = {layer: tuple(ids) for layer, ids in experts.items()}
+
+    def nbytes(self) -> int:
+        return self.shard.nbytes()
+
+    @torch.inference_mode()
+    def serve_step(self, num_microbatches: int) -> dict:
+        """Serve every MoE layer of one engine step; -> this rank's traffic stats."""
+        sends: list = []
+        try:
+            for layer in self.spec.moe_layers:
+                for _ in range(num_microbatches):
+                    for src in range(self.topology.num_attention):
+                        if not self._serve_one(layer, src, sends):
+                            return self._finish(sends)
+            return self._finish(sends)
+        except Exception:
+            self.transport.close()
+            raise
+
+    def _serve_one(self, layer: int, src: int, sends: list) -> bool:
+        header = self.transport.recv(torch.empty(2, dtype=torch.int64), src, layer)
+        n, p = header.tolist()
+        if (n, p) == ABORT:
+            return False
+        if n == 0:
+            return True
+        h = self.spec.hidden_size
+        payload = self.transport.recv(torch.empty(payload_nbytes(n, p, h, self.dtype), dtype=torch.uint8),
+                                      src, layer)
+        x, pair_row, pair_expert = unpack(payload, n, p, h, self.dtype)
+        out = self.shard.pair_outputs(layer, x, pair_row, pair_expert)
+        sends.append((self.transport.isend(out, src, layer), out))
+        return True
+
+    def _finish(self, sends: list) -> dict:
+        for work, _ in sends:
+            wait(work)
+        return self.transport.take_stats().to_dict()

@@ -1,0 +1,197 @@
+"""RayModel: the engine's model on a Ray cluster (attention workers + expert shards as actors).
+
+One engine step = one Ray call per actor: attention workers get their micro-batches, shards get
+the number of micro-batches to serve; hidden states move over the data plane (cluster/transport).
+A sequence stays on one attention worker (seq_id mod A), whose KV cache holds it. When a step
+fails (an actor died, the data plane timed out), the dead actors are recreated (reloading their
+weights), the data plane is rebuilt, and `ClusterRecovered` tells the engine to recompute.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
+
+from cluster.actors import ActorConfig, StepResult, Topology
+from cluster.batch import build_batch
+from cluster.builder import start_attention, start_shard
+from cluster.errors import ClusterRecovered
+from cluster.scheduler import ScheduledChunk, SchedulerOutput
+from experts.config import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RayModelConfig:
+    actor: ActorConfig
+    plan: object  # cluster.placement.PlacementPlan
+    num_kv_slots: int
+    block_size: int
+    microbatches: int = 2  # per attention worker; 1 switches ping-pong pipelining off
+    start_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.microbatches not in (1, 2):
+            raise ValueError(f"microbatches must be 1 or 2, got {self.microbatches}")
+
+
+@dataclass(slots=True)
+class TrafficTotals:
+    """Cross-node data-plane traffic seen by the attention workers (dispatch = sent, combine = received)."""
+
+    steps: int = 0
+    dispatch_bytes: int = 0
+    combine_bytes: int = 0
+    messages: int = 0
+    per_layer: dict[int, list[int]] = field(default_factory=dict)  # layer -> [dispatch, combine, msgs]
+
+    def add(self, traffic: dict) -> None:
+        self.dispatch_bytes += traffic["cross_bytes_sent"]
+        self.combine_bytes += traffic["cross_bytes_recv"]
+        self.messages += traffic["cross_messages"]
+        for layer, row in traffic["per_layer"].items():
+            acc = self.per_layer.setdefault(int(layer), [0, 0, 0])
+            for i, v in enumerate(row):
+                acc[i] += v
+
+
+class RayModel:
+    def __init__(self, spec: ModelSpec, config: RayModelConfig) -> None:
+        self.spec, self.config = spec, config
+        self.plan = config.plan
+        self.prefix = f"moe-{uuid.uuid4().hex[:8]}"
+        self.attention = [self._start_attention(i) for i in range(len(self.plan.attention_workers))]
+        self.shards = [self._start_shard(i) for i in range(len(self.plan.expert_shards))]
+        self.owner = self._owner_table()
+        self.traffic = TrafficTotals()
+        self.last_step: dict = {}
+        self.recoveries = 0
+        self._connect()
+
+    # ---- actors ------------------------------------------------------------------------------
+    def _start_attention(self, i: int):
+        w = self.plan.attention_workers[i]
+        return start_attention(self.plan.actor_options(w.name), self.config.actor,
+                               f"{self.prefix}-{w.name}", self.config.num_kv_slots)
+
+    def _start_shard(self, i: int):
+        s = self.plan.expert_shards[i]
+        experts = {layer: tuple(ids) for layer, ids in s.experts.items()}
+        return start_shard(self.plan.actor_options(s.name), self.config.actor, f"{self.prefix}-{s.name}", experts)
+
+    def _owner_table(self) -> dict[int, tuple[int, ...]]:
+        owner = {layer: [-1] * self.spec.num_experts for layer in self.spec.moe_layers}
+        for s, shard in enumerate(self.plan.expert_shards):
+            for layer, ids in shard.experts.items():
+                for e in ids:
+                    owner[layer][e] = s
+        missing = [(layer, e) for layer, o in owner.items() for e, s in enumerate(o) if s < 0]
+        if missing:
+            raise ValueError(f"placement leaves experts without a shard: {missing[:8]}")
+        return {layer: tuple(o) for layer, o in owner.items()}
+
+    @property
+    def actors(self) -> list:
+        return self.attention + self.shards
+
+    def _connect(self) -> None:
+        actors = self.actors
+        nodes = ray.get([a.node_id.remote() for a in actors], timeout=self.config.start_timeout_s)
+        master = ray.get(actors[0].endpoint.remote())
+        topo = Topology(master, tuple(nodes), len(self.attention), self.owner)
+        ray.get([a.connect.remote(rank, topo) for rank, a in enumerate(actors)],
+                timeout=self.config.start_timeout_s)
+        self.topology = topo
+
+    # ---- one step ----------------------------------------------------------------------------
+    def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """-> (logits [S, V] float32, the sequence of each row)."""
+        per_worker = self._split(out.chunks)
+        calls, seq_order, mbs = [], [], [0] * len(self.attention)
+        for a, microbatches in enumerate(per_worker):
+            if not microbatches:
+                continue
+            batches = [build_batch(SchedulerOutput(tuple(mb)), self.config.block_size, self.spec.sliding_window,
+                                   torch.device("cpu")) for mb in microbatches]
+            seq_order.extend(sid for b in batches for sid in b.sample_seq_ids)
+            mbs[a] = len(batches)
+            calls.append(self.attention[a].step.remote(batches))
+        shard_calls = [s.serve_step.remote(mbs) for s in self.shards]
+        try:
+            results: list[StepResult] = ray.get(calls)
+            shard_stats = ray.get(shard_calls)
+        except (RayError, TimeoutError) as exc:
+            self._recover(calls + shard_calls, exc)
+            raise ClusterRecovered(f"cluster step failed and was recovered: {_reason(exc)}") from exc
+        self._account(results, shard_stats)
+        return torch.cat([r.logits for r in results]), tuple(seq_order)
+
+    def _split(self, chunks: tuple[ScheduledChunk, ...]) -> list[list[list[ScheduledChunk]]]:
+        """Chunks -> per attention worker (seq_id mod A) -> micro-batches balanced by token count."""
+        groups: list[list[ScheduledChunk]] = [[] for _ in self.attention]
+        for c in chunks:
+            groups[c.seq_id % len(self.attention)].append(c)
+        return [_balance(g, self.config.microbatches) for g in groups]
+
+    def _account(self, results: list[StepResult], shard_stats: list[dict]) -> None:
+        self.traffic.steps += 1
+        counts: dict[int, list[int]] = {}
+        for r in results:
+            self.traffic.add(r.traffic)
+            for layer, c in r.expert_tokens.items():
+                counts[layer] = [a + b for a, b in zip(counts.get(layer, [0] * len(c)), c)]
+        self.last_step = {"traffic": [r.traffic for r in results], "shard_traffic": shard_stats,
+                          "expert_tokens": counts}
+
+    # ---- failures ----------------------------------------------------------------------------
+    def _recover(self, refs: list, exc: BaseException) -> None:
+        log.warning("cluster step failed (%s); recovering", _reason(exc))
+        t0 = time.monotonic()
+        ray.wait(refs, num_returns=len(refs), timeout=self.config.actor.transport_timeout_s + 10)
+        for i, actor in enumerate(self.attention):
+            if not _alive(actor):
+                ray.kill(actor)
+                self.attention[i] = self._start_attention(i)
+        for i, actor in enumerate(self.shards):
+            if not _alive(actor):
+                ray.kill(actor)
+                self.shards[i] = self._start_shard(i)
+        self._connect()
+        self.recoveries += 1
+        log.warning("cluster recovered in %.1f s", time.monotonic() - t0)
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+def _balance(chunks: list[ScheduledChunk], parts: int) -> list[list[ScheduledChunk]]:
+    """Split into up to `parts` groups of consecutive chunks with about equal token counts."""
+    if len(chunks) < 2 or parts == 1:
+        return [chunks] if chunks else []
+    total, acc = sum(len(c.token_ids) for c in chunks), 0
+    for i, c in enumerate(chunks[:-1]):
+        acc += len(c.token_ids)
+        if acc * 2 >= total:
+            return [chunks[: i + 1], chunks[i + 1:]]
+    return [chunks[:-1], chunks[-1:]]
+
+
+def _alive(actor, timeout_s: float = 10.0) -> bool:
+    try:
+        ray.get(actor.pid.remote(), timeout=timeout_s)
+        return True
+    except (RayActorError, GetTimeoutError):
+        return False
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"[:300]
