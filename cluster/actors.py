@@ -191,14 +191,15 @@ class ShardActor(_Actor):
         return self.shard.nbytes()
 
     @torch.inference_mode()
-    def serve_step(self, num_microbatches: int) -> dict:
-        """Serve every MoE layer of one engine step; -> this rank's traffic stats."""
+    def serve_step(self, microbatches: list[int]) -> dict:
+        """Serve every MoE layer of one engine step; microbatches[a] = micro-batches attention
+        worker a runs this step (0: it sits the step out). -> this rank's traffic stats."""
         sends: list = []
         try:
             for layer in self.spec.moe_layers:
-                for _ in range(num_microbatches):
-                    for src in range(self.topology.num_attention):
-                        if not self._serve_one(layer, src, sends):
+                for mb in range(max(microbatches, default=0)):
+                    for src, count in enumerate(microbatches):
+                        if mb < count and not self._serve_one(layer, src, sends):
                             return self._finish(sends)
             return self._finish(sends)
         except Exception:
