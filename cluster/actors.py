@@ -10,6 +10,7 @@ Ray carries one call per actor per step; hidden states go over cluster/transport
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,7 @@ class StepResult:
     logits: torch.Tensor  # [S, V] float32, rows in the order of the micro-batches' samples
     traffic: dict  # TrafficStats.to_dict() of this rank for the step
     expert_tokens: dict[int, list[int]]  # MoE layer -> tokens routed to each expert
+    round_trip_ms: dict[int, list[float]]  # MoE layer -> per micro-batch: dispatch start -> outputs in
 
 
 class _Actor:
@@ -116,6 +118,7 @@ class AttentionActor(_Actor):
     def step(self, batches: list[StepBatch]) -> StepResult:
         """Run every layer for the micro-batches, overlapping one's attention with the other's experts."""
         counts: dict[int, list[int]] = {}
+        self._round_trips: dict[int, list[float]] = {}
         try:
             hs = [self.worker.embed(b) for b in batches]
             for layer in range(self.spec.num_layers):
@@ -128,7 +131,7 @@ class AttentionActor(_Actor):
             self.transport.close()  # peers see the broken group at once, not at their timeout
             raise
         logits = torch.cat([self.worker.logits(h, b) for h, b in zip(hs, batches)])
-        return StepResult(logits, self.transport.take_stats().to_dict(), counts)
+        return StepResult(logits, self.transport.take_stats().to_dict(), counts, self._round_trips)
 
     def _attend(self, layer: int, m: int, hs: list[torch.Tensor], batch: StepBatch, counts: dict):
         hs[m], x = self.worker.attention(layer, hs[m], batch)
@@ -140,7 +143,7 @@ class AttentionActor(_Actor):
         flat = route.ids.reshape(-1)
         tally = torch.bincount(flat, minlength=self.spec.num_experts).tolist()
         counts[layer] = [a + b for a, b in zip(counts.get(layer, [0] * len(tally)), tally)]
-        return self._dispatch(layer, x, route.ids), route, dense
+        return (time.perf_counter(), self._dispatch(layer, x, route.ids)), route, dense
 
     def _dispatch(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> list:
         """Send each shard its tokens; post the receives of their outputs. -> [(slice, out, works)]"""
@@ -158,13 +161,15 @@ class AttentionActor(_Actor):
             pending.append((sl, out, works, header, payload))  # tensors stay alive until waited
         return pending
 
-    def _combine(self, layer: int, pending: list, route, dense: torch.Tensor | None) -> torch.Tensor:
+    def _combine(self, layer: int, sent: tuple[float, list], route, dense: torch.Tensor | None) -> torch.Tensor:
+        start, pending = sent
         outputs: list[tuple[ShardSlice, torch.Tensor]] = []
         for sl, out, works, *_keepalive in pending:
             for w in works:
                 wait(w)
             if out is not None:
                 outputs.append((sl, out))
+        self._round_trips.setdefault(layer, []).append(1e3 * (time.perf_counter() - start))
         moe = combine(outputs, route.ids, route.weights, self.dtype)
         return moe if dense is None else moe + dense
 
@@ -195,6 +200,7 @@ class ShardActor(_Actor):
         """Serve every MoE layer of one engine step; microbatches[a] = micro-batches attention
         worker a runs this step (0: it sits the step out). -> this rank's traffic stats."""
         sends: list = []
+        self._compute_ms: dict[int, float] = {}
         try:
             for layer in self.spec.moe_layers:
                 for mb in range(max(microbatches, default=0)):
@@ -217,11 +223,13 @@ class ShardActor(_Actor):
         payload = self.transport.recv(torch.empty(payload_nbytes(n, p, h, self.dtype), dtype=torch.uint8),
                                       src, layer)
         x, pair_row, pair_expert = unpack(payload, n, p, h, self.dtype)
+        start = time.perf_counter()
         out = self.shard.pair_outputs(layer, x, pair_row, pair_expert)
+        self._compute_ms[layer] = self._compute_ms.get(layer, 0.0) + 1e3 * (time.perf_counter() - start)
         sends.append((self.transport.isend(out, src, layer), out))
         return True
 
     def _finish(self, sends: list) -> dict:
         for work, _ in sends:
             wait(work)
-        return self.transport.take_stats().to_dict()
+        return {**self.transport.take_stats().to_dict(), "compute_ms": self._compute_ms}

@@ -148,7 +148,7 @@ class RayModel:
             for layer, c in r.expert_tokens.items():
                 counts[layer] = [a + b for a, b in zip(counts.get(layer, [0] * len(c)), c)]
         self.last_step = {"traffic": [r.traffic for r in results], "shard_traffic": shard_stats,
-                          "expert_tokens": counts}
+                          "expert_tokens": counts, "round_trip_ms": [r.round_trip_ms for r in results]}
 
     # ---- failures ----------------------------------------------------------------------------
     def _recover(self, refs: list, exc: BaseException) -> None:

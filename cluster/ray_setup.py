@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import ray
@@ -29,7 +30,7 @@ def start_ray_model(config: EngineConfig) -> RayModel:
         num_attention_workers=config.num_attention_workers, num_expert_shards=config.num_expert_shards,
         kv_cache_tokens=config.kv_cache_tokens))
     if config.show_progress:
-        print(placement.describe(), flush=True)
+        print(placement.describe(), file=sys.stderr, flush=True)
     actor = ActorConfig(model=str(Path(config.model).resolve()), dtype=config.dtype, device=config.device,
                         kernel_backend=config.kernel_backend, num_threads=config.actor_threads,
                         transport_timeout_s=config.transport_timeout_s)
