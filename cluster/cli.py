@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cluster.config import BACKENDS, DTYPES
+from cluster.config import BACKENDS, DTYPES, ENGINES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +42,15 @@ def _parser() -> argparse.ArgumentParser:
     tiny.add_argument("--dtype", default="float32", choices=DTYPES)
     tiny.add_argument("--shards", type=int, default=1)
     tiny.set_defaults(run=_make_tiny)
+    plan = sub.add_parser("plan", help="show where attention workers and expert shards would be placed")
+    plan.add_argument("--model", help="HF model directory (default: the built-in demo model)")
+    plan.add_argument("--cluster", help="cluster description file or built-in name (default: local)")
+    plan.add_argument("--dtype", default="float32", choices=DTYPES)
+    plan.add_argument("--attention-workers", type=int, default=1)
+    plan.add_argument("--expert-shards", type=int, help="default: one per node that may host experts")
+    plan.add_argument("--kv-cache-tokens", type=int, default=16384)
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.set_defaults(run=_plan)
     return parser
 
 
@@ -51,6 +60,14 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel-backend", default="auto", choices=BACKENDS)
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--kv-cache-tokens", type=int, default=16384)
+    p.add_argument("--engine", default="inprocess", choices=ENGINES,
+                   help="inprocess: one process; ray: attention workers and expert shards as Ray actors")
+    p.add_argument("--cluster", help="(ray) cluster description file or built-in name (local, "
+                   "example-hetero); default: described from the live Ray nodes")
+    p.add_argument("--address", help="(ray) Ray cluster to join; default: start a local one")
+    p.add_argument("--expert-shards", type=int, help="(ray) number of expert shards")
+    p.add_argument("--microbatches", type=int, default=2, choices=(1, 2),
+                   help="(ray) ping-pong micro-batches per attention worker (1 = off)")
 
 
 def _model_dir(args: argparse.Namespace) -> str:
@@ -69,9 +86,18 @@ def _generate(args: argparse.Namespace) -> int:
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
     engine = LLMEngine(EngineConfig(
         model=_model_dir(args), dtype=args.dtype, device=args.device, kernel_backend=args.kernel_backend,
-        max_model_len=args.max_model_len, kv_cache_tokens=args.kv_cache_tokens, show_progress=True))
+        max_model_len=args.max_model_len, kv_cache_tokens=args.kv_cache_tokens, show_progress=True,
+        engine=args.engine, cluster=args.cluster, address=args.address, num_expert_shards=args.expert_shards,
+        microbatches=args.microbatches))
+    try:
+        return _print_stream(engine, args.prompt, params)
+    finally:
+        engine.shutdown()
+
+
+def _print_stream(engine, prompt: str, params) -> int:
     final = None
-    for out in engine.stream(args.prompt, params):
+    for out in engine.stream(prompt, params):
         print(out.new_text, end="", flush=True)
         final = out
     print()
@@ -79,6 +105,16 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"moe-serve: error: {final.error}", file=sys.stderr)
         return 1
     print(f"[{len(final.token_ids)} tokens, finish_reason={final.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from cluster.placement import PlannerConfig
+    from cluster.plan_cli import run_plan
+
+    config = PlannerConfig(num_attention_workers=args.attention_workers, num_expert_shards=args.expert_shards,
+                           kv_cache_tokens=args.kv_cache_tokens)
+    print(run_plan(_model_dir(args), args.cluster, args.json, dtype=args.dtype, config=config))
     return 0
 
 
