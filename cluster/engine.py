@@ -48,6 +48,7 @@ class LLMEngine:
         self._by_seq: dict[int, Request] = {}
         self._seq_ids = itertools.count()
         self._failed_steps = 0  # consecutive steps the cluster recovered from
+        self.last_step_stats: dict | None = None  # the model's MoE statistics of the last step
 
     # ---- requests in -------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -85,6 +86,7 @@ class LLMEngine:
 
     # ---- the step loop -----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        self.last_step_stats = None
         out = self.scheduler.schedule()
         if not out.chunks:
             return []
@@ -106,6 +108,7 @@ class LLMEngine:
 
     def _execute(self, out: SchedulerOutput) -> dict[int, int]:
         logits, seq_ids = self.model.execute(out)
+        self.last_step_stats = self.model.step_stats()
         reqs = [self._by_seq[sid] for sid in seq_ids]
         tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
         return dict(zip(seq_ids, tokens))

@@ -27,6 +27,7 @@ class InProcessModel:
                  block_size: int) -> None:
         self.spec, self.attention, self.gate, self.experts = spec, attention, gate, experts
         self.block_size = block_size
+        self._expert_tokens: dict[int, torch.Tensor] = {}  # MoE layer -> [E] tokens routed, last step
 
     @classmethod
     def load(cls, model_dir: str | Path, dtype: torch.dtype, device: torch.device, num_kv_slots: int,
@@ -58,8 +59,12 @@ class InProcessModel:
             y = self.attention.dense_ffn(layer, x)
             if self.spec.sparse_layers[layer]:
                 route = self.gate.route(layer, x)
+                self._expert_tokens[layer] = torch.bincount(route.ids.reshape(-1), minlength=self.spec.num_experts)
                 moe = self.experts.forward(layer, x, route.ids, route.weights)
                 y = moe if y is None else moe + y
             h = h + y
         return self.attention.logits(h, batch)
 
+    def step_stats(self) -> dict:
+        """The last step's MoE statistics, as cluster.metrics reads them."""
+        return {"expert_tokens": {layer: c.tolist() for layer, c in self._expert_tokens.items()}}

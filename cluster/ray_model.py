@@ -150,6 +150,16 @@ class RayModel:
         self.last_step = {"traffic": [r.traffic for r in results], "shard_traffic": shard_stats,
                           "expert_tokens": counts, "round_trip_ms": [r.round_trip_ms for r in results]}
 
+    def step_stats(self) -> dict:
+        """The last step's MoE statistics, as cluster.metrics reads them: tokens per (layer, expert) and
+        the bytes that crossed node boundaries, attention -> shards (dispatch) and back (combine)."""
+        step = self.last_step
+        if not step:
+            return {}
+        return {"expert_tokens": step["expert_tokens"],
+                "cross_node_bytes": {"dispatch": sum(t["cross_bytes_sent"] for t in step["traffic"]),
+                                     "combine": sum(t["cross_bytes_sent"] for t in step["shard_traffic"])}}
+
     # ---- failures ----------------------------------------------------------------------------
     def _recover(self, refs: list, exc: BaseException) -> None:
         log.warning("cluster step failed (%s); recovering", _reason(exc))

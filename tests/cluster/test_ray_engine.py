@@ -82,6 +82,9 @@ def test_cross_node_bytes_match_hand_computation(ray_cluster, tiny_model, tmp_pa
         assert traffic.combine_bytes == layers * remote * per_shard_combine
         assert traffic.messages == layers * remote * 3
         assert sorted(traffic.per_layer) == list(spec.moe_layers)
+        stats = engine.last_step_stats  # what the serving metrics read
+        assert stats["cross_node_bytes"] == {"dispatch": traffic.dispatch_bytes, "combine": traffic.combine_bytes}
+        assert stats["expert_tokens"] == {layer: [t] * 4 for layer in spec.moe_layers}
     finally:
         engine.shutdown()
 
