@@ -51,7 +51,39 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--kv-cache-tokens", type=int, default=16384)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(run=_plan)
+    _add_up(sub)
+    _add_replay(sub)
     return parser
+
+
+def _add_up(sub) -> None:
+    up = sub.add_parser("up", help="serve over HTTP (OpenAI API) and gRPC through Ray Serve until Ctrl-C")
+    up.add_argument("--model", help="HF model directory (default: the built-in demo model)")
+    up.add_argument("--served-model-name", help="model id clients send (default: the directory's name)")
+    up.add_argument("--address", help="Ray cluster to join; default: start a local one")
+    up.add_argument("--host", default="127.0.0.1", help="HTTP bind address (0.0.0.0 for all interfaces)")
+    up.add_argument("--http-port", type=int, default=8000)
+    up.add_argument("--grpc-port", type=int, default=9000)
+    up.add_argument("--engine", default="inprocess", choices=ENGINES,
+                    help="inprocess: the replica runs the model; ray: attention workers and expert shards")
+    up.add_argument("--cluster", help="(ray) cluster description file or built-in name")
+    up.add_argument("--dtype", choices=DTYPES)
+    up.add_argument("--max-model-len", type=int)
+    up.add_argument("--kv-cache-tokens", type=int)
+    up.add_argument("--max-num-seqs", type=int)
+    up.set_defaults(run=_up)
+
+
+def _add_replay(sub) -> None:
+    rp = sub.add_parser("replay", help="simulate expert-parallel dispatch over a recorded routing trace")
+    rp.add_argument("--trace", required=True, type=Path, help="routing trace (JSONL)")
+    rp.add_argument("--nodes", type=int, default=4)
+    rp.add_argument("--hidden-size", type=int, default=4096, help="bytes per token = hidden size x dtype bytes")
+    rp.add_argument("--dtype-bytes", type=int, default=2)
+    rp.add_argument("--fit-fraction", type=float, default=0.5,
+                    help="share of each request's tokens that fit the statistics; the rest are reported")
+    rp.add_argument("--json", action="store_true", help="print the whole report as one JSON object")
+    rp.set_defaults(run=_replay)
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
@@ -115,6 +147,28 @@ def _plan(args: argparse.Namespace) -> int:
     config = PlannerConfig(num_attention_workers=args.attention_workers, num_expert_shards=args.expert_shards,
                            kv_cache_tokens=args.kv_cache_tokens)
     print(run_plan(_model_dir(args), args.cluster, args.json, dtype=args.dtype, config=config))
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from cluster.up import run_up
+
+    app_args = {"served_model_name": args.served_model_name, "dtype": args.dtype,
+                "max_model_len": args.max_model_len, "kv_cache_tokens": args.kv_cache_tokens,
+                "max_num_seqs": args.max_num_seqs}
+    return run_up(args.model, args.address, args.http_port, args.grpc_port, args.engine, args.cluster,
+                  host=args.host, app_args={k: v for k, v in app_args.items() if v is not None})
+
+
+def _replay(args: argparse.Namespace) -> int:
+    import json
+
+    from router.replay import replay_placement, summary
+    from router.traces import read_trace
+
+    report = replay_placement(read_trace(args.trace), args.nodes, hidden_size=args.hidden_size,
+                              dtype_bytes=args.dtype_bytes, fit_fraction=args.fit_fraction)
+    print(json.dumps(report, indent=2) if args.json else summary(report))
     return 0
 
 

@@ -1,0 +1,252 @@
+"""AsyncLLMEngine: an LLMEngine stepped on one background thread, streamed to asyncio consumers.
+
+Invariants:
+  * only the engine thread touches the LLMEngine (it is not thread-safe); requests and aborts
+    reach it through a thread-safe queue, outputs go back through each consumer's event loop;
+  * a request is either rejected before its first output (validation error, overload) or
+    streams outputs until one with ``finished=True``;
+  * a consumer that stops iterating (break, cancellation, disconnect) aborts its request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator
+
+from cluster.config import EngineConfig
+from cluster.engine import LLMEngine
+from cluster.metrics import EngineMetrics
+from cluster.request import RequestOutput
+from cluster.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+IDLE_POLL_S = 0.5  # how long the idle engine thread sleeps between looks at the stop flag
+
+
+class EngineOverloaded(RuntimeError):
+    """Too many requests are waiting for admission; the client should retry later."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine has been shut down (or its thread died) and takes no more requests."""
+
+
+@dataclass(slots=True, eq=False)
+class _Stream:
+    """One request's channel from the engine thread to the consumer's event loop."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue  # of RequestOutput
+    accepted: asyncio.Future  # resolved once the engine took (or refused) the request
+    arrival: float = field(default_factory=time.monotonic)
+    first_at: float | None = None
+    last_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Add:
+    request_id: str
+    prompt: str | list[int]
+    params: SamplingParams
+    stream: _Stream
+
+
+@dataclass(frozen=True, slots=True)
+class _Abort:
+    request_id: str
+
+
+class AsyncLLMEngine:
+    def __init__(self, config: EngineConfig, *, model_name: str | None = None, max_waiting: int = 256) -> None:
+        if max_waiting < 1:
+            raise ValueError(f"max_waiting must be >= 1, got {max_waiting}")
+        self.config, self.max_waiting = config, max_waiting
+        self.engine = LLMEngine(config)  # built here, then used by the engine thread only
+        self.model_name = model_name or Path(config.model).name
+        self.spec, self.tokenizer = self.engine.spec, self.engine.tokenizer
+        sched = self.engine.scheduler.config
+        self.max_model_len = min(sched.max_model_len, sched.num_blocks * sched.block_size)
+        self.metrics = EngineMetrics(self.model_name)
+        self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._live: dict[str, _Stream] = {}  # engine thread only
+        self._stopping = threading.Event()
+        self._gate = threading.Lock()  # orders generate()'s enqueue against the final drain
+        self._closed = False
+        self._stats: dict = {}
+        self._publish()
+        self._thread = threading.Thread(target=self._run, name="moe-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def ready(self) -> bool:
+        return self._thread.is_alive() and not self._stopping.is_set()
+
+    # ---- the asyncio side ----------------------------------------------------------------------
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; ValueError / AdmissionError / EngineOverloaded come before any."""
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, asyncio.Queue(), loop.create_future())
+        request_id = request_id or uuid.uuid4().hex
+        with self._gate:
+            if self._closed or self._stopping.is_set():
+                raise EngineStopped("the engine is not running")
+            self._inbox.put(_Add(request_id, prompt, params, stream))
+        await stream.accepted
+        finished = False
+        try:
+            while not finished:
+                out = await stream.queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self._inbox.put(_Abort(request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(_Abort(request_id))
+
+    def stats(self) -> dict:
+        """Latest engine-thread snapshot: running, waiting, kv_cache_usage, num_requests, ..."""
+        return {**self._stats, "max_waiting": self.max_waiting, "ready": self.ready,
+                "metrics": self.metrics.snapshot()}
+
+    def shutdown(self) -> None:
+        """Stop the engine thread; live requests end with finish_reason "abort"."""
+        self._stopping.set()
+        self._inbox.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=30)
+
+    # ---- the engine thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._drain(block=not self.engine.has_unfinished())
+                if self.engine.has_unfinished() and not self._stopping.is_set():
+                    self._step()
+        except Exception:  # a bug here must not leave consumers waiting forever
+            log.exception("engine thread failed")
+        finally:
+            self._stopping.set()
+            self._close()
+
+    def _drain(self, block: bool) -> None:
+        """Apply every queued command; wait up to IDLE_POLL_S for the first when `block`."""
+        try:
+            cmds = [self._inbox.get(timeout=IDLE_POLL_S) if block else self._inbox.get_nowait()]
+        except queue.Empty:
+            return
+        while not self._inbox.empty():
+            cmds.append(self._inbox.get_nowait())
+        for cmd in cmds:
+            if isinstance(cmd, _Add):
+                self._add(cmd)
+            elif isinstance(cmd, _Abort) and cmd.request_id in self._live:
+                out = self.engine.abort(cmd.request_id)
+                if out is not None:
+                    self._deliver(out, time.monotonic())
+        self._publish()
+
+    def _add(self, cmd: _Add) -> None:
+        try:
+            if self._stopping.is_set():
+                raise EngineStopped("the engine is shutting down")
+            if len(self.engine.scheduler.waiting) >= self.max_waiting:
+                raise EngineOverloaded(f"{self.max_waiting} requests are already waiting; retry later")
+            self.engine.add_request(cmd.prompt, cmd.params, cmd.request_id)
+        except Exception as exc:  # handed to the caller of generate()
+            self._post(cmd.stream, _settle, cmd.stream.accepted, exc, None)
+            return
+        self._live[cmd.request_id] = cmd.stream
+        self._post(cmd.stream, _settle, cmd.stream.accepted, None, self._inbox_abort(cmd.request_id))
+
+    def _inbox_abort(self, request_id: str):
+        return lambda: self._inbox.put(_Abort(request_id))
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:  # the engine ends a failed step's requests itself; this is a bug
+            log.exception("engine step raised")
+            outputs = [self._error_output(rid, exc) for rid in list(self._live)]
+        now = time.monotonic()
+        for out in outputs:
+            self._deliver(out, now)
+        self._publish(self.engine.last_step_stats)
+
+    def _error_output(self, request_id: str, exc: Exception) -> RequestOutput:
+        try:
+            self.engine.abort(request_id)
+        except Exception:
+            log.exception("abort after a failed step raised")
+        return RequestOutput(request_id, (), "", (), "", 0, finished=True, finish_reason="error",
+                             error=f"{type(exc).__name__}: {exc}")
+
+    def _deliver(self, out: RequestOutput, now: float) -> None:
+        stream = self._live.get(out.request_id)
+        if stream is None:
+            return
+        if out.new_token_ids:
+            if stream.first_at is None:
+                stream.first_at = now
+                self.metrics.on_first_token(now - stream.arrival, out.num_prompt_tokens)
+            gap = None if stream.last_at is None else now - stream.last_at
+            self.metrics.on_token(len(out.new_token_ids), gap)
+            stream.last_at = now
+        if out.finished:
+            del self._live[out.request_id]
+            self.metrics.on_finish(now - stream.arrival, out.finish_reason or "unknown")
+        if not self._post(stream, stream.queue.put_nowait, out) and not out.finished:
+            self._inbox.put(_Abort(out.request_id))  # the consumer's loop is gone
+
+    def _post(self, stream: _Stream, fn, *args) -> bool:
+        try:
+            stream.loop.call_soon_threadsafe(fn, *args)
+            return True
+        except RuntimeError:  # event loop closed
+            return False
+
+    def _publish(self, moe: dict | None = None) -> None:
+        """Snapshot the engine's load; `moe`: the MoE statistics of the step just run (counted once)."""
+        sched = self.engine.scheduler
+        stats = {"running": len(sched.running), "waiting": len(sched.waiting),
+                 "kv_cache_usage": sched.blocks.usage, "num_requests": len(self._live), "moe": moe}
+        self.metrics.on_step(stats)
+        self._stats = {k: v for k, v in stats.items() if k != "moe"}
+
+    def _close(self) -> None:
+        for request_id in list(self._live):
+            self._deliver(RequestOutput(request_id, (), "", (), "", 0, finished=True, finish_reason="abort",
+                                        error="the engine shut down"), time.monotonic())
+        with self._gate:
+            self._closed = True
+            pending = []
+            while not self._inbox.empty():
+                pending.append(self._inbox.get_nowait())
+        for cmd in pending:
+            if isinstance(cmd, _Add):
+                self._post(cmd.stream, _settle, cmd.stream.accepted, EngineStopped("the engine shut down"), None)
+        try:
+            getattr(self.engine, "shutdown", lambda: None)()  # cluster mode stops its actors
+        except Exception:
+            log.exception("engine shutdown raised")
+
+
+def _settle(future: asyncio.Future, exc: BaseException | None, undo) -> None:
+    """On the consumer's loop: resolve `future`; if its consumer already left, undo the add."""
+    if future.cancelled():
+        if undo is not None:
+            undo()
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(None)

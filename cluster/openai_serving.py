@@ -1,0 +1,292 @@
+"""OpenAI-compatible completions and chat over an AsyncLLMEngine (framework-free; serve_app routes to it).
+
+A request becomes one engine request per (prompt, choice). All of them are admitted, and their first
+outputs awaited, before a response starts: a bad parameter, a prompt that does not fit or an
+overloaded engine is an HTTP error status, never a broken stream. Closing a response stream (client
+disconnect) cancels its readers, which aborts every engine request behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from pydantic import BaseModel, ValidationError
+
+from cluster.async_engine import AsyncLLMEngine, EngineOverloaded, EngineStopped
+from cluster.chat_template import ChatTemplateError, render_chat, special_tokens
+from cluster.openai_schema import (
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
+    ChatCompletionResponse, ChatDelta, CompletionChoice, CompletionRequest, CompletionResponse, ErrorDetail,
+    ErrorResponse, ModelCard, ModelList, Usage, new_id, now)
+from cluster.request import RequestOutput
+from cluster.sampling_params import SamplingParams
+
+DONE = "data: [DONE]\n\n"
+Stream = tuple[RequestOutput, AsyncIterator[RequestOutput]]  # (first output, the rest)
+
+
+class OpenAIError(Exception):
+    """An error answered with OpenAI's error object and an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = ErrorResponse(error=ErrorDetail(message=message, type=type, param=param, code=code))
+
+
+@dataclass(frozen=True, slots=True)
+class _Choice:
+    """One engine request of an HTTP request."""
+
+    index: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    echo: str  # text put in front of the completion ("" unless echo)
+
+
+def parse(model: type[BaseModel], body: bytes) -> BaseModel:
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors()
+        where = ".".join(str(p) for p in errors[0]["loc"]) or None
+        detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors[:3])
+        raise OpenAIError(400, detail, param=where) from None
+
+
+def error_for(exc: BaseException) -> OpenAIError | None:
+    """The OpenAI error for an engine exception; None for a bug (answered as a 500)."""
+    if isinstance(exc, OpenAIError):
+        return exc
+    if isinstance(exc, EngineOverloaded):
+        return OpenAIError(503, str(exc), type="server_error", code="overloaded")
+    if isinstance(exc, EngineStopped):
+        return OpenAIError(503, str(exc), type="server_error", code="unavailable")
+    if isinstance(exc, ValueError):  # AdmissionError, SamplingParams, token ids, chat template
+        return OpenAIError(400, str(exc))
+    return None
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLMEngine, model_name: str) -> None:
+        self.engine, self.model_name = engine, model_name
+        self.created = now()
+
+    # ---- models ------------------------------------------------------------------------------
+    def models(self) -> ModelList:
+        return ModelList(data=[self.model_card()])
+
+    def model_card(self, model_id: str | None = None) -> ModelCard:
+        self._check_model(model_id)
+        return ModelCard(id=self.model_name, created=self.created, root=self.model_name,
+                         max_model_len=self.engine.max_model_len)
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise OpenAIError(404, f"The model '{model}' does not exist (this server serves "
+                              f"'{self.model_name}')", param="model", code="model_not_found")
+
+    # ---- requests in ---------------------------------------------------------------------------
+    def _tokenize(self, prompt: str | list[int], param: str) -> list[int]:
+        if isinstance(prompt, list):
+            return prompt
+        if self.engine.tokenizer is None:
+            raise OpenAIError(400, "this model has no tokenizer: send the prompt as token ids", param=param)
+        return self.engine.tokenizer.encode(prompt)
+
+    def _choices(self, req: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]],
+                 max_tokens: int | None, echo: list[str], param: str) -> list[_Choice]:
+        limit = self.engine.max_model_len
+        choices = []
+        for p, ids in enumerate(prompts):
+            want = max_tokens if max_tokens is not None else limit - len(ids)
+            if len(ids) + want > limit or want < 1:
+                raise OpenAIError(400, f"this model's context is {limit} tokens; the request needs "
+                                  f"{len(ids)} prompt + {max(want, 1)} completion tokens",
+                                  param=param, code="context_length_exceeded")
+            for j in range(req.n):
+                seed = None if req.seed is None else (req.seed + j) % 2**63
+                top_k = req.top_k if req.top_k and req.top_k > 0 else 0
+                temperature = 1.0 if req.temperature is None else req.temperature
+                params = _params(max_tokens=want, temperature=temperature, top_p=req.top_p or 1.0,
+                                 top_k=top_k, seed=seed, stop=req.stop_strings, ignore_eos=req.ignore_eos)
+                choices.append(_Choice(p * req.n + j, ids, params, echo[p]))
+        return choices
+
+    async def _open(self, choices: list[_Choice]) -> list[Stream]:
+        """Admit every choice and wait for its first output; on any error, abort them all."""
+        gens = [self.engine.generate(c.prompt_ids, c.params) for c in choices]
+        firsts = await asyncio.gather(*(anext(g) for g in gens), return_exceptions=True)
+        failed = [f for f in firsts if isinstance(f, BaseException)]
+        if failed:
+            for g in gens:
+                await g.aclose()
+            err = error_for(failed[0])
+            raise err if err is not None else failed[0]
+        for first in firsts:
+            if first.finish_reason in ("error", "abort"):
+                for g in gens:
+                    await g.aclose()
+                raise _ended(first)
+        return list(zip(firsts, gens))
+
+    # ---- /v1/completions -----------------------------------------------------------------------
+    async def completions(self, body: bytes) -> CompletionResponse | AsyncIterator[str]:
+        req = parse(CompletionRequest, body)
+        self._check_model(req.model)
+        prompts = [self._tokenize(p, "prompt") for p in req.prompts]
+        echo = [self._echo(p, ids) if req.echo else "" for p, ids in zip(req.prompts, prompts)]
+        choices = self._choices(req, prompts, req.max_tokens, echo, "prompt")
+        streams = await self._open(choices)
+        rid, usage_prompt = new_id("cmpl"), sum(len(ids) for ids in prompts)
+        if req.stream:
+            return self._completion_events(req, rid, choices, streams, usage_prompt)
+        finals = await _finals(streams)
+        return CompletionResponse(
+            id=rid, created=now(), model=self.model_name,
+            choices=[CompletionChoice(index=c.index, text=c.echo + f.text, finish_reason=f.finish_reason)
+                     for c, f in zip(choices, finals)],
+            usage=_usage(usage_prompt, finals))
+
+    def _echo(self, prompt: str | list[int], ids: list[int]) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        return self.engine.tokenizer.decode(ids) if self.engine.tokenizer is not None else ""
+
+    async def _completion_events(self, req: CompletionRequest, rid: str, choices: list[_Choice],
+                                 streams: list[Stream], usage_prompt: int) -> AsyncIterator[str]:
+        created, last = now(), {}
+        pending_echo = {c.index: c.echo for c in choices}
+        async with aclosing(_merge(streams)) as outputs:
+            async for i, out in outputs:
+                last[i] = out
+                if out.finish_reason in ("error", "abort"):
+                    yield _sse(_ended(out).body)
+                    break
+                text = pending_echo.pop(choices[i].index, "") + out.new_text
+                if text or out.finished:
+                    choice = CompletionChoice(index=choices[i].index, text=text, finish_reason=out.finish_reason)
+                    yield _sse(CompletionResponse(id=rid, created=created, model=self.model_name, choices=[choice]))
+            else:
+                if req.include_usage:
+                    yield _sse(CompletionResponse(id=rid, created=created, model=self.model_name, choices=[],
+                                                  usage=_usage(usage_prompt, list(last.values()))))
+        yield DONE
+
+    # ---- /v1/chat/completions ------------------------------------------------------------------
+    async def chat(self, body: bytes) -> ChatCompletionResponse | AsyncIterator[str]:
+        req = parse(ChatCompletionRequest, body)
+        self._check_model(req.model)
+        ids = self._tokenize(self._render(req), "messages")
+        choices = self._choices(req, [ids], req.token_limit, [""], "messages")
+        streams = await self._open(choices)
+        rid = new_id("chatcmpl")
+        if req.stream:
+            return self._chat_events(req, rid, streams, len(ids))
+        finals = await _finals(streams)
+        return ChatCompletionResponse(
+            id=rid, created=now(), model=self.model_name,
+            choices=[ChatChoice(index=i, message=AssistantMessage(content=f.text), finish_reason=f.finish_reason)
+                     for i, f in enumerate(finals)],
+            usage=_usage(len(ids), finals))
+
+    def _render(self, req: ChatCompletionRequest) -> str:
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise ChatTemplateError("this model has no tokenizer, so no chat template")
+        return render_chat(tok.chat_template, [m.as_template_input() for m in req.messages],
+                           req.add_generation_prompt, **special_tokens(tok.config))
+
+    async def _chat_events(self, req: ChatCompletionRequest, rid: str, streams: list[Stream],
+                           usage_prompt: int) -> AsyncIterator[str]:
+        created, last = now(), {}
+
+        def chunk(choices: list[ChatChunkChoice], usage: Usage | None = None) -> str:
+            return _sse(ChatCompletionChunk(id=rid, created=created, model=self.model_name, choices=choices,
+                                            usage=usage))
+
+        for i in range(len(streams)):
+            yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
+        async with aclosing(_merge(streams)) as outputs:
+            async for i, out in outputs:
+                last[i] = out
+                if out.finish_reason in ("error", "abort"):
+                    yield _sse(_ended(out).body)
+                    break
+                if out.new_text or out.finished:
+                    delta = ChatDelta(content=out.new_text) if out.new_text else ChatDelta()
+                    yield chunk([ChatChunkChoice(index=i, delta=delta, finish_reason=out.finish_reason)])
+            else:
+                if req.include_usage:
+                    yield chunk([], _usage(usage_prompt, list(last.values())))
+        yield DONE
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+def _params(**fields) -> SamplingParams:
+    try:
+        return SamplingParams(**fields)
+    except ValueError as exc:
+        raise OpenAIError(400, str(exc)) from None
+
+
+def _ended(out: RequestOutput) -> OpenAIError:
+    if out.finish_reason == "abort":
+        return OpenAIError(503, out.error or "the request was aborted by the server", type="server_error")
+    return OpenAIError(500, f"generation failed: {out.error}", type="server_error")
+
+
+def _usage(prompt_tokens: int, finals: list[RequestOutput]) -> Usage:
+    completion = sum(len(f.token_ids) for f in finals)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
+
+
+def _sse(payload: BaseModel) -> str:
+    return f"data: {payload.model_dump_json()}\n\n"
+
+
+async def _finals(streams: list[Stream]) -> list[RequestOutput]:
+    """Run every stream to its end; an error or abort ending is an OpenAIError."""
+    async def last(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> RequestOutput:
+        out = first
+        if not out.finished:
+            async for out in rest:
+                pass
+        return out
+
+    finals = await asyncio.gather(*(last(f, r) for f, r in streams))
+    for f in finals:
+        if f.finish_reason in ("error", "abort"):
+            raise _ended(f)
+    return finals
+
+
+async def _merge(streams: list[Stream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """(stream index, output) in arrival order; leaving early cancels the readers (aborting requests)."""
+    merged: asyncio.Queue[tuple[int, RequestOutput | None]] = asyncio.Queue()
+
+    async def pump(i: int, rest: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in rest:
+                merged.put_nowait((i, out))
+        finally:
+            merged.put_nowait((i, None))
+
+    readers = [asyncio.create_task(pump(i, rest)) for i, (first, rest) in enumerate(streams) if not first.finished]
+    try:
+        for i, (first, _) in enumerate(streams):
+            yield i, first
+        remaining = len(readers)
+        while remaining:
+            i, out = await merged.get()
+            if out is None:
+                remaining -= 1
+            else:
+                yield i, out
+    finally:
+        for task in readers:
+            task.cancel()

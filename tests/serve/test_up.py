@@ -1,0 +1,61 @@
+"""`moe-serve up` as a user runs it: a subprocess that starts its own Ray cluster, serves, stops on Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from tests.serve.conftest import free_port
+
+STARTUP_S = 180
+
+
+def wait_for_line(proc: subprocess.Popen, marker: str, seen: list[str]) -> bool:
+    deadline = time.monotonic() + STARTUP_S
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            return False
+        seen.append(line)
+        if marker in line:
+            return True
+    return False
+
+
+def test_up_serves_http_and_stops_cleanly_on_ctrl_c(tiny_model):
+    http_port, grpc_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "up", "--model", str(tiny_model("olmoe")), "--served-model-name",
+         "tiny", "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--max-model-len", "256"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    seen: list[str] = []
+    try:
+        assert wait_for_line(proc, "Press Ctrl-C", seen), "".join(seen)
+        banner = "".join(seen)
+        assert f"http://127.0.0.1:{http_port}/v1" in banner and f"127.0.0.1:{grpc_port}" in banner
+        assert "curl http://127.0.0.1" in banner
+        with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=60) as client:
+            assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny"]
+            done = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "ignore_eos": True})
+            assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 3
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out
+        assert "moe-serve: stopped" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_up_refuses_bad_args_before_starting_anything(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "cluster.cli", "up", "--model", str(tmp_path), "--max-model-len",
+                          "0"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "max_model_len" in res.stderr, res.stderr
+    assert "Ray" not in res.stdout + res.stderr.split("error:")[0]  # no cluster was started
