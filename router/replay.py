@@ -1,0 +1,269 @@
+"""Placement replay (torch-free): expert-parallel dispatch on N nodes, simulated over a recorded trace.
+
+Cost model (every byte crossing a node boundary counts; `assumptions` in the report repeats it):
+
+- N nodes, each running an attention worker and an expert shard. A "vector" is one token's hidden
+  state: hidden_size x dtype_bytes bytes. A request's home node (round-robin by request) embeds its
+  tokens and runs the LM head and sampler.
+- At MoE layer l a token's attention runs on node a_l, its experts sit on the set of nodes S_l.
+  Dispatch: a_l sends the vector once to every node of S_l other than a_l. Combine: every node of S_l
+  other than a_next sends its summed partial output (one vector) to a_next, the node where the token's
+  next layer runs (the home after the last layer); the residual rides with a dispatched copy, so it
+  costs nothing extra. Token ids, gate weights and routing metadata are not counted (a few bytes).
+- Pinned attention (naive, grouping): a request's KV cache lives on its home, so a_l = a_next = home.
+- Mobile attention (shuffling, grouping+shuffling; speculative token shuffling): at layer l, once l's
+  route is known, the token's next node a_next is chosen from the predicted experts of layer l+1
+  (the node maximising [hosts one of l's experts] + P(hosts one of l+1's experts)); the combine of l
+  goes straight there and layer l+1's attention runs there. A wrong guess falls back to an ordinary
+  dispatch from a_next. Attention can run anywhere only if every node holds the KV cache of every
+  request, so each token's new K/V at each layer (kv_elems values) is sent to the N-1 other nodes:
+  that replication is counted as KV bytes of these schemes (and costs N x the KV memory).
+- Fit and report: the first `fit_fraction` of every request's tokens (by position) fit the statistics
+  and expert grouping; bytes, loads and recall are measured on the rest, in decode order (position,
+  then request). Predictors are warmed on the fit part and keep learning online in the report part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+
+from router.grouping import (GroupingConfig, Placement, align, group_experts, max_over_mean, moves,
+                             round_robin)
+from router.predictors import (AffinityPredictor, MixturePredictor, PreviousRoutePredictor, RecallMeter,
+                               RouteContext, top_k_ids)
+from router.stats import MISSING, RouteTable, coactivation, popularity, route_table, transitions
+from router.traces import RouteRecord
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayConfig:
+    nodes: int
+    hidden_size: int = 4096  # Mixtral-8x7B
+    dtype_bytes: int = 2  # bf16
+    fit_fraction: float = 0.5
+    kv_elems: int = 2048  # K+V values one token writes per layer (Mixtral: 2 x 8 KV heads x 128)
+    max_distance: int = 3  # predictor lookahead measured
+    max_load_ratio: float = 1.25
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "hidden_size", "dtype_bytes", "max_distance"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0.0 < self.fit_fraction < 1.0:
+            raise ValueError(f"fit_fraction must be in (0, 1), got {self.fit_fraction}")
+        if self.kv_elems < 0:
+            raise ValueError(f"kv_elems must be >= 0, got {self.kv_elems}")
+
+
+@dataclass(slots=True)
+class Scheme:
+    name: str
+    placement: Placement
+    mobile: bool  # attention follows the token (speculative token shuffling)
+    oracle: bool = False  # the next node is chosen from the actual next route (a bound, not a scheme)
+    dispatch: int = 0  # vectors sent
+    combine: int = 0
+    layer_visits: int = 0  # token-layers simulated
+    local: int = 0  # token-layers whose experts all sat on a_l
+    expert_load: np.ndarray = field(init=False)  # [L, N] token-expert assignments
+    attention_load: np.ndarray = field(init=False)  # [N] token-layers attended
+
+    def __post_init__(self) -> None:
+        self.expert_load = np.zeros((self.placement.node_of.shape[0], self.placement.nodes))
+        self.attention_load = np.zeros(self.placement.nodes)
+
+
+def split_fit(table: RouteTable, fraction: float) -> np.ndarray:
+    """[T] bool: the first ceil(fraction x n) tokens (by position) of each request's n tokens."""
+    fit = np.zeros(table.num_tokens, dtype=bool)
+    for r in range(len(table.requests)):
+        idx = np.nonzero(table.request_index == r)[0]
+        fit[idx[:int(np.ceil(fraction * len(idx)))]] = True
+    return fit
+
+
+def decode_order(table: RouteTable, mask: np.ndarray) -> np.ndarray:
+    """Indices of the tokens in `mask`, by position then request (concurrent decoding)."""
+    idx = np.nonzero(mask)[0]
+    return idx[np.lexsort((table.request_index[idx], table.pos[idx]))]
+
+
+def fit_placements(fit: RouteTable, config: ReplayConfig) -> dict[str, Placement]:
+    """Grouped placements from the fit part: pinned attention gains only from co-activated experts
+    sharing a node; mobile attention also from l -> l+1 steps staying on one node."""
+    pop, co, tr = popularity(fit), coactivation(fit), transitions(fit)
+    pinned = GroupingConfig(config.nodes, config.max_load_ratio, transition_weight=0.0)
+    mobile = GroupingConfig(config.nodes, config.max_load_ratio)
+    return {"pinned": group_experts(pop, co, tr, pinned), "mobile": group_experts(pop, co, tr, mobile)}
+
+
+def _next_node(scheme: Scheme, here: set[int], layer: int, probs: np.ndarray | None, actual: tuple[int, ...],
+               current: int, k: int) -> int:
+    """The node maximising [hosts one of this layer's experts] + P(hosts one of layer `layer`'s experts)."""
+    value = np.zeros(scheme.placement.nodes)
+    value[list(here)] += 1.0
+    node_of = scheme.placement.node_of[layer]
+    if scheme.oracle:
+        value[node_of[list(actual)]] += 1.0
+    elif probs is not None:
+        miss = np.bincount(node_of, weights=np.log1p(-np.minimum(k * probs, 1.0 - 1e-9)), minlength=len(value))
+        value += 1.0 - np.exp(miss)
+    value[current] += 1e-6  # ties: stay
+    return int(np.argmax(value))
+
+
+def _visit(scheme: Scheme, layer: int, ids: tuple[int, ...], at: int, dest: int) -> None:
+    hosts = scheme.placement.node_of[layer, list(ids)].tolist()
+    nodes = set(hosts)
+    scheme.dispatch += len(nodes - {at})
+    scheme.combine += len(nodes - {dest})
+    scheme.local += nodes <= {at}
+    scheme.layer_visits += 1
+    for n in hosts:
+        scheme.expert_load[layer, n] += 1
+    scheme.attention_load[at] += 1
+
+
+def _token_routes(table: RouteTable, t: int) -> list[tuple[int, tuple[int, ...]]]:
+    return [(l, tuple(int(e) for e in row if e != MISSING)) for l, row in enumerate(table.experts[t])
+            if row[0] != MISSING]
+
+
+def warm_up(predictor: MixturePredictor, table: RouteTable, order: np.ndarray) -> None:
+    for t in order:
+        request, pos = table.requests[table.request_index[t]], int(table.pos[t])
+        for layer, ids in _token_routes(table, t):
+            predictor.observe(request, pos, layer, ids)
+
+
+def simulate(table: RouteTable, order: np.ndarray, schemes: list[Scheme], predictor: MixturePredictor,
+             meters: dict[str, RecallMeter], config: ReplayConfig) -> None:
+    """Walks the report tokens layer by layer: predict, measure recall, move tokens, count bytes."""
+    k, depth = table.top_k, config.max_distance
+    for t in order:
+        request, pos = table.requests[table.request_index[t]], int(table.pos[t])
+        home = int(table.request_index[t]) % config.nodes
+        routes, route = _token_routes(table, t), {}
+        where = {s.name: home for s in schemes}
+        for i, (layer, ids) in enumerate(routes):
+            predictor.observe(request, pos, layer, ids)
+            route[layer] = ids
+            ctx = RouteContext(request, pos, layer, route)
+            nxt = routes[i + 1] if i + 1 < len(routes) else None
+            mixed = _measure(predictor, ctx, table.experts[t], meters, k, depth, nxt[0] if nxt else None)
+            for s in schemes:
+                at = where[s.name]
+                here = set(s.placement.node_of[layer, list(ids)].tolist())
+                dest = (home if nxt is None or not s.mobile
+                        else _next_node(s, here, nxt[0], mixed, nxt[1], at, k))
+                _visit(s, layer, ids, at, dest)
+                where[s.name] = dest
+
+
+def _measure(predictor: MixturePredictor, ctx: RouteContext, actual: np.ndarray, meters: dict[str, RecallMeter],
+             k: int, depth: int, next_layer: int | None) -> np.ndarray | None:
+    """Scores every component and the mixture for layers l+1..l+depth, updates the recall meters;
+    returns the mixture's scores for `next_layer` (None when out of reach)."""
+    out = None
+    for target in range(ctx.layer + 1, min(ctx.layer + depth, predictor.num_layers - 1) + 1):
+        parts = [c.scores(ctx, target) for c in predictor.components]
+        mixed = predictor.pool_scores(parts)
+        truth = [int(e) for e in actual[target] if e != MISSING]
+        for name, s in zip([c.name for c in predictor.components] + [predictor.name], parts + [mixed]):
+            if s is not None and truth:
+                meters[name].update(ctx.layer, target, top_k_ids(s, k), truth)
+        out = mixed if target == next_layer else out
+    return out
+
+
+def _scheme_report(s: Scheme, tokens: int, config: ReplayConfig) -> dict[str, float]:
+    vector = config.hidden_size * config.dtype_bytes
+    kv = s.layer_visits * (config.nodes - 1) * config.kv_elems * config.dtype_bytes if s.mobile else 0
+    per_layer = max_over_mean(s.expert_load)
+    return {"dispatch_bytes_per_token": s.dispatch * vector / tokens,
+            "combine_bytes_per_token": s.combine * vector / tokens,
+            "dispatch_combine_bytes_per_token": (s.dispatch + s.combine) * vector / tokens,
+            "kv_replication_bytes_per_token": kv / tokens,
+            "cross_node_bytes_per_token": ((s.dispatch + s.combine) * vector + kv) / tokens,
+            "local_dispatch_rate": s.local / max(s.layer_visits, 1),
+            "max_over_mean_load": float(max_over_mean(s.expert_load.sum(axis=0, keepdims=True))[0]),
+            "max_over_mean_load_per_layer_mean": float(per_layer.mean()),
+            "max_over_mean_load_per_layer_worst": float(per_layer.max()),
+            "attention_max_over_mean": float(max_over_mean(s.attention_load[None, :])[0])}
+
+
+def _reduction(naive: float, other: float) -> float:
+    return 1.0 - other / naive if naive > 0 else 0.0
+
+
+ASSUMPTIONS = ("vector = hidden_size x dtype_bytes; dispatch: one vector from the attention node to each other node "
+               "hosting >= 1 of the token's experts; combine: one vector from each expert node other than the node "
+               "of the token's next layer (home after the last layer); pinned schemes attend on the request's home "
+               "(round-robin by request); shuffling schemes attend where the prediction sent the token and replicate "
+               "each token's K/V (kv_elems values per layer) to the other N-1 nodes, counted as kv bytes")
+
+
+def replay_placement(records: Iterable[RouteRecord], nodes: int, hidden_size: int = 4096, dtype_bytes: int = 2,
+                     fit_fraction: float = 0.5, kv_elems: int = 2048, max_distance: int = 3) -> dict:
+    """Simulate naive and speculative placements of a trace on `nodes` nodes; a JSON-able report."""
+    config = ReplayConfig(nodes, hidden_size, dtype_bytes, fit_fraction, kv_elems, max_distance)
+    table = route_table(records)
+    fit = split_fit(table, config.fit_fraction)
+    if fit.all():
+        raise ValueError("the trace is too short to split: every request has a single token")
+    grouped = fit_placements(table.select(fit), config)
+    naive = round_robin(table.num_layers, table.num_experts, nodes)
+    schemes = [Scheme("naive", naive, False), Scheme("grouping", grouped["pinned"], False),
+               Scheme("shuffling", naive, True), Scheme("grouping+shuffling", grouped["mobile"], True),
+               Scheme("grouping+shuffling (perfect prediction)", grouped["mobile"], True, oracle=True)]
+    L, E = table.num_layers, table.num_experts
+    predictor = MixturePredictor([AffinityPredictor(L, E, max_distance), PreviousRoutePredictor(L, E)])
+    meters = {name: RecallMeter(max_distance, L) for name in ("affinity", "previous", "mixture")}
+    warm_up(predictor, table, decode_order(table, fit))
+    simulate(table, decode_order(table, ~fit), schemes, predictor, meters, config)
+    return _report(table, fit, schemes, meters, grouped, config)
+
+
+def _report(table: RouteTable, fit: np.ndarray, schemes: list[Scheme], meters: dict[str, RecallMeter],
+            grouped: dict[str, Placement], config: ReplayConfig) -> dict:
+    tokens = int((~fit).sum())
+    detail = {s.name: _scheme_report(s, tokens, config) for s in schemes}
+    naive = detail["naive"]["cross_node_bytes_per_token"]
+    for d in detail.values():
+        d["reduction"] = _reduction(naive, d["cross_node_bytes_per_token"])
+        d["dispatch_combine_reduction"] = _reduction(naive, d["dispatch_combine_bytes_per_token"])
+    real = [s.name for s in schemes if s.name != "naive" and not s.oracle]
+    best = min(real, key=lambda name: detail[name]["cross_node_bytes_per_token"])
+    refit = group_experts(popularity(table), coactivation(table), transitions(table),
+                          GroupingConfig(config.nodes, config.max_load_ratio), start=grouped["mobile"])
+    return {"naive_cross_node_bytes_per_token": naive,
+            "speculative_scheme": best,
+            "speculative_cross_node_bytes_per_token": detail[best]["cross_node_bytes_per_token"],
+            "reduction": detail[best]["reduction"],
+            "max_over_mean_load": detail[best]["max_over_mean_load"],
+            "schemes": detail,
+            "predictor_recall": {name: m.as_dict() for name, m in meters.items()},
+            "replan_moves": len(moves(grouped["mobile"], align(refit, grouped["mobile"]))),
+            "trace": {"requests": len(table.requests), "tokens": table.num_tokens, "fit_tokens": int(fit.sum()),
+                      "report_tokens": tokens, "layers": table.num_layers, "experts": table.num_experts,
+                      "top_k": table.top_k},
+            "assumptions": {"nodes": config.nodes, "hidden_size": config.hidden_size,
+                            "dtype_bytes": config.dtype_bytes, "kv_elems": config.kv_elems,
+                            "fit_fraction": config.fit_fraction, "cost_model": ASSUMPTIONS}}
+
+
+def summary(report: dict) -> str:
+    """A human-readable table of a replay_placement report."""
+    a = report["assumptions"]
+    lines = [f"replay: {report['trace']['report_tokens']} reported tokens on {a['nodes']} nodes "
+             f"(hidden {a['hidden_size']} x {a['dtype_bytes']} B per vector)",
+             f"{'scheme':42} {'bytes/token':>12} {'reduction':>9} {'max/mean load':>13}"]
+    for name, s in report["schemes"].items():
+        lines.append(f"{name:42} {s['cross_node_bytes_per_token']:12.0f} {s['reduction']:9.1%} "
+                     f"{s['max_over_mean_load']:13.3f}")
+    for name, recall in report["predictor_recall"].items():
+        lines.append(f"recall {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in recall.items()))
+    return "\n".join(lines)
