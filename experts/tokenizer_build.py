@@ -1,22 +1,27 @@
-"""Deterministic byte-level tokenizer for tiny test and demo checkpoints.
+"""Byte-level BPE tokenizers for tiny test checkpoints and the demo model.
 
-The tokenizer needs no training data: it is a BPE model without merges whose
-vocabulary is exactly the 256 byte-level symbols, so every UTF-8 byte of the
-input becomes one token and decoding reverses it exactly.
+``build_byte_tokenizer`` needs no training data: it is a BPE model without
+merges whose vocabulary is exactly the 256 byte-level symbols, so every UTF-8
+byte of the input becomes one token and decoding reverses it exactly.
+``train_byte_bpe`` learns merges on top of the same byte alphabet from a text
+corpus (the demo model's tokenizer).
 
 Invariants:
-  * id ``b`` (0 <= b < 256) is the token for the raw byte value ``b``;
-  * the special tokens follow the bytes: ``<|endoftext|>`` = 256 (eos and pad),
-    ``<|im_start|>`` = 257, ``<|im_end|>`` = 258;
-  * the output files depend only on this module, never on time or randomness.
+  * byte tokenizer: id ``b`` (0 <= b < 256) is the token for the raw byte
+    value ``b``; the special tokens follow the bytes: ``<|endoftext|>`` = 256
+    (eos and pad), ``<|im_start|>`` = 257, ``<|im_end|>`` = 258;
+  * trained tokenizer: the special tokens take ids 0, 1, 2 in that order,
+    every byte has a token, and decode(encode(text)) == text for any text;
+  * the output files depend only on the inputs, never on time or randomness.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 EOS_TOKEN = "<|endoftext|>"
 IM_START_TOKEN = "<|im_start|>"
@@ -99,16 +104,49 @@ def tokenizer_config() -> dict[str, object]:
     }
 
 
-def write_byte_tokenizer(out_dir: Path) -> int:
-    """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``out_dir``.
+def train_byte_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Learn a byte-level BPE with ``vocab_size`` tokens (specials and bytes included) on ``texts``.
 
-    Creates ``out_dir`` if needed and returns the vocab size (259).
+    Pre-tokenization is GPT-2's (words, runs of spaces, punctuation kept
+    apart), so indentation runs become tokens of their own.
     """
+    min_size = NUM_BYTES + len(SPECIAL_TOKENS)
+    if vocab_size < min_size:
+        raise ValueError(f"vocab_size must be >= {min_size} (bytes + special tokens), got {vocab_size}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        show_progress=False,
+        special_tokens=[AddedToken(tok, special=True, normalized=False) for tok in SPECIAL_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    for i, tok in enumerate(SPECIAL_TOKENS):
+        assert tokenizer.token_to_id(tok) == i
+    return tokenizer
+
+
+def write_tokenizer(tokenizer: Tokenizer, out_dir: Path) -> int:
+    """Write ``tokenizer`` as ``tokenizer.json`` plus ``tokenizer_config.json`` into ``out_dir``.
+
+    ``tokenizer`` must hold the special tokens; creates ``out_dir`` if needed
+    and returns the vocab size (added tokens included).
+    """
+    missing = [tok for tok in SPECIAL_TOKENS if tokenizer.token_to_id(tok) is None]
+    if missing:
+        raise ValueError(f"tokenizer lacks the special tokens {missing}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_byte_tokenizer()
     tokenizer.save(str(out_dir / "tokenizer.json"))
     with open(out_dir / "tokenizer_config.json", "w", encoding="utf-8") as f:
         json.dump(tokenizer_config(), f, indent=2, ensure_ascii=False)
         f.write("\n")
-    return BYTE_VOCAB_SIZE
+    return tokenizer.get_vocab_size(with_added_tokens=True)
+
+
+def write_byte_tokenizer(out_dir: Path) -> int:
+    """Write the byte tokenizer's files into ``out_dir``; returns the vocab size (259)."""
+    return write_tokenizer(build_byte_tokenizer(), out_dir)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from cluster.config import EngineConfig
+from cluster.demo import ensure_demo_model
 from cluster.engine import LLMEngine
 from cluster.sampling_params import SamplingParams
 
@@ -30,14 +31,12 @@ def test_make_tiny_then_generate_streams_the_engine_output(tmp_path):
     assert f"finish_reason={want.finish_reason}" in res.stderr
 
 
-def test_generate_without_model_uses_demo_model(tmp_path):
-    res = cli("generate", "--prompt", "hi", "--max-tokens", "4", "--seed", "1",
-              env={"MOE_SERVE_CACHE": str(tmp_path)})
+def test_generate_without_model_uses_demo_model():
+    res = cli("generate", "--prompt", "def add(a, b):", "--max-tokens", "8", "--temperature", "0")
     assert res.returncode == 0, res.stderr
-    assert "creating demo model" in res.stderr and (tmp_path / "demo-olmoe-v1" / "config.json").is_file()
-    again = cli("generate", "--prompt", "hi", "--max-tokens", "4", "--seed", "1",
-                env={"MOE_SERVE_CACHE": str(tmp_path)})
-    assert again.stdout == res.stdout and "creating demo model" not in again.stderr
+    engine = LLMEngine(EngineConfig(model=str(ensure_demo_model())))
+    want = engine.generate(["def add(a, b):"], SamplingParams(max_tokens=8, temperature=0.0))[0]
+    assert res.stdout == want.text + "\n" and want.token_ids
 
 
 def test_bad_arguments_give_clear_errors(tmp_path):
