@@ -8,13 +8,12 @@ runs 1 attention worker (cpu-highmem) and 2 expert shards (gpu, cpu); measured i
 - decode tokens/s at batch 8 of the cluster engine over the in-process engine (`vs_inprocess_b8`,
   with ping-pong micro-batches; `vs_inprocess_b8_no_pipelining` without), and the pipelining speedup;
 - cross-node bytes per generated token (dispatch, combine) from the data plane's counters.
-Prints one JSON object. Usage: python bench/cluster.py [--batch 8] [--new-tokens 24]
+Prints one JSON object. Usage: python bench/cluster_engine.py [--batch 8] [--new-tokens 24]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -22,30 +21,14 @@ import sys
 import time
 from pathlib import Path
 
-# Run as a script, Python puts bench/ first on sys.path, where this file's name would shadow the
-# `cluster` package; drop that entry and load bench/decode.py by path instead.
-BENCH_DIR = Path(__file__).resolve().parent
-if sys.path and Path(sys.path[0] or ".").resolve() == BENCH_DIR:
-    del sys.path[0]
+import ray
+import torch
+from ray.cluster_utils import Cluster
 
-import ray  # noqa: E402
-import torch  # noqa: E402
-from ray.cluster_utils import Cluster  # noqa: E402
-
-from cluster.config import EngineConfig  # noqa: E402
-from cluster.engine import LLMEngine  # noqa: E402
-from cluster.sampling_params import SamplingParams  # noqa: E402
-
-
-def _load_decode_bench():
-    spec = importlib.util.spec_from_file_location("bench_decode", BENCH_DIR / "decode.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_decode = _load_decode_bench()
-bench_model, prompts = _decode.bench_model, _decode.prompts
+from cluster.config import EngineConfig
+from cluster.engine import LLMEngine
+from cluster.sampling_params import SamplingParams
+from decode import bench_model, prompts  # bench/decode.py, beside this file
 
 LABEL = "moe-serve/node-kind"
 NODES = {"cpu-highmem": {"cpu_highmem": 4}, "gpu": {"fake_gpu": 4}, "cpu": {}}
