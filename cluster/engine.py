@@ -14,7 +14,7 @@ from cluster.detokenizer import IncrementalText
 from cluster.model import InProcessModel
 from cluster.errors import ClusterRecovered
 from cluster.request import Request, RequestOutput
-from cluster.sampler import new_generator, sample
+from cluster.sampler import new_generator, sample, token_logprobs
 from cluster.sampling_params import SamplingParams
 from cluster.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from cluster.sequence import Sequence
@@ -111,7 +111,15 @@ class LLMEngine:
         self.last_step_stats = self.model.step_stats()
         reqs = [self._by_seq[sid] for sid in seq_ids]
         tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        self._record_logprobs(logits, reqs, tokens)
         return dict(zip(seq_ids, tokens))
+
+    def _record_logprobs(self, logits: torch.Tensor, reqs: list[Request], tokens: list[int]) -> None:
+        rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+        if rows:
+            found = token_logprobs(logits, rows, [tokens[i] for i in rows], [reqs[i].params.logprobs for i in rows])
+            for i, lp in zip(rows, found):
+                reqs[i].logprobs.append(lp)
 
     def _fail(self, out: SchedulerOutput, exc: BaseException) -> list[RequestOutput]:
         self._failed_steps = 0
@@ -139,10 +147,12 @@ class LLMEngine:
     def _output(self, req: Request, new_text: str, reason: str | None = None,
                 error: str | None = None) -> RequestOutput:
         ids = tuple(req.seq.output_ids)
-        new_ids, req.num_reported = ids[req.num_reported:], len(ids)
-        return RequestOutput(req.request_id, new_ids, new_text, ids,
+        start, req.num_reported = req.num_reported, len(ids)
+        logprobs = tuple(req.logprobs[:len(ids)]) if req.params.logprobs is not None else None
+        return RequestOutput(req.request_id, ids[start:], new_text, ids,
                              req.text.text[:req.text.emitted] if req.text else "", len(req.seq.prompt_ids),
-                             finished=reason is not None, finish_reason=reason, error=error)
+                             finished=reason is not None, finish_reason=reason, error=error,
+                             new_logprobs=None if logprobs is None else logprobs[start:], logprobs=logprobs)
 
     def shutdown(self) -> None:
         """Stop the model's actors (cluster mode); the in-process model needs nothing."""

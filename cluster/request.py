@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cluster.detokenizer import IncrementalText
+from cluster.sampler import TokenLogprob
 from cluster.sampling_params import SamplingParams
 from cluster.sequence import Sequence
 
@@ -24,6 +25,8 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
+    new_logprobs: tuple[TokenLogprob, ...] | None = None  # one per new token, when params.logprobs is set
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token so far, when params.logprobs is set
 
 
 @dataclass(slots=True, eq=False)
@@ -36,6 +39,7 @@ class Request:
     eos_ids: frozenset[int]
     num_reported: int = 0  # output tokens already sent in a RequestOutput
     stopped: bool = field(default=False)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, if asked for
 
     def finish_reason(self) -> str | None:
         """Why this request is done after its latest token, or None to continue."""

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from cluster.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """A sampled token's log-probability under the model and the most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
 
 
 def new_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -48,3 +59,17 @@ def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     drop = probs.cumsum(dim=-1) - probs >= top_p  # the more likely tokens already reach top_p
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(0, order, sorted_logits)
+
+
+def token_logprobs(logits: torch.Tensor, rows: list[int], tokens: list[int], tops: list[int]) -> list[TokenLogprob]:
+    """logits: [S, V] float32; for each of `rows`, the log-softmax of the model's raw distribution
+    (before temperature or filtering) at its sampled token, and its `tops[i]` best tokens."""
+    logp = torch.log_softmax(logits[rows], dim=-1)  # [R, V]
+    chosen = logp.gather(1, torch.tensor(tokens).unsqueeze(1)).squeeze(1).tolist()
+    k = max(tops, default=0)
+    best = torch.topk(logp, k, dim=-1) if k else None
+    out = []
+    for i, (token, lp, n) in enumerate(zip(tokens, chosen, tops)):
+        top = () if best is None else tuple(zip(best.indices[i, :n].tolist(), best.values[i, :n].tolist()))
+        out.append(TokenLogprob(token, lp, top))
+    return out

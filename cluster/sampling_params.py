@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+MAX_LOGPROBS = 20
+
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """temperature 0 means greedy; top_k 0 and top_p 1 disable those filters."""
+    """temperature 0 means greedy; top_k 0 and top_p 1 disable those filters; `logprobs` N asks for
+    each sampled token's log-probability and the N most likely alternatives (None: none)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -16,6 +19,7 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         _check(_integer(self.max_tokens) and self.max_tokens >= 1,
@@ -30,6 +34,8 @@ class SamplingParams:
                f"seed must be a non-negative integer, got {self.seed!r}")
         _check(isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop),
                f"stop must be a tuple of non-empty strings, got {self.stop!r}")
+        _check(self.logprobs is None or (_integer(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+               f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:

@@ -84,3 +84,29 @@ def test_output_is_independent_of_batch(tiny_model, family):
     for i, (_, prompt, params) in enumerate(jobs):
         alone = alone_engine.generate([prompt], params)[0].token_ids
         assert batched[i] == alone, f"job {i} differs when batched"
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_logprobs_are_the_models_log_softmax(tiny_model, temperature):
+    """Each streamed token's logprob and top alternatives equal transformers' log-softmax at that
+    position (the raw distribution, whatever the temperature), token by token."""
+    path = tiny_model("qwen2_moe")
+    engine = LLMEngine(EngineConfig(model=str(path), kv_cache_tokens=256, block_size=4))
+    params = SamplingParams(max_tokens=10, temperature=temperature, seed=3, ignore_eos=True, logprobs=3)
+    outs = list(engine.stream(PROMPT, params))
+    got = [lp for o in outs for lp in o.new_logprobs]
+    tokens = list(outs[-1].token_ids)
+    assert outs[-1].logprobs == tuple(got)
+    assert [lp.token_id for lp in got] == tokens and all(len(lp.top) == 3 for lp in got)
+    with torch.no_grad():
+        logits = hf_model(path, torch.float32)(torch.tensor([PROMPT + tokens])).logits[0]
+    ref = torch.log_softmax(logits[len(PROMPT) - 1:-1].float(), dim=-1)  # [10, V]: rows predicting each token
+    ours = torch.tensor([lp.logprob for lp in got])
+    torch.testing.assert_close(ours, ref[torch.arange(len(tokens)), tokens], atol=1e-4, rtol=0)
+    top = torch.topk(ref, 3, dim=-1)
+    assert [[t for t, _ in lp.top] for lp in got] == top.indices.tolist()
+    torch.testing.assert_close(torch.tensor([[v for _, v in lp.top] for lp in got]), top.values, atol=1e-4, rtol=0)
+    if temperature == 0.0:
+        assert all(lp.top[0][0] == lp.token_id for lp in got)
+    plain = engine.generate([PROMPT], SamplingParams(max_tokens=10, temperature=temperature, seed=3, ignore_eos=True))
+    assert plain[0].token_ids == outs[-1].token_ids and plain[0].new_logprobs is plain[0].logprobs is None
