@@ -2,7 +2,7 @@
 
 Requests are strict (no string-to-number coercion) and forbid unknown fields, so a typo is a 400
 naming the field rather than a silently ignored setting. Parameters the engine cannot honour
-(penalties, logit_bias, logprobs, suffix, best_of > 1) are rejected when set, never ignored.
+(penalties, logit_bias, prompt logprobs, suffix, best_of > 1) are rejected when set, never ignored.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ import uuid
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+
+from cluster.openai_logprobs import ChatLogprobs, CompletionLogprobs
+from cluster.sampling_params import MAX_LOGPROBS
 
 MAX_N = 16  # choices per prompt
 MAX_CHOICES = 64  # prompts x n per request
@@ -75,16 +78,9 @@ class CompletionRequest(_SamplingRequest):
     prompt: str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
     max_tokens: int | None = Field(16, ge=1)  # None: up to the context length
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # alternatives per token, besides the chosen
     suffix: str | None = None
     best_of: int | None = None
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: int | None) -> int | None:
-        if value is not None:
-            raise ValueError("logprobs are not supported by this server")
-        return value
 
     @field_validator("suffix")
     @classmethod
@@ -104,6 +100,8 @@ class CompletionRequest(_SamplingRequest):
     def _bounded(self) -> "CompletionRequest":
         if len(self.prompts) * self.n > MAX_CHOICES:
             raise ValueError(f"prompts x n must be <= {MAX_CHOICES}")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("logprobs with echo (prompt logprobs) is not supported by this server")
         return self
 
     @property
@@ -141,21 +139,18 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name; wins when both are set
     add_generation_prompt: bool = True  # vLLM extension
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("logprobs are not supported by this server")
-        return value
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> "ChatCompletionRequest":
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs: true")
+        return self
 
-    @field_validator("top_logprobs")
-    @classmethod
-    def _no_top_logprobs(cls, value: int | None) -> int | None:
-        if value is not None:
-            raise ValueError("top_logprobs are not supported by this server")
-        return value
+    @property
+    def logprob_count(self) -> int | None:
+        """Alternatives per token for the engine; None when logprobs are off."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def token_limit(self) -> int | None:
@@ -181,7 +176,7 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -202,7 +197,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -229,7 +224,7 @@ class ChatChunkChoice(BaseModel):
     index: int
     delta: ChatDelta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from cluster.async_engine import AsyncLLMEngine, EngineOverloaded, EngineStopped
 from cluster.chat_template import ChatTemplateError, render_chat, special_tokens
+from cluster.openai_logprobs import ChatLogprobs, CompletionLogprobs, chat_logprobs, completion_logprobs
 from cluster.openai_schema import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
     ChatCompletionResponse, ChatDelta, CompletionChoice, CompletionRequest, CompletionResponse, ErrorDetail,
@@ -99,7 +100,7 @@ class OpenAIServing:
         return self.engine.tokenizer.encode(prompt)
 
     def _choices(self, req: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]],
-                 max_tokens: int | None, echo: list[str], param: str) -> list[_Choice]:
+                 max_tokens: int | None, echo: list[str], param: str, logprobs: int | None) -> list[_Choice]:
         limit = self.engine.max_model_len
         choices = []
         for p, ids in enumerate(prompts):
@@ -113,7 +114,8 @@ class OpenAIServing:
                 top_k = req.top_k if req.top_k and req.top_k > 0 else 0
                 temperature = 1.0 if req.temperature is None else req.temperature
                 params = _params(max_tokens=want, temperature=temperature, top_p=req.top_p or 1.0,
-                                 top_k=top_k, seed=seed, stop=req.stop_strings, ignore_eos=req.ignore_eos)
+                                 top_k=top_k, seed=seed, stop=req.stop_strings, ignore_eos=req.ignore_eos,
+                                 logprobs=logprobs)
                 choices.append(_Choice(p * req.n + j, ids, params, echo[p]))
         return choices
 
@@ -140,7 +142,7 @@ class OpenAIServing:
         self._check_model(req.model)
         prompts = [self._tokenize(p, "prompt") for p in req.prompts]
         echo = [self._echo(p, ids) if req.echo else "" for p, ids in zip(req.prompts, prompts)]
-        choices = self._choices(req, prompts, req.max_tokens, echo, "prompt")
+        choices = self._choices(req, prompts, req.max_tokens, echo, "prompt", req.logprobs)
         streams = await self._open(choices)
         rid, usage_prompt = new_id("cmpl"), sum(len(ids) for ids in prompts)
         if req.stream:
@@ -148,9 +150,19 @@ class OpenAIServing:
         finals = await _finals(streams)
         return CompletionResponse(
             id=rid, created=now(), model=self.model_name,
-            choices=[CompletionChoice(index=c.index, text=c.echo + f.text, finish_reason=f.finish_reason)
+            choices=[CompletionChoice(index=c.index, text=c.echo + f.text, finish_reason=f.finish_reason,
+                                      logprobs=self._completion_logprobs(f.logprobs, len(c.echo)))
                      for c, f in zip(choices, finals)],
             usage=_usage(usage_prompt, finals))
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.engine.tokenizer.decode(ids) if self.engine.tokenizer is not None else str(ids[0])
+
+    def _completion_logprobs(self, lps: tuple | None, offset: int) -> CompletionLogprobs | None:
+        return None if lps is None else completion_logprobs(lps, self._decode, offset)
+
+    def _chat_logprobs(self, lps: tuple | None) -> ChatLogprobs | None:
+        return None if lps is None else chat_logprobs(lps, self._decode)
 
     def _echo(self, prompt: str | list[int], ids: list[int]) -> str:
         if isinstance(prompt, str):
@@ -161,15 +173,21 @@ class OpenAIServing:
                                  streams: list[Stream], usage_prompt: int) -> AsyncIterator[str]:
         created, last = now(), {}
         pending_echo = {c.index: c.echo for c in choices}
+        offsets = {c.index: len(c.echo) for c in choices}  # where the next token's text starts
         async with aclosing(_merge(streams)) as outputs:
             async for i, out in outputs:
                 last[i] = out
                 if out.finish_reason in ("error", "abort"):
                     yield _sse(_ended(out).body)
                     break
-                text = pending_echo.pop(choices[i].index, "") + out.new_text
-                if text or out.finished:
-                    choice = CompletionChoice(index=choices[i].index, text=text, finish_reason=out.finish_reason)
+                index = choices[i].index
+                text = pending_echo.pop(index, "") + out.new_text
+                logprobs = self._completion_logprobs(out.new_logprobs, offsets[index])
+                if logprobs is not None:
+                    offsets[index] += sum(len(t) for t in logprobs.tokens)
+                if text or out.finished or (logprobs is not None and logprobs.tokens):
+                    choice = CompletionChoice(index=index, text=text, finish_reason=out.finish_reason,
+                                              logprobs=logprobs)
                     yield _sse(CompletionResponse(id=rid, created=created, model=self.model_name, choices=[choice]))
             else:
                 if req.include_usage:
@@ -182,7 +200,7 @@ class OpenAIServing:
         req = parse(ChatCompletionRequest, body)
         self._check_model(req.model)
         ids = self._tokenize(self._render(req), "messages")
-        choices = self._choices(req, [ids], req.token_limit, [""], "messages")
+        choices = self._choices(req, [ids], req.token_limit, [""], "messages", req.logprob_count)
         streams = await self._open(choices)
         rid = new_id("chatcmpl")
         if req.stream:
@@ -190,7 +208,8 @@ class OpenAIServing:
         finals = await _finals(streams)
         return ChatCompletionResponse(
             id=rid, created=now(), model=self.model_name,
-            choices=[ChatChoice(index=i, message=AssistantMessage(content=f.text), finish_reason=f.finish_reason)
+            choices=[ChatChoice(index=i, message=AssistantMessage(content=f.text), finish_reason=f.finish_reason,
+                                logprobs=self._chat_logprobs(f.logprobs))
                      for i, f in enumerate(finals)],
             usage=_usage(len(ids), finals))
 
@@ -217,9 +236,11 @@ class OpenAIServing:
                 if out.finish_reason in ("error", "abort"):
                     yield _sse(_ended(out).body)
                     break
-                if out.new_text or out.finished:
+                logprobs = self._chat_logprobs(out.new_logprobs) if out.new_token_ids else None
+                if out.new_text or out.finished or logprobs is not None:
                     delta = ChatDelta(content=out.new_text) if out.new_text else ChatDelta()
-                    yield chunk([ChatChunkChoice(index=i, delta=delta, finish_reason=out.finish_reason)])
+                    yield chunk([ChatChunkChoice(index=i, delta=delta, finish_reason=out.finish_reason,
+                                                 logprobs=logprobs)])
             else:
                 if req.include_usage:
                     yield chunk([], _usage(usage_prompt, list(last.values())))

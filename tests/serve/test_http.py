@@ -127,7 +127,8 @@ def test_chat_uses_the_template_and_streams_the_same_text(client, serve_app, ref
     ({"prompt": "x", "n": 0}, "n"),
     ({"prompt": "x", "temperature": "hot"}, "temperature"),
     ({"prompt": "x", "frequency_penalty": 0.5}, "penalties"),
-    ({"prompt": "x", "logprobs": 2}, "logprobs"),
+    ({"prompt": "x", "logprobs": 21}, "logprobs"),
+    ({"prompt": "x", "logprobs": 1, "echo": True}, "echo"),
     ({"prompt": "x", "max_tokenz": 3}, "max_tokenz"),
     ({"prompt": [], "max_tokens": 3}, "prompt"),
     ({"max_tokens": 3}, "prompt"),
@@ -148,6 +149,38 @@ def test_malformed_bodies_and_routes(client):
     error_of(client.get("/v1/nothing-here"), 404)
     error_of(client.get("/v1/completions"), 405)
     error_of(client.post("/v1/completions", content=b"x" * (5 << 20)), 413)
+
+
+def test_completion_logprobs_are_the_engines_and_stream_the_same(client, reference):
+    body = {"prompt": [5, 6, 7], "max_tokens": 8, "temperature": 0, "ignore_eos": True, "logprobs": 2}
+    choice = client.post("/v1/completions", json=body).json()["choices"][0]
+    lp = choice["logprobs"]
+    want = reference.generate([[5, 6, 7]], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True,
+                                                          logprobs=2))[0]
+    assert "".join(lp["tokens"]) == choice["text"] and len(lp["tokens"]) == 8
+    assert lp["token_logprobs"] == pytest.approx([x.logprob for x in want.logprobs], abs=1e-5)
+    assert all(len(top) <= 2 and max(top.values()) == pytest.approx(chosen, abs=1e-6)  # greedy = argmax
+               for top, chosen in zip(lp["top_logprobs"], lp["token_logprobs"]))
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(8)]
+    chunks = [json.loads(p) for p in stream(client, "/v1/completions", body)[:-1]]
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
+    assert sum((s["token_logprobs"] for s in streamed), []) == lp["token_logprobs"]
+    assert sum((s["text_offset"] for s in streamed), []) == lp["text_offset"]
+
+
+def test_chat_logprobs_with_alternatives(client):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0,
+            "ignore_eos": True, "logprobs": True, "top_logprobs": 3}
+    choice = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert "".join(t["token"] for t in content) == choice["message"]["content"] and len(content) == 6
+    for t in content:
+        assert len(t["top_logprobs"]) == 3 and t["top_logprobs"][0]["logprob"] == pytest.approx(t["logprob"])
+        assert bytes(t["bytes"]).decode() == t["token"]
+    plain = client.post("/v1/chat/completions", json={**body, "logprobs": False, "top_logprobs": None}).json()
+    assert plain["choices"][0]["logprobs"] is None and plain["choices"][0]["message"] == choice["message"]
+    error = error_of(client.post("/v1/chat/completions", json={**body, "logprobs": False}), 400)
+    assert "top_logprobs requires logprobs" in error["message"]
 
 
 def test_prompt_longer_than_the_context_is_400(client):
