@@ -155,10 +155,12 @@ def start_moe_serve(model: Path, port: int, max_model_len: int) -> tuple[subproc
     raise RuntimeError("moe-serve up did not start")
 
 
-def start_transformers_serve(model: Path, port: int) -> tuple[subprocess.Popen, str]:
+def start_transformers_serve(model: Path, port: int, batching: bool) -> tuple[subprocess.Popen, str]:
     exe = Path(sys.executable).with_name("transformers")
-    proc = subprocess.Popen([str(exe), "serve", str(model), "--port", str(port), "--host", "127.0.0.1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [str(exe), "serve", str(model), "--port", str(port), "--host", "127.0.0.1"]
+    if batching:
+        cmd.append("--continuous-batching")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + STARTUP_S
     while time.monotonic() < deadline and proc.poll() is None:
         try:
@@ -207,6 +209,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=300.0, help="per-request timeout, seconds")
     ap.add_argument("--no-peer", action="store_true", help="measure moe-serve only")
+    ap.add_argument("--peer-continuous-batching", action="store_true",
+                    help="run transformers serve with --continuous-batching (paged attention)")
     args = ap.parse_args()
     model = (args.model or ensure_demo_model()).resolve()
     jobs = workload(model, args.requests, args.rate, args.prompt_tokens, args.output_tokens, args.seed)
@@ -216,8 +220,9 @@ def main() -> int:
                                              "output_tokens_mean": args.output_tokens, "seed": args.seed}}
     out["moe_serve"] = measure("moe-serve", lambda p: start_moe_serve(model, p, max_len), jobs, args.timeout)
     if not args.no_peer:
-        out["transformers_serve"] = measure("transformers serve", lambda p: start_transformers_serve(model, p),
-                                            jobs, args.timeout)
+        peer = lambda p: start_transformers_serve(model, p, args.peer_continuous_batching)  # noqa: E731
+        out["transformers_serve"] = measure("transformers serve", peer, jobs, args.timeout)
+        out["transformers_serve"]["continuous_batching"] = args.peer_continuous_batching
         out["vs_transformers"] = ratios(out["moe_serve"], out["transformers_serve"])
     print(json.dumps(out, indent=2))
     return 0
