@@ -21,6 +21,7 @@ class EngineConfig:
     kv_cache_tokens: int = 16384  # KV-cache budget in tokens, over all sequences
     block_size: int = 16
     show_progress: bool = False
+    record_trace: str | None = None  # JSONL file that receives every routing decision (in-process engine)
     # ---- cluster mode (engine="ray") ----
     engine: str = "inprocess"  # "inprocess": one process, no Ray; "ray": actors on a Ray cluster
     cluster: str | None = None  # cluster description file (or built-in name); None: from the live nodes
@@ -49,6 +50,8 @@ class EngineConfig:
                      "num_attention_workers", "actor_threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.record_trace is not None and self.engine != "inprocess":
+            raise ValueError("record_trace is supported by the in-process engine only")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be > 0, got {self.max_model_len}")
 

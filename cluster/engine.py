@@ -20,6 +20,7 @@ from cluster.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from cluster.sequence import Sequence
 from experts.tokenizer import load_tokenizer
 from kernels.dispatch import select_kernels
+from router.recorder import TraceRecorder
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -49,6 +50,9 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._failed_steps = 0  # consecutive steps the cluster recovered from
         self.last_step_stats: dict | None = None  # the model's MoE statistics of the last step
+        self.recorder = TraceRecorder(config.record_trace) if config.record_trace else None
+        if self.recorder is not None:
+            self.model.record_routes = True
 
     # ---- requests in -------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -109,10 +113,17 @@ class LLMEngine:
     def _execute(self, out: SchedulerOutput) -> dict[int, int]:
         logits, seq_ids = self.model.execute(out)
         self.last_step_stats = self.model.step_stats()
+        if self.recorder is not None:
+            self._record_routes(out)
         reqs = [self._by_seq[sid] for sid in seq_ids]
         tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
         self._record_logprobs(logits, reqs, tokens)
         return dict(zip(seq_ids, tokens))
+
+    def _record_routes(self, out: SchedulerOutput) -> None:
+        tokens = [(self._by_seq[c.seq_id].request_id, p) for c in out.chunks
+                  for p in range(c.start, c.start + len(c.token_ids))]
+        self.recorder.record_step(tokens, self.model.take_routes())
 
     def _record_logprobs(self, logits: torch.Tensor, reqs: list[Request], tokens: list[int]) -> None:
         rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
@@ -155,7 +166,9 @@ class LLMEngine:
                              new_logprobs=None if logprobs is None else logprobs[start:], logprobs=logprobs)
 
     def shutdown(self) -> None:
-        """Stop the model's actors (cluster mode); the in-process model needs nothing."""
+        """Close the routing trace; stop the model's actors (cluster mode)."""
+        if self.recorder is not None:
+            self.recorder.close()
         stop = getattr(self.model, "shutdown", None)
         if stop is not None:
             stop()

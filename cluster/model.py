@@ -28,6 +28,8 @@ class InProcessModel:
         self.spec, self.attention, self.gate, self.experts = spec, attention, gate, experts
         self.block_size = block_size
         self._expert_tokens: dict[int, torch.Tensor] = {}  # MoE layer -> [E] tokens routed, last step
+        self.record_routes = False  # keep the last step's routes for take_routes()
+        self._routes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> ([T, k] ids, weights)
 
     @classmethod
     def load(cls, model_dir: str | Path, dtype: torch.dtype, device: torch.device, num_kv_slots: int,
@@ -60,6 +62,8 @@ class InProcessModel:
             if self.spec.sparse_layers[layer]:
                 route = self.gate.route(layer, x)
                 self._expert_tokens[layer] = torch.bincount(route.ids.reshape(-1), minlength=self.spec.num_experts)
+                if self.record_routes:
+                    self._routes[layer] = (route.ids, route.weights)
                 moe = self.experts.forward(layer, x, route.ids, route.weights)
                 y = moe if y is None else moe + y
             h = h + y
@@ -68,3 +72,8 @@ class InProcessModel:
     def step_stats(self) -> dict:
         """The last step's MoE statistics, as cluster.metrics reads them."""
         return {"expert_tokens": {layer: c.tolist() for layer, c in self._expert_tokens.items()}}
+
+    def take_routes(self) -> dict[int, tuple[list[list[int]], list[list[float]]]]:
+        """The last step's routes (record_routes must be on): layer -> ([T][k] experts, [T][k] weights)."""
+        routes, self._routes = self._routes, {}
+        return {layer: (ids.tolist(), w.float().tolist()) for layer, (ids, w) in routes.items()}
