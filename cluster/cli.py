@@ -75,9 +75,14 @@ def _add_up(sub) -> None:
 
 
 def _add_replay(sub) -> None:
-    rp = sub.add_parser("replay", help="simulate expert-parallel dispatch over a recorded routing trace")
+    rp = sub.add_parser("replay", help="simulate expert placement (--nodes) or the expert cache (--cache-capacity) "
+                                       "over a recorded routing trace")
     rp.add_argument("--trace", required=True, type=Path, help="routing trace (JSONL)")
     rp.add_argument("--nodes", type=int, default=4)
+    rp.add_argument("--cache-capacity", type=float,
+                    help="replay the expert cache instead: fraction of all experts the fast tier holds")
+    rp.add_argument("--expert-bytes", type=int, help="(cache) bytes per expert (default: Mixtral-8x7B bf16)")
+    rp.add_argument("--transfer-gbps", type=float, default=25.0, help="(cache) slow -> fast tier GB/s")
     rp.add_argument("--hidden-size", type=int, default=4096, help="bytes per token = hidden size x dtype bytes")
     rp.add_argument("--dtype-bytes", type=int, default=2)
     rp.add_argument("--fit-fraction", type=float, default=0.5,
@@ -164,10 +169,20 @@ def _up(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace) -> int:
     import json
 
-    from router.replay import replay_placement, summary
     from router.traces import read_trace
 
-    report = replay_placement(read_trace(args.trace), args.nodes, hidden_size=args.hidden_size,
+    records = read_trace(args.trace)
+    if args.cache_capacity is not None:
+        from experts.cache_replay import CacheCostModel, cache_summary, replay_cache
+
+        cost = CacheCostModel(transfer_gbps=args.transfer_gbps,
+                              **({"expert_bytes": args.expert_bytes} if args.expert_bytes else {}))
+        report = replay_cache(records, args.cache_capacity, cost, fit_fraction=args.fit_fraction)
+        print(json.dumps(report, indent=2) if args.json else cache_summary(report))
+        return 0
+    from router.replay import replay_placement, summary
+
+    report = replay_placement(records, args.nodes, hidden_size=args.hidden_size,
                               dtype_bytes=args.dtype_bytes, fit_fraction=args.fit_fraction)
     print(json.dumps(report, indent=2) if args.json else summary(report))
     return 0

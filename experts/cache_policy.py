@@ -1,0 +1,126 @@
+"""Expert-cache policies (torch-free) behind one interface: which resident expert leaves the fast tier.
+
+Keys are (layer, expert). The cache calls `touch` on every use of an expert (hit, demand load or
+prefetch) with the router's gate weight for it (summed over the step's tokens) and asks `victim`
+to choose among the resident keys it may evict; `admits` says whether a missed expert may enter
+the fast tier at all. Time `now` is the decode step.
+
+- lru: least recently used leaves (mixtral-offloading's baseline).
+- lfu: least often used leaves (uses counted over the whole run, ties by recency).
+- score: HybriMoE-style score: gate weight summed over uses, decayed with a half-life in steps, so
+  it combines frequency, recency and the router's confidence; the lowest score leaves.
+- static: a fixed set (the most popular experts of a profiling run, as in Fiddler); nothing else
+  is ever admitted, so nothing is evicted.
+- belady: of the resident keys and the one coming in, the one used again furthest in the future
+  stays out (the optimum, bypass included; replay only).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from abc import ABC, abstractmethod
+from typing import Iterable, Mapping, Sequence
+
+Key = tuple[int, int]  # (layer, expert)
+POLICIES = ("lru", "lfu", "score", "static", "belady")
+
+
+class CachePolicy(ABC):
+    name = "policy"
+
+    def touch(self, key: Key, now: int, weight: float) -> None:
+        """`key` was used (or loaded) at step `now`; `weight`: its gate weight summed over the step's tokens."""
+
+    def admits(self, key: Key) -> bool:
+        return True
+
+    @abstractmethod
+    def victim(self, candidates: Sequence[Key], now: int, incoming: Key | None = None) -> Key:
+        """The key to evict among `candidates` (non-empty); a policy may return `incoming`, the key
+        asking for room, to keep it out instead."""
+
+
+class LRUPolicy(CachePolicy):
+    name = "lru"
+
+    def __init__(self) -> None:
+        self.last: dict[Key, int] = {}
+
+    def touch(self, key: Key, now: int, weight: float) -> None:
+        self.last[key] = now
+
+    def victim(self, candidates: Sequence[Key], now: int, incoming: Key | None = None) -> Key:
+        return min(candidates, key=lambda k: self.last.get(k, -1))
+
+
+class LFUPolicy(LRUPolicy):
+    name = "lfu"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.uses: dict[Key, int] = {}
+
+    def touch(self, key: Key, now: int, weight: float) -> None:
+        super().touch(key, now, weight)
+        self.uses[key] = self.uses.get(key, 0) + 1
+
+    def victim(self, candidates: Sequence[Key], now: int, incoming: Key | None = None) -> Key:
+        return min(candidates, key=lambda k: (self.uses.get(k, 0), self.last.get(k, -1)))
+
+
+class ScorePolicy(CachePolicy):
+    name = "score"
+
+    def __init__(self, half_life: float = 16.0) -> None:
+        if half_life <= 0:
+            raise ValueError(f"half_life must be > 0, got {half_life}")
+        self.decay = math.log(2) / half_life
+        self.score: dict[Key, tuple[float, int]] = {}  # key -> (score, step it was last updated)
+
+    def value(self, key: Key, now: int) -> float:
+        score, at = self.score.get(key, (0.0, now))
+        return score * math.exp(-self.decay * (now - at))
+
+    def touch(self, key: Key, now: int, weight: float) -> None:
+        self.score[key] = (self.value(key, now) + weight, now)
+
+    def victim(self, candidates: Sequence[Key], now: int, incoming: Key | None = None) -> Key:
+        return min(candidates, key=lambda k: self.value(k, now))
+
+
+class StaticPolicy(CachePolicy):
+    name = "static"
+
+    def __init__(self, resident: Iterable[Key]) -> None:
+        self.resident = frozenset(resident)
+
+    def admits(self, key: Key) -> bool:
+        return key in self.resident
+
+    def victim(self, candidates: Sequence[Key], now: int, incoming: Key | None = None) -> Key:
+        others = [k for k in candidates if k not in self.resident]
+        return others[0] if others else candidates[0]
+
+
+class BeladyPolicy(CachePolicy):
+    """`uses[key]`: the ascending steps at which key is used, over the whole replay (the future)."""
+
+    name = "belady"
+
+    def __init__(self, uses: Mapping[Key, Sequence[int]]) -> None:
+        self.uses = {k: list(v) for k, v in uses.items()}
+
+    def next_use(self, key: Key, now: int) -> float:
+        steps = self.uses.get(key, ())
+        i = bisect.bisect_right(steps, now)
+        return steps[i] if i < len(steps) else math.inf
+
+    def victim(self, candidates: Sequence[Key], now: int, incoming: Key | None = None) -> Key:
+        pool = list(candidates) if incoming is None else [*candidates, incoming]
+        return max(pool, key=lambda k: self.next_use(k, now))
+
+
+def most_popular(counts: Mapping[Key, float], capacity: int) -> list[Key]:
+    """The `capacity` keys with the highest counts (ties: lower key first): the static policy's set."""
+    return sorted(counts, key=lambda k: (-counts[k], k))[:capacity]

@@ -1,0 +1,251 @@
+"""Expert-cache replay (torch-free): every policy, with and without prefetch, over a routing trace.
+
+The fast tier holds `capacity` experts (a fraction of all layers' experts). Tokens are decoded in
+steps (one token of every request per step, in position order); at each MoE layer a step needs
+the union of its tokens' experts. A needed expert in the fast tier is a hit; otherwise a demand
+miss loads it (evicting the policy's victim) unless the policy does not admit it (static), in
+which case it is computed where it lies. With prefetch, once layer l is routed the route predictor
+(inter-layer affinity x the token's previous route) scores layer l+1's experts for the step's
+tokens, and the likeliest missing ones are loaded ahead, best first, while the link has time left
+over from demand loads (the link idles while experts compute; that time accrues as credit, at
+most one layer's worth). Prefetched experts never evict ones the current step still needs.
+
+Time per token under the cost model: per layer, the dense work, then each hit computes in the fast tier; each miss
+takes the cheaper of loading then computing there, or computing where it lies (HybriMoE's
+per-expert choice), tokens of a step sharing one pass over the expert's weights.
+The first `fit_fraction` of every request's tokens warm the caches, the predictor and the static
+policy's popularity; everything is counted on the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+
+from experts.cache_policy import (POLICIES, BeladyPolicy, CachePolicy, Key, LFUPolicy, LRUPolicy, ScorePolicy,
+                                  StaticPolicy, most_popular)
+from experts.cache_steps import Step, decode_steps, predict_next
+from router.traces import RouteRecord
+
+SCORE_HALF_LIFE_STEPS = 16.0
+
+
+@dataclass(frozen=True, slots=True)
+class CacheCostModel:
+    """Seconds to move or run one expert; defaults: Mixtral-8x7B bf16 experts (3 x 4096 x 14336 x 2 B)
+    over PCIe 4.0 x16 (25 GB/s), read by an H100 (3,000 GB/s) or a host CPU (60 GB/s) per decode pass;
+    `dense_layer_s`: a layer's work besides its experts (attention, norms: ~0.05 ms on an H100)."""
+
+    expert_bytes: int = 3 * 4096 * 14336 * 2
+    transfer_gbps: float = 25.0
+    fast_gbps: float = 3000.0
+    slow_gbps: float = 60.0
+    dense_layer_s: float = 5e-5
+
+    def __post_init__(self) -> None:
+        if self.expert_bytes <= 0 or min(self.transfer_gbps, self.fast_gbps, self.slow_gbps) <= 0:
+            raise ValueError("expert_bytes and every bandwidth must be > 0")
+        if self.dense_layer_s < 0:
+            raise ValueError(f"dense_layer_s must be >= 0, got {self.dense_layer_s}")
+
+    @property
+    def transfer_s(self) -> float:
+        return self.expert_bytes / (self.transfer_gbps * 1e9)
+
+    @property
+    def fast_s(self) -> float:
+        return self.expert_bytes / (self.fast_gbps * 1e9)
+
+    @property
+    def slow_s(self) -> float:
+        return self.expert_bytes / (self.slow_gbps * 1e9)
+
+    def miss_s(self) -> float:
+        return min(self.transfer_s + self.fast_s, self.slow_s)
+
+
+@dataclass(slots=True)
+class Tally:
+    accesses: int = 0
+    hits: int = 0
+    demand_loads: int = 0
+    prefetch_loads: int = 0
+    prefetch_used: int = 0
+    time_s: float = 0.0
+    tokens: int = 0
+
+    def report(self, cost: CacheCostModel) -> dict[str, float]:
+        misses = self.accesses - self.hits
+        tokens = max(self.tokens, 1)
+        return {"accesses": self.accesses, "hits": self.hits, "hit_rate": self.hits / max(self.accesses, 1),
+                "demand_misses_per_token": misses / tokens,
+                "bytes_moved_per_token": (self.demand_loads + self.prefetch_loads) * cost.expert_bytes / tokens,
+                "prefetch_accuracy": self.prefetch_used / self.prefetch_loads if self.prefetch_loads else None,
+                "time_per_token_s": self.time_s / tokens}
+
+
+@dataclass(slots=True)
+class ExpertCache:
+    """The fast tier's contents under one policy, and what happened to them."""
+
+    policy: CachePolicy
+    capacity: int
+    resident: set[Key] = field(default_factory=set)
+    prefetched: set[Key] = field(default_factory=set)  # loaded ahead and not used since
+    tally: Tally = field(default_factory=Tally)
+
+    def use(self, key: Key, now: int, weight: float, cost: CacheCostModel) -> None:
+        self.tally.accesses += 1
+        if key in self.resident:
+            self.tally.hits += 1
+            self.tally.time_s += cost.fast_s
+            if key in self.prefetched:
+                self.prefetched.discard(key)
+                self.tally.prefetch_used += 1
+        else:
+            self.tally.time_s += cost.miss_s()
+            if self.policy.admits(key) and self._make_room(now, protect=set(), incoming=key):
+                self.resident.add(key)
+                self.tally.demand_loads += 1
+        self.policy.touch(key, now, weight)
+
+    def prefetch(self, key: Key, now: int, weight: float, protect: set[Key]) -> bool:
+        if key in self.resident or not self.policy.admits(key) or not self._make_room(now, protect):
+            return False
+        self.resident.add(key)
+        self.prefetched.add(key)
+        self.tally.prefetch_loads += 1
+        self.policy.touch(key, now, weight)
+        return True
+
+    def _make_room(self, now: int, protect: set[Key], incoming: Key | None = None) -> bool:
+        """Evict one key if the tier is full; False when nothing may go (or the policy keeps `incoming` out)."""
+        if len(self.resident) < self.capacity:
+            return True
+        candidates = [k for k in self.resident if k not in protect]
+        if not candidates:
+            return False
+        victim = self.policy.victim(candidates, now, incoming)
+        if victim == incoming:
+            return False
+        self.resident.discard(victim)
+        self.prefetched.discard(victim)
+        return True
+
+
+# ---- one policy over the trace -------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class ReplayPlan:
+    steps: list[Step]
+    num_layers: int
+    num_experts: int
+    capacity: int
+    fit_steps: int
+    cost: CacheCostModel
+    min_prefetch_uses: float = 0.25  # expected uses below which an expert is not worth a transfer
+
+    def clock(self, step: int, layer: int, expert: int) -> int:
+        """The policies' time: one tick per (step, layer, expert) access, in replay order."""
+        return (step * self.num_layers + layer) * self.num_experts + expert
+
+
+def run_policy(plan: ReplayPlan, policy: CachePolicy, predictions: list | None) -> Tally:
+    """Replays every step; counters restart after the fit steps. `predictions` None: no prefetch."""
+    cache, credit = ExpertCache(policy, plan.capacity), 0.0
+    for s, step in enumerate(plan.steps):
+        if s == plan.fit_steps:
+            cache.tally = Tally()
+        for layer in range(plan.num_layers):
+            cache.tally.time_s += plan.cost.dense_layer_s
+            before = cache.tally.time_s - plan.cost.dense_layer_s
+            for e, weight in sorted(step.needs[layer].items()):
+                cache.use((layer, e), plan.clock(s, layer, e), weight, plan.cost)
+            if predictions is not None and predictions[s][layer] is not None:
+                credit = min(credit + cache.tally.time_s - before, plan.cost.transfer_s)
+                now = plan.clock(s, layer, plan.num_experts - 1)
+                credit = _prefetch(cache, plan, predictions[s][layer], layer + 1, now, credit)
+        cache.tally.tokens += len(step.tokens) if s >= plan.fit_steps else 0
+    return cache.tally
+
+
+def _prefetch(cache: ExpertCache, plan: ReplayPlan, expected: np.ndarray, layer: int, now: int, credit: float) -> float:
+    """Loads layer's likeliest missing experts, best first, while the link's credit lasts."""
+    protect = {k for k in cache.resident if k[0] == layer}
+    for e in np.argsort(-expected, kind="stable"):
+        if expected[e] < plan.min_prefetch_uses or credit < plan.cost.transfer_s:
+            break
+        key = (layer, int(e))
+        if key in cache.resident:
+            continue
+        if cache.prefetch(key, now, float(expected[e]), protect):
+            protect.add(key)
+            credit -= plan.cost.transfer_s
+    return credit
+
+
+def make_policy(name: str, plan: ReplayPlan) -> CachePolicy:
+    if name == "lru":
+        return LRUPolicy()
+    if name == "lfu":
+        return LFUPolicy()
+    if name == "score":
+        return ScorePolicy(half_life=SCORE_HALF_LIFE_STEPS * plan.num_layers * plan.num_experts)
+    if name == "static":
+        counts: dict[Key, float] = {}
+        for step in plan.steps[:plan.fit_steps]:
+            for layer, needs in enumerate(step.needs):
+                for e in needs:
+                    counts[(layer, e)] = counts.get((layer, e), 0) + 1
+        return StaticPolicy(most_popular(counts, plan.capacity))
+    if name == "belady":
+        uses: dict[Key, list[int]] = {}
+        for s, step in enumerate(plan.steps):
+            for layer, needs in enumerate(step.needs):
+                for e in needs:
+                    uses.setdefault((layer, e), []).append(plan.clock(s, layer, e))
+        return BeladyPolicy(uses)
+    raise ValueError(f"unknown cache policy {name!r} (known: {', '.join(POLICIES)})")
+
+
+def replay_cache(records: Iterable[RouteRecord], capacity_fraction: float, cost: CacheCostModel | None = None,
+                 fit_fraction: float = 0.5) -> dict:
+    """Every policy with and without prefetch (Belady: without, it is the limit of demand caching)."""
+    if not 0.0 < capacity_fraction <= 1.0 or not 0.0 < fit_fraction < 1.0:
+        raise ValueError(f"need 0 < capacity <= 1 and 0 < fit_fraction < 1, got {capacity_fraction}, {fit_fraction}")
+    steps, num_layers, num_experts = decode_steps(records)
+    fit_steps = int(len(steps) * fit_fraction)
+    if not 0 < fit_steps < len(steps):
+        raise ValueError(f"the trace has {len(steps)} decode steps: too few to split for fitting and reporting")
+    capacity = max(1, round(capacity_fraction * num_layers * num_experts))
+    plan = ReplayPlan(steps, num_layers, num_experts, capacity, fit_steps, cost or CacheCostModel())
+    predictions = predict_next(steps, num_layers, num_experts)
+    policies = {}
+    for name in POLICIES:
+        policies[name] = run_policy(plan, make_policy(name, plan), None).report(plan.cost)
+        if name != "belady":
+            policies[f"{name}+prefetch"] = run_policy(plan, make_policy(name, plan), predictions).report(plan.cost)
+    return {"capacity_fraction": capacity_fraction, "capacity_experts": capacity,
+            "policies": policies,
+            "trace": {"steps": len(steps), "fit_steps": fit_steps, "layers": num_layers, "experts": num_experts,
+                      "report_tokens": sum(len(s.tokens) for s in steps[fit_steps:])},
+            "cost_model": {"expert_bytes": plan.cost.expert_bytes, "transfer_gbps": plan.cost.transfer_gbps,
+                           "fast_gbps": plan.cost.fast_gbps, "slow_gbps": plan.cost.slow_gbps,
+                           "dense_layer_s": plan.cost.dense_layer_s,
+                           "transfer_s": plan.cost.transfer_s, "fast_s": plan.cost.fast_s, "slow_s": plan.cost.slow_s}}
+
+
+def cache_summary(report: dict) -> str:
+    """A human-readable table of a replay_cache report."""
+    t, c = report["trace"], report["cost_model"]
+    lines = [f"cache replay: {report['capacity_experts']} of {t['layers'] * t['experts']} experts in the fast tier, "
+             f"{t['report_tokens']} reported tokens; one expert: {c['expert_bytes']:,} B, transfer "
+             f"{c['transfer_s'] * 1e6:,.1f} us, fast {c['fast_s'] * 1e6:,.1f} us, slow {c['slow_s'] * 1e6:,.1f} us",
+             f"{'policy':16} {'hit rate':>8} {'misses/token':>12} {'bytes moved/token':>17} {'prefetch acc':>12} "
+             f"{'us/token':>10}"]
+    for name, p in report["policies"].items():
+        acc = "-" if p["prefetch_accuracy"] is None else f"{p['prefetch_accuracy']:.1%}"
+        lines.append(f"{name:16} {p['hit_rate']:8.1%} {p['demand_misses_per_token']:12.2f} "
+                     f"{p['bytes_moved_per_token']:17.3g} {acc:>12} {p['time_per_token_s'] * 1e6:10,.0f}")
+    return "\n".join(lines)

@@ -1,0 +1,116 @@
+"""Expert-cache policies and their replay: by hand, against the optimum, and with a predictable chain."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from experts.cache_policy import (BeladyPolicy, LFUPolicy, LRUPolicy, ScorePolicy, StaticPolicy, most_popular)
+from experts.cache_replay import CacheCostModel, decode_steps, replay_cache
+from router.traces import RouteRecord
+
+
+def trace(routes: dict[str, list[list[tuple[int, ...]]]]) -> list[RouteRecord]:
+    """routes[request][pos][layer] = experts -> records with equal gate weights."""
+    return [RouteRecord(req, pos, layer, ids, tuple(1.0 / len(ids) for _ in ids))
+            for req, tokens in routes.items() for pos, layers in enumerate(tokens) for layer, ids in enumerate(layers)]
+
+
+def test_policies_pick_their_victims_by_hand():
+    a, b, c = (0, 0), (0, 1), (0, 2)
+    lru, lfu, score = LRUPolicy(), LFUPolicy(), ScorePolicy(half_life=1.0)
+    for policy in (lru, lfu, score):
+        for now, (key, w) in enumerate([(a, 1.0), (a, 1.0), (a, 1.0), (b, 0.1), (c, 0.9)]):
+            policy.touch(key, now, w)
+    assert lru.victim([a, b, c], 5) == a  # used longest ago
+    assert lfu.victim([a, b, c], 5) == b  # used once, before c
+    assert score.victim([a, b, c], 5) == b  # a decayed from 3 uses; b's one use had a low gate weight
+    assert score.value(a, 5) == pytest.approx(1.0 * 0.5 ** 3 + 0.5 ** 4 + 0.5 ** 5)
+    static = StaticPolicy([a, b])
+    assert static.admits(a) and not static.admits(c) and static.victim([a, c], 0) == c
+    belady = BeladyPolicy({a: [1, 9], b: [2, 3], c: [4]})
+    assert belady.victim([a, b, c], 3) == b and belady.victim([a, c], 3) == a  # b is never used again
+    assert belady.victim([a], 3, incoming=c) == a and belady.victim([c], 3, incoming=a) == a  # bypass
+    assert most_popular({a: 3, b: 5, c: 3}, 2) == [b, a]
+
+
+def test_steps_group_tokens_by_position_and_sum_gate_weights():
+    steps, layers, experts = decode_steps(trace({"r0": [[(0, 1)], [(1, 2)]], "r1": [[(1, 3)]]}))
+    assert (layers, experts, len(steps)) == (1, 4, 2)
+    assert steps[0].tokens == (("r0", 0), ("r1", 0)) and steps[0].needs[0] == {0: 0.5, 1: 1.0, 3: 0.5}
+    assert steps[1].needs[0] == {1: 0.5, 2: 0.5}
+
+
+def random_trace(seed: int, layers: int = 3, experts: int = 6, k: int = 2, tokens: int = 60) -> list[RouteRecord]:
+    rng = random.Random(seed)
+    hot = [rng.sample(range(experts), 3) for _ in range(layers)]  # skewed popularity per layer
+    return trace({f"r{r}": [[tuple(rng.sample(hot[l] if rng.random() < 0.7 else range(experts), k))
+                             for l in range(layers)] for _ in range(tokens)] for r in range(2)})
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_belady_is_the_limit_and_a_full_cache_always_hits(seed):
+    records = random_trace(seed)
+    report = replay_cache(records, 0.34)
+    demand = {name: p for name, p in report["policies"].items() if "prefetch" not in name}
+    # Optimal from its own state when counting starts: at most one miss per slot behind any other.
+    slack = report["capacity_experts"]
+    assert all(demand["belady"]["hits"] >= p["hits"] - slack for p in demand.values())
+    assert demand["belady"]["hits"] > max(p["hits"] for name, p in demand.items() if name != "belady") - slack
+    assert demand["belady"]["hit_rate"] > demand["lru"]["hit_rate"]
+    assert report["capacity_experts"] == round(0.34 * 18)
+    full = replay_cache(records, 1.0)["policies"]
+    assert full["lru"]["hit_rate"] == 1.0 and full["belady"]["demand_misses_per_token"] == 0.0
+    assert full["lru"]["bytes_moved_per_token"] == 0.0  # every expert was loaded while warming up
+
+
+def test_prefetch_of_a_predictable_chain_removes_demand_misses():
+    """Layer l+1's expert is a function of layer l's: the affinity predictor learns it while warming up."""
+    rng = random.Random(0)
+    tokens = []
+    for _ in range(400):
+        first = rng.randrange(8)
+        tokens.append([(first,), ((first * 3 + 1) % 8,), ((first * 5 + 2) % 8,), ((first + 4) % 8,)])
+    records = trace({"r": tokens})
+    # The link moves one expert per layer's dense work: prefetch can keep up.
+    cost = CacheCostModel(expert_bytes=10**6, transfer_gbps=60.0, fast_gbps=3000.0, slow_gbps=60.0,
+                          dense_layer_s=10**6 / 60e9)
+    report = replay_cache(records, 0.25, cost=cost)
+    lru, prefetched = report["policies"]["lru"], report["policies"]["lru+prefetch"]
+    assert prefetched["demand_misses_per_token"] <= 0.5 * lru["demand_misses_per_token"]
+    assert prefetched["prefetch_accuracy"] > 0.9
+    assert prefetched["time_per_token_s"] < lru["time_per_token_s"]
+
+
+def test_bad_arguments_are_refused():
+    records = random_trace(0)
+    with pytest.raises(ValueError, match="capacity"):
+        replay_cache(records, 0.0)
+    with pytest.raises(ValueError, match="too few"):
+        replay_cache(trace({"r": [[(0,)]]}), 0.5)
+    with pytest.raises(ValueError, match="bandwidth"):
+        CacheCostModel(transfer_gbps=0.0)
+
+
+def test_cli_prints_every_policy_as_json(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from router.traces import write_record
+
+    path = tmp_path / "t.jsonl"
+    with path.open("w") as f:
+        for record in random_trace(1):
+            write_record(f, record)
+    res = subprocess.run([sys.executable, "-m", "cluster.cli", "replay", "--trace", str(path), "--cache-capacity",
+                          "0.5", "--json"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    policies = json.loads(res.stdout)["policies"]
+    assert set(policies) == {"lru", "lfu", "score", "static", "belady", "lru+prefetch", "lfu+prefetch",
+                             "score+prefetch", "static+prefetch"}
+    assert all({"hit_rate", "bytes_moved_per_token", "demand_misses_per_token"} <= set(p) for p in policies.values())
+    res = subprocess.run([sys.executable, "-m", "cluster.cli", "replay", "--trace", str(path), "--cache-capacity",
+                          "1.5"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "capacity" in res.stderr
