@@ -98,6 +98,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--kv-cache-tokens", type=int, default=16384)
     p.add_argument("--record-trace", type=Path, help="write every routing decision to this JSONL trace")
+    p.add_argument("--expert-cache", type=float, metavar="FRACTION",
+                   help="keep only this fraction of each layer's experts resident, reading the rest from the "
+                        "checkpoint on demand (in-process engine)")
+    p.add_argument("--expert-cache-policy", default="score", choices=("lru", "lfu", "score"))
     p.add_argument("--engine", default="inprocess", choices=ENGINES,
                    help="inprocess: one process; ray: attention workers and expert shards as Ray actors")
     p.add_argument("--cluster", help="(ray) cluster description file or built-in name (local, "
@@ -126,7 +130,8 @@ def _generate(args: argparse.Namespace) -> int:
         model=_model_dir(args), dtype=args.dtype, device=args.device, kernel_backend=args.kernel_backend,
         max_model_len=args.max_model_len, kv_cache_tokens=args.kv_cache_tokens, show_progress=True,
         engine=args.engine, cluster=args.cluster, address=args.address, num_expert_shards=args.expert_shards,
-        microbatches=args.microbatches, record_trace=str(args.record_trace) if args.record_trace else None))
+        microbatches=args.microbatches, record_trace=str(args.record_trace) if args.record_trace else None,
+        expert_cache_fraction=args.expert_cache, expert_cache_policy=args.expert_cache_policy))
     try:
         return _print_stream(engine, args.prompt, params)
     finally:

@@ -22,6 +22,8 @@ class EngineConfig:
     block_size: int = 16
     show_progress: bool = False
     record_trace: str | None = None  # JSONL file that receives every routing decision (in-process engine)
+    expert_cache_fraction: float | None = None  # (in-process) share of each layer's experts kept resident
+    expert_cache_policy: str = "score"  # lru | lfu | score
     # ---- cluster mode (engine="ray") ----
     engine: str = "inprocess"  # "inprocess": one process, no Ray; "ray": actors on a Ray cluster
     cluster: str | None = None  # cluster description file (or built-in name); None: from the live nodes
@@ -52,6 +54,13 @@ class EngineConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.record_trace is not None and self.engine != "inprocess":
             raise ValueError("record_trace is supported by the in-process engine only")
+        if self.expert_cache_fraction is not None:
+            if self.engine != "inprocess":
+                raise ValueError("expert_cache_fraction is supported by the in-process engine only")
+            if not 0.0 < self.expert_cache_fraction <= 1.0:
+                raise ValueError(f"expert_cache_fraction must be in (0, 1], got {self.expert_cache_fraction}")
+        if self.expert_cache_policy not in ("lru", "lfu", "score"):
+            raise ValueError(f"expert_cache_policy must be lru, lfu or score, got {self.expert_cache_policy!r}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be > 0, got {self.max_model_len}")
 

@@ -19,6 +19,7 @@ from cluster.sampling_params import SamplingParams
 from cluster.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from cluster.sequence import Sequence
 from experts.tokenizer import load_tokenizer
+from experts.expert_cache import ExpertCacheConfig
 from kernels.dispatch import select_kernels
 from router.recorder import TraceRecorder
 
@@ -200,6 +201,8 @@ def _load_model(config: EngineConfig, device: torch.device, ops):
         from cluster.ray_setup import start_ray_model
 
         return start_ray_model(config)
+    cache = (None if config.expert_cache_fraction is None
+             else ExpertCacheConfig(config.expert_cache_fraction, config.expert_cache_policy))
     return InProcessModel.load(
         Path(config.model), DTYPES[config.dtype], device, num_kv_slots=config.num_blocks * config.block_size,
-        ops=ops, block_size=config.block_size, show_progress=config.show_progress)
+        ops=ops, block_size=config.block_size, show_progress=config.show_progress, expert_cache=cache)

@@ -1,4 +1,5 @@
-"""The in-process model: one AttentionWorker, one Gate and one ExpertShard holding every expert.
+"""The in-process model: one AttentionWorker, one Gate and one ExpertShard holding every expert
+(or CachedExperts holding a fraction of them, over the checkpoint).
 
 This is the reference path (and the fallback with no Ray): the per-layer flow is
 attention worker -> router -> expert shard -> combine, the same calls the cluster makes remotely.
@@ -16,6 +17,7 @@ from cluster.batch import StepBatch, build_batch
 from cluster.scheduler import SchedulerOutput
 from experts.checkpoint import Checkpoint
 from experts.config import ModelSpec, load_spec
+from experts.expert_cache import CachedExperts, ExpertCacheConfig
 from experts.loader import load_dense, load_experts
 from experts.shard import ExpertShard
 from kernels.dispatch import KernelOps
@@ -23,8 +25,8 @@ from router.gating import Gate
 
 
 class InProcessModel:
-    def __init__(self, spec: ModelSpec, attention: AttentionWorker, gate: Gate, experts: ExpertShard,
-                 block_size: int) -> None:
+    def __init__(self, spec: ModelSpec, attention: AttentionWorker, gate: Gate,
+                 experts: ExpertShard | CachedExperts, block_size: int) -> None:
         self.spec, self.attention, self.gate, self.experts = spec, attention, gate, experts
         self.block_size = block_size
         self._expert_tokens: dict[int, torch.Tensor] = {}  # MoE layer -> [E] tokens routed, last step
@@ -33,19 +35,25 @@ class InProcessModel:
 
     @classmethod
     def load(cls, model_dir: str | Path, dtype: torch.dtype, device: torch.device, num_kv_slots: int,
-             ops: KernelOps, block_size: int, show_progress: bool = False) -> "InProcessModel":
+             ops: KernelOps, block_size: int, show_progress: bool = False,
+             expert_cache: ExpertCacheConfig | None = None) -> "InProcessModel":
+        """`expert_cache`: keep that fraction of each layer's experts resident; None: all of them."""
         spec = load_spec(Path(model_dir))
         ckpt = Checkpoint(model_dir)
         bar = tqdm(total=2 * spec.num_layers, desc="loading", unit="layer", disable=not show_progress)
         dense = load_dense(ckpt, spec, dtype, device, progress=bar.update)
-        banks = {}
-        for layer in spec.moe_layers:
-            banks[layer] = load_experts(ckpt, spec, layer, range(spec.num_experts), dtype, device)
-            bar.update(1)
+        if expert_cache is not None:
+            experts = CachedExperts(ckpt, spec, dtype, device, ops, expert_cache)
+        else:
+            banks = {}
+            for layer in spec.moe_layers:
+                banks[layer] = load_experts(ckpt, spec, layer, range(spec.num_experts), dtype, device)
+                bar.update(1)
+            experts = ExpertShard(banks, ops)
         bar.close()
         attention = AttentionWorker(spec, dense, num_kv_slots, dtype, device, ops)
         gate = Gate(spec, [lw.router for lw in dense.layers], ops)
-        return cls(spec, attention, gate, ExpertShard(banks, ops), block_size)
+        return cls(spec, attention, gate, experts, block_size)
 
     def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, tuple[int, ...]]:
         """-> (logits [S, V] float32, the sequence of each row)."""
@@ -71,7 +79,13 @@ class InProcessModel:
 
     def step_stats(self) -> dict:
         """The last step's MoE statistics, as cluster.metrics reads them."""
-        return {"expert_tokens": {layer: c.tolist() for layer, c in self._expert_tokens.items()}}
+        stats = {"expert_tokens": {layer: c.tolist() for layer, c in self._expert_tokens.items()}}
+        if isinstance(self.experts, CachedExperts):
+            cache = self.experts.take_step_stats()
+            stats["expert_cache"] = cache
+            if cache["hit_rate"] is not None:
+                stats["expert_cache_hit_rate"] = cache["hit_rate"]
+        return stats
 
     def take_routes(self) -> dict[int, tuple[list[list[int]], list[list[float]]]]:
         """The last step's routes (record_routes must be on): layer -> ([T][k] experts, [T][k] weights)."""

@@ -23,20 +23,25 @@ class ExpertBank:
 
     @classmethod
     def empty(cls, layer: int, expert_ids: tuple[int, ...], num_experts: int, hidden: int,
-              intermediate: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> "ExpertBank":
-        buffer = torch.empty(len(expert_ids), 3 * intermediate * hidden, dtype=dtype, device=device)
+              intermediate: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+              rows: int | None = None) -> "ExpertBank":
+        """`rows` (default: one per expert id) lets a cache hold free rows beyond `expert_ids`."""
+        rows = len(expert_ids) if rows is None else rows
+        if rows < len(expert_ids):
+            raise ValueError(f"{rows} rows cannot hold {len(expert_ids)} experts")
+        buffer = torch.empty(rows, 3 * intermediate * hidden, dtype=dtype, device=device)
         slot_of = torch.full((num_experts,), -1, dtype=torch.int64, device=device)
         slot_of[list(expert_ids)] = torch.arange(len(expert_ids), device=device)
         return cls(layer, expert_ids, buffer, hidden, intermediate, slot_of)
 
     @property
     def w_gate_up(self) -> torch.Tensor:  # [n, 2I, H] strided view (rows :I gate, I: up)
-        n, i, h = len(self.expert_ids), self.intermediate, self.hidden
+        n, i, h = self.buffer.shape[0], self.intermediate, self.hidden
         return self.buffer[:, : 2 * i * h].view(n, h, 2 * i).transpose(1, 2)
 
     @property
     def w_down(self) -> torch.Tensor:  # [n, H, I] strided view
-        n, i, h = len(self.expert_ids), self.intermediate, self.hidden
+        n, i, h = self.buffer.shape[0], self.intermediate, self.hidden
         return self.buffer[:, 2 * i * h:].view(n, i, h).transpose(1, 2)
 
     def set_expert(self, row: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:

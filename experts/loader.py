@@ -116,11 +116,11 @@ def load_experts(ckpt: Checkpoint, spec: ModelSpec, layer: int, expert_ids: Iter
     h, i = spec.hidden_size, spec.expert_intermediate
     bank = ExpertBank.empty(layer, ids, spec.num_experts, h, i, dtype, device)
     for row, expert in enumerate(ids):
-        bank.set_expert(row, *_read_expert(ckpt, spec, layer, expert, dtype))
+        bank.set_expert(row, *read_expert(ckpt, spec, layer, expert, dtype))
     return bank
 
 
-def _read_expert(ckpt: Checkpoint, spec: ModelSpec, layer: int, expert: int,
+def read_expert(ckpt: Checkpoint, spec: ModelSpec, layer: int, expert: int,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     table = TABLES[spec.family]
     h, i = spec.hidden_size, spec.expert_intermediate

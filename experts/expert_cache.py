@@ -1,0 +1,135 @@
+"""CachedExperts: every MoE layer's experts on a fast-tier budget over the checkpoint (the slow tier).
+
+A drop-in for ExpertShard in the in-process model. Each MoE layer keeps `slots` experts resident in
+one ExpertBank (a row per expert, so a load is one row write). At every layer the experts the
+step's tokens need are looked up: a resident one is a hit; a missing one is read from the
+checkpoint (safetensors memory-maps it, so on a CPU node the slow tier is the page cache over the
+file) into the slot of the policy's victim, never one the step still needs. When a step needs more
+experts than a layer has slots, the rest are read and computed once without being kept. The
+routed tokens and their weights are the same as with every expert resident; only where the
+weights are read from differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from experts.cache_policy import CachePolicy, LFUPolicy, LRUPolicy, ScorePolicy
+from experts.checkpoint import Checkpoint
+from experts.config import ModelSpec
+from experts.expert_bank import ExpertBank
+from experts.loader import load_experts, read_expert
+from kernels.dispatch import KernelOps
+
+LIVE_POLICIES = ("lru", "lfu", "score")
+SCORE_HALF_LIFE_STEPS = 16.0
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertCacheConfig:
+    capacity_fraction: float  # of each MoE layer's experts resident in the fast tier, in (0, 1]
+    policy: str = "score"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.capacity_fraction <= 1.0:
+            raise ValueError(f"expert cache capacity must be in (0, 1], got {self.capacity_fraction}")
+        if self.policy not in LIVE_POLICIES:
+            raise ValueError(f"expert cache policy must be one of {', '.join(LIVE_POLICIES)}, got {self.policy!r}")
+
+    def slots(self, num_experts: int) -> int:
+        return max(1, round(self.capacity_fraction * num_experts))
+
+
+@dataclass(slots=True)
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0  # misses kept in the fast tier
+    bytes_moved: int = 0
+
+    def as_dict(self) -> dict:
+        looked_up = self.hits + self.misses
+        return {"hits": self.hits, "misses": self.misses, "loads": self.loads, "bytes_moved": self.bytes_moved,
+                "hit_rate": self.hits / looked_up if looked_up else None}
+
+
+@dataclass(slots=True)
+class _Layer:
+    bank: ExpertBank  # slots rows; bank.slot_of maps resident experts to rows, -1 otherwise
+    free: list[int]
+    resident: dict[int, int] = field(default_factory=dict)  # expert -> row
+
+
+class CachedExperts:
+    def __init__(self, ckpt: Checkpoint, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
+                 ops: KernelOps, config: ExpertCacheConfig) -> None:
+        self.ckpt, self.spec, self.dtype, self.device, self.ops = ckpt, spec, dtype, device, ops
+        self.config = config
+        slots = config.slots(spec.num_experts)
+        self.layers = {layer: _Layer(ExpertBank.empty(layer, (), spec.num_experts, spec.hidden_size,
+                                                      spec.expert_intermediate, dtype, device, rows=slots),
+                                     list(range(slots)))
+                       for layer in spec.moe_layers}
+        self.policy = _policy(config.policy, len(spec.moe_layers))
+        self.stats, self.step_stats = CacheStats(), CacheStats()
+        self._clock = 0
+
+    def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x: [T, H]; ids/weights: [T, K] global expert ids -> [T, H], as ExpertShard.forward."""
+        lay, now = self.layers[layer], self._clock
+        self._clock += 1
+        gate_mass = torch.zeros(self.spec.num_experts).index_add_(
+            0, ids.reshape(-1).cpu(), weights.reshape(-1).float().cpu()).tolist()  # [E]
+        needed = [e for e in ids.unique().tolist() if e >= 0]
+        passing = [e for e in needed if not self._ensure(layer, lay, e, set(needed), now)]
+        for e in needed:
+            self.policy.touch((layer, e), now, gate_mass[e])
+        out = self.ops.fused_moe(x, lay.bank.w_gate_up, lay.bank.w_down, lay.bank.slot_of[ids], weights)
+        if passing:  # more experts than slots: compute the rest once from a temporary bank
+            temp = load_experts(self.ckpt, self.spec, layer, passing, self.dtype, self.device)
+            out = out + self.ops.fused_moe(x, temp.w_gate_up, temp.w_down, temp.slot_of[ids], weights)
+            self._count(bytes_moved=temp.nbytes())
+        return out
+
+    def _ensure(self, layer: int, lay: _Layer, expert: int, needed: set[int], now: int) -> bool:
+        """Make `expert` resident; False when every slot holds an expert this step needs."""
+        if expert in lay.resident:
+            self._count(hits=1)
+            return True
+        self._count(misses=1)
+        if not lay.free:
+            candidates = [(layer, e) for e in lay.resident if e not in needed]
+            if not candidates:
+                return False
+            _, victim = self.policy.victim(candidates, now)
+            row = lay.resident.pop(victim)
+            lay.bank.slot_of[victim] = -1
+            lay.free.append(row)
+        row = lay.free.pop()
+        lay.bank.set_expert(row, *read_expert(self.ckpt, self.spec, layer, expert, self.dtype))
+        lay.resident[expert] = row
+        lay.bank.slot_of[expert] = row
+        self._count(loads=1, bytes_moved=lay.bank.buffer[row].numel() * lay.bank.buffer.element_size())
+        return True
+
+    def _count(self, hits: int = 0, misses: int = 0, loads: int = 0, bytes_moved: int = 0) -> None:
+        for s in (self.stats, self.step_stats):
+            s.hits, s.misses, s.loads, s.bytes_moved = (s.hits + hits, s.misses + misses, s.loads + loads,
+                                                        s.bytes_moved + bytes_moved)
+
+    def take_step_stats(self) -> dict:
+        out, self.step_stats = self.step_stats.as_dict(), CacheStats()
+        return out
+
+    def nbytes(self) -> int:
+        return sum(lay.bank.nbytes() for lay in self.layers.values())
+
+
+def _policy(name: str, num_layers: int) -> CachePolicy:
+    if name == "lru":
+        return LRUPolicy()
+    if name == "lfu":
+        return LFUPolicy()
+    return ScorePolicy(half_life=SCORE_HALF_LIFE_STEPS * num_layers)

@@ -1,0 +1,74 @@
+"""The live expert cache: a fraction of the experts resident, the same tokens as with all of them."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from cluster.async_engine import AsyncLLMEngine
+from cluster.config import EngineConfig
+from cluster.engine import LLMEngine
+from cluster.sampling_params import SamplingParams
+from experts.expert_cache import ExpertCacheConfig
+from experts.tiny import FAMILIES
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [40, 41], [100, 3, 7, 200, 9]]
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+SAMPLED = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=5, ignore_eos=True)
+
+
+def run(model, params, **cache) -> tuple[list[tuple[int, ...]], LLMEngine]:
+    engine = LLMEngine(EngineConfig(model=str(model), kv_cache_tokens=512, block_size=4, **cache))
+    return [o.token_ids for o in engine.generate(PROMPTS, params)], engine
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("fraction, policy", [(0.25, "score"), (0.5, "lru"), (0.5, "lfu")])
+def test_tokens_match_the_all_resident_engine(tiny_model, family, fraction, policy):
+    model = tiny_model(family)
+    for params in (GREEDY, SAMPLED):
+        want, _ = run(model, params)
+        got, engine = run(model, params, expert_cache_fraction=fraction, expert_cache_policy=policy)
+        assert got == want
+        stats = engine.model.experts.stats
+        assert stats.misses > 0 and stats.hits > 0 and stats.bytes_moved > 0
+
+
+def test_fast_tier_holds_its_budget_and_overflow_is_computed_once(tiny_model):
+    model = tiny_model("olmoe")
+    _, full = run(model, GREEDY)
+    _, cached = run(model, GREEDY, expert_cache_fraction=0.25)
+    spec = cached.spec
+    slots = ExpertCacheConfig(0.25).slots(spec.num_experts)
+    assert cached.model.experts.nbytes() == full.model.experts.nbytes() * slots // spec.num_experts
+    # Prefill routes the prompts' tokens to more experts than a layer has slots: some are not kept.
+    stats = cached.model.experts.stats
+    assert stats.loads < stats.misses
+    assert all(len(layer.resident) <= slots for layer in cached.model.experts.layers.values())
+
+
+def test_hit_rate_reaches_the_serving_metrics(tiny_model):
+    engine = AsyncLLMEngine(EngineConfig(model=str(tiny_model("olmoe")), kv_cache_tokens=512,
+                                         expert_cache_fraction=0.5))
+
+    async def one():
+        return [o async for o in engine.generate([5, 6, 7], GREEDY)]
+    try:
+        outs = asyncio.run(one())
+    finally:
+        engine.shutdown()
+    assert outs[-1].finished
+    rate = engine.metrics.snapshot()["expert_cache_hit_rate"]
+    assert 0.0 <= rate <= 1.0 and engine.engine.last_step_stats["expert_cache"]["hits"] >= 0
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"expert_cache_fraction": 0.0}, "expert_cache_fraction"),
+    ({"expert_cache_fraction": 1.5}, "expert_cache_fraction"),
+    ({"expert_cache_policy": "belady"}, "expert_cache_policy"),
+    ({"expert_cache_fraction": 0.5, "engine": "ray"}, "in-process"),
+])
+def test_bad_cache_settings_are_refused(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        EngineConfig(model="m", **kwargs)
