@@ -5,12 +5,15 @@ Invariants:
     reach it through a thread-safe queue, outputs go back through each consumer's event loop;
   * a request is either rejected before its first output (validation error, overload) or
     streams outputs until one with ``finished=True``;
-  * a consumer that stops iterating (break, cancellation, disconnect) aborts its request.
+  * a consumer that stops iterating (break, cancellation, disconnect) aborts its request;
+  * a consumer that falls behind gets the outputs waiting for it joined into one (the deltas of a
+    request always add up to its tokens and text).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -104,6 +107,8 @@ class AsyncLLMEngine:
         try:
             while not finished:
                 out = await stream.queue.get()
+                while not out.finished and not stream.queue.empty():  # a slow consumer gets one delta
+                    out = merge_outputs(out, stream.queue.get_nowait())
                 finished = out.finished
                 yield out
         finally:
@@ -238,6 +243,14 @@ class AsyncLLMEngine:
             getattr(self.engine, "shutdown", lambda: None)()  # cluster mode stops its actors
         except Exception:
             log.exception("engine shutdown raised")
+
+
+def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """One update equal to `a` followed by `b` (same request): deltas joined, totals from `b`."""
+    logprobs = None if a.new_logprobs is None and b.new_logprobs is None else (
+        (a.new_logprobs or ()) + (b.new_logprobs or ()))
+    return dataclasses.replace(b, new_token_ids=a.new_token_ids + b.new_token_ids, new_text=a.new_text + b.new_text,
+                               new_logprobs=logprobs)
 
 
 def _settle(future: asyncio.Future, exc: BaseException | None, undo) -> None:

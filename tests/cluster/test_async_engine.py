@@ -182,3 +182,18 @@ def test_moe_step_stats_feed_expert_metrics():
 def test_load_imbalance_ignores_empty_layers():
     assert load_imbalance([[0, 0], [3, 1]]) == pytest.approx(1.5)
     assert load_imbalance([[0, 0]]) is None
+
+
+def test_a_slow_consumer_gets_joined_deltas_that_add_up(engine):
+    async def slow():
+        outs = []
+        async for out in engine.generate("hello", SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True,
+                                                                 logprobs=1)):
+            outs.append(out)
+            await asyncio.sleep(0.02)  # the engine runs ahead meanwhile
+        return outs
+    outs = run(slow())
+    assert len(outs) < 24 and any(len(o.new_token_ids) > 1 for o in outs)
+    assert sum((o.new_token_ids for o in outs), ()) == outs[-1].token_ids and len(outs[-1].token_ids) == 24
+    assert "".join(o.new_text for o in outs) == outs[-1].text
+    assert sum((o.new_logprobs for o in outs), ()) == outs[-1].logprobs
