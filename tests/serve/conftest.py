@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 MODEL = "tiny-olmoe"
-MAX_MODEL_LEN = 512
+MAX_MODEL_LEN = 2048  # LONG requests decode for seconds, so cancellations reliably land mid-request
 MAX_NUM_SEQS = 4
 MAX_WAITING = 8
 GRPC_SERVICER = "protos.moe_serve_pb2_grpc.add_MoeServeServicer_to_server"
@@ -31,6 +31,11 @@ class ServeApp:
     model_dir: Path
 
 
+def serving_model(tiny_model) -> Path:
+    """The tiny OLMoE every serving test serves, with room for MAX_MODEL_LEN positions."""
+    return tiny_model("olmoe", max_position_embeddings=MAX_MODEL_LEN)
+
+
 @pytest.fixture(scope="module")
 def serve_app(ray_cluster, tiny_model):
     """The moe-serve application (tiny OLMoE) behind Serve's HTTP and gRPC proxies on free ports."""
@@ -38,7 +43,7 @@ def serve_app(ray_cluster, tiny_model):
 
     from cluster.serve_app import build_app
 
-    model_dir = tiny_model("olmoe")
+    model_dir = serving_model(tiny_model)
     http_port, grpc_port = free_port(), free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 
@@ -19,16 +18,10 @@ from cluster.sampling_params import SamplingParams
 from experts.config import load_spec
 from protos import moe_serve_pb2 as pb
 from protos import moe_serve_pb2_grpc
+from tests.serve.conftest import MAX_MODEL_LEN, free_port, serving_model
 
 MODEL = "tiny-olmoe"
-MAX_MODEL_LEN = 512
 LONG = dict(max_tokens=MAX_MODEL_LEN - 8, temperature=0.0, ignore_eos=True)  # seconds of decoding here
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +40,7 @@ def on(loop, coro, timeout: float = 30.0):
 
 
 def make_engine(tiny_model) -> AsyncLLMEngine:
-    config = EngineConfig(model=str(tiny_model("olmoe")), kv_cache_tokens=1024, block_size=8,
+    config = EngineConfig(model=str(serving_model(tiny_model)), kv_cache_tokens=2 * MAX_MODEL_LEN, block_size=8,
                           max_model_len=MAX_MODEL_LEN)
     return AsyncLLMEngine(config, model_name=MODEL)
 
@@ -123,7 +116,7 @@ def test_token_id_prompt(loop, engine, stub):
 
 
 def test_model_info(stub, tiny_model):
-    spec = load_spec(tiny_model("olmoe"))
+    spec = load_spec(serving_model(tiny_model))
     info = stub.GetModelInfo(pb.ModelInfoRequest())
     assert (info.name, info.family, info.vocab_size, info.max_model_len) == (
         MODEL, "olmoe", spec.vocab_size, MAX_MODEL_LEN)

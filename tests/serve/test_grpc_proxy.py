@@ -14,11 +14,10 @@ from cluster.sampling_params import SamplingParams
 from experts.config import load_spec
 from protos import moe_serve_pb2 as pb
 from protos import moe_serve_pb2_grpc
-from tests.serve.conftest import free_port, wait_until
+from tests.serve.conftest import MAX_MODEL_LEN, free_port, serving_model, wait_until
 
 APP = "moe-grpc-test"
 MODEL = "tiny-olmoe"
-MAX_MODEL_LEN = 512
 SERVICERS = ["protos.moe_serve_pb2_grpc.add_MoeServeServicer_to_server",
              "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"]
 METADATA = (("application", APP),)
@@ -35,7 +34,7 @@ def app(ray_cluster, tiny_model):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
                 grpc_options={"port": port, "grpc_servicer_functions": SERVICERS})
-    handle = serve.run(build_app({"model": str(tiny_model("olmoe")), "served_model_name": MODEL,
+    handle = serve.run(build_app({"model": str(serving_model(tiny_model)), "served_model_name": MODEL,
                                   "max_model_len": MAX_MODEL_LEN, "kv_cache_tokens": 2 * MAX_MODEL_LEN}),
                        name=APP, route_prefix="/")
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -59,7 +58,7 @@ def aborted(app) -> float:
 def test_generate_streams_what_the_engine_generates(stub, tiny_model):
     request = pb.GenerateRequest(text="hello", max_tokens=10, temperature=0.0, ignore_eos=True, request_id="p-1")
     responses = list(stub.Generate(request, metadata=METADATA))
-    reference = LLMEngine(EngineConfig(model=str(tiny_model("olmoe")))).generate(
+    reference = LLMEngine(EngineConfig(model=str(serving_model(tiny_model)))).generate(
         ["hello"], SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))[0]
     assert len(responses) > 1 and {r.request_id for r in responses} == {"p-1"}
     assert tuple(t for r in responses for t in r.new_token_ids) == reference.token_ids
@@ -70,7 +69,7 @@ def test_generate_streams_what_the_engine_generates(stub, tiny_model):
 
 
 def test_model_info(stub, tiny_model):
-    spec = load_spec(tiny_model("olmoe"))
+    spec = load_spec(serving_model(tiny_model))
     info = stub.GetModelInfo(pb.ModelInfoRequest(), metadata=METADATA)
     assert (info.name, info.family, info.vocab_size, info.max_model_len) == (
         MODEL, spec.family, spec.vocab_size, MAX_MODEL_LEN)
