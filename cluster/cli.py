@@ -98,6 +98,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int)
     p.add_argument("--kv-cache-tokens", type=int, default=16384)
     p.add_argument("--record-trace", type=Path, help="write every routing decision to this JSONL trace")
+    p.add_argument("--route-prediction", action="store_true",
+                   help="run the route predictors live and print their recall at the end (in-process engine)")
     p.add_argument("--expert-cache", type=float, metavar="FRACTION",
                    help="keep only this fraction of each layer's experts resident, reading the rest from the "
                         "checkpoint on demand (in-process engine)")
@@ -131,7 +133,8 @@ def _generate(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len, kv_cache_tokens=args.kv_cache_tokens, show_progress=True,
         engine=args.engine, cluster=args.cluster, address=args.address, num_expert_shards=args.expert_shards,
         microbatches=args.microbatches, record_trace=str(args.record_trace) if args.record_trace else None,
-        expert_cache_fraction=args.expert_cache, expert_cache_policy=args.expert_cache_policy))
+        expert_cache_fraction=args.expert_cache, expert_cache_policy=args.expert_cache_policy,
+        route_prediction=args.route_prediction))
     try:
         return _print_stream(engine, args.prompt, params)
     finally:
@@ -148,6 +151,10 @@ def _print_stream(engine, prompt: str, params) -> int:
         print(f"moe-serve: error: {final.error}", file=sys.stderr)
         return 1
     print(f"[{len(final.token_ids)} tokens, finish_reason={final.finish_reason}]", file=sys.stderr)
+    if engine.route_meter is not None:
+        import json
+
+        print(f"[route prediction recall: {json.dumps(engine.route_meter.report())}]", file=sys.stderr)
     return 0
 
 

@@ -22,6 +22,7 @@ class EngineConfig:
     block_size: int = 16
     show_progress: bool = False
     record_trace: str | None = None  # JSONL file that receives every routing decision (in-process engine)
+    route_prediction: bool = False  # (in-process) run the route predictors live; recall to the metrics
     expert_cache_fraction: float | None = None  # (in-process) share of each layer's experts kept resident
     expert_cache_policy: str = "score"  # lru | lfu | score
     # ---- cluster mode (engine="ray") ----
@@ -52,8 +53,8 @@ class EngineConfig:
                      "num_attention_workers", "actor_threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.record_trace is not None and self.engine != "inprocess":
-            raise ValueError("record_trace is supported by the in-process engine only")
+        if (self.record_trace is not None or self.route_prediction) and self.engine != "inprocess":
+            raise ValueError("record_trace and route_prediction are supported by the in-process engine only")
         if self.expert_cache_fraction is not None:
             if self.engine != "inprocess":
                 raise ValueError("expert_cache_fraction is supported by the in-process engine only")

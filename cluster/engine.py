@@ -21,6 +21,7 @@ from cluster.sequence import Sequence
 from experts.tokenizer import load_tokenizer
 from experts.expert_cache import ExpertCacheConfig
 from kernels.dispatch import select_kernels
+from router.live import LiveRouteMeter
 from router.recorder import TraceRecorder
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,12 @@ class LLMEngine:
         self._failed_steps = 0  # consecutive steps the cluster recovered from
         self.last_step_stats: dict | None = None  # the model's MoE statistics of the last step
         self.recorder = TraceRecorder(config.record_trace) if config.record_trace else None
-        if self.recorder is not None:
+        self.route_meter = (LiveRouteMeter(self.spec.moe_layers, self.spec.num_experts, self.spec.top_k)
+                            if config.route_prediction else None)
+        if self.recorder is not None or self.route_meter is not None:
             self.model.record_routes = True
+        if self.route_meter is not None:
+            self.model.pregate = True
 
     # ---- requests in -------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
@@ -114,17 +119,23 @@ class LLMEngine:
     def _execute(self, out: SchedulerOutput) -> dict[int, int]:
         logits, seq_ids = self.model.execute(out)
         self.last_step_stats = self.model.step_stats()
-        if self.recorder is not None:
-            self._record_routes(out)
+        if self.model.record_routes:
+            self._observe_routes(out)
         reqs = [self._by_seq[sid] for sid in seq_ids]
         tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
         self._record_logprobs(logits, reqs, tokens)
         return dict(zip(seq_ids, tokens))
 
-    def _record_routes(self, out: SchedulerOutput) -> None:
+    def _observe_routes(self, out: SchedulerOutput) -> None:
+        """The step's routes to the trace recorder and the live route predictors."""
         tokens = [(self._by_seq[c.seq_id].request_id, p) for c in out.chunks
                   for p in range(c.start, c.start + len(c.token_ids))]
-        self.recorder.record_step(tokens, self.model.take_routes())
+        routes = self.model.take_routes()
+        if self.recorder is not None:
+            self.recorder.record_step(tokens, routes)
+        if self.route_meter is not None:
+            self.route_meter.observe_step(tokens, routes, self.model.take_pregate())
+            self.last_step_stats["route_prediction_recall"] = self.route_meter.recall()
 
     def _record_logprobs(self, logits: torch.Tensor, reqs: list[Request], tokens: list[int]) -> None:
         rows = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]

@@ -31,6 +31,8 @@ class InProcessModel:
         self.block_size = block_size
         self._expert_tokens: dict[int, torch.Tensor] = {}  # MoE layer -> [E] tokens routed, last step
         self.record_routes = False  # keep the last step's routes for take_routes()
+        self.pregate = False  # also apply each next MoE layer's gate to this layer's input (take_pregate())
+        self._pregate: dict[int, torch.Tensor] = {}  # target layer -> [T, k] predicted experts
         self._routes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> ([T, k] ids, weights)
 
     @classmethod
@@ -72,6 +74,8 @@ class InProcessModel:
                 self._expert_tokens[layer] = torch.bincount(route.ids.reshape(-1), minlength=self.spec.num_experts)
                 if self.record_routes:
                     self._routes[layer] = (route.ids, route.weights)
+                if self.pregate and layer + 1 < self.spec.num_layers and self.spec.sparse_layers[layer + 1]:
+                    self._pregate[layer + 1] = self.gate.route(layer + 1, x).ids
                 moe = self.experts.forward(layer, x, route.ids, route.weights)
                 y = moe if y is None else moe + y
             h = h + y
@@ -91,3 +95,8 @@ class InProcessModel:
         """The last step's routes (record_routes must be on): layer -> ([T][k] experts, [T][k] weights)."""
         routes, self._routes = self._routes, {}
         return {layer: (ids.tolist(), w.float().tolist()) for layer, (ids, w) in routes.items()}
+
+    def take_pregate(self) -> dict[int, list[list[int]]]:
+        """The last step's pre-gating guesses (pregate must be on): target layer -> [T][k] experts."""
+        guesses, self._pregate = self._pregate, {}
+        return {layer: ids.tolist() for layer, ids in guesses.items()}
