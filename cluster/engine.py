@@ -119,7 +119,7 @@ class LLMEngine:
     def _execute(self, out: SchedulerOutput) -> dict[int, int]:
         logits, seq_ids = self.model.execute(out)
         self.last_step_stats = self.model.step_stats()
-        if self.model.record_routes:
+        if self.recorder is not None or self.route_meter is not None:
             self._observe_routes(out)
         reqs = [self._by_seq[sid] for sid in seq_ids]
         tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
