@@ -71,6 +71,11 @@ def _add_up(sub) -> None:
     up.add_argument("--max-model-len", type=int)
     up.add_argument("--kv-cache-tokens", type=int)
     up.add_argument("--max-num-seqs", type=int)
+    up.add_argument("--expert-cache", type=float, metavar="FRACTION",
+                    help="(inprocess) keep only this fraction of each layer's experts resident")
+    up.add_argument("--expert-cache-policy", choices=("lru", "lfu", "score"))
+    up.add_argument("--route-prediction", action="store_true",
+                    help="(inprocess) run the route predictors live; recall goes to the metrics")
     up.set_defaults(run=_up)
 
 
@@ -85,6 +90,8 @@ def _add_replay(sub) -> None:
     rp.add_argument("--transfer-gbps", type=float, default=25.0, help="(cache) slow -> fast tier GB/s")
     rp.add_argument("--hidden-size", type=int, default=4096, help="bytes per token = hidden size x dtype bytes")
     rp.add_argument("--dtype-bytes", type=int, default=2)
+    rp.add_argument("--kv-elems", type=int, default=2048,
+                    help="K+V values a token writes per layer (Mixtral: 2 x 8 heads x 128), for schemes that replicate KV")
     rp.add_argument("--fit-fraction", type=float, default=0.5,
                     help="share of each request's tokens that fit the statistics; the rest are reported")
     rp.add_argument("--json", action="store_true", help="print the whole report as one JSON object")
@@ -173,7 +180,8 @@ def _up(args: argparse.Namespace) -> int:
 
     app_args = {"served_model_name": args.served_model_name, "dtype": args.dtype,
                 "max_model_len": args.max_model_len, "kv_cache_tokens": args.kv_cache_tokens,
-                "max_num_seqs": args.max_num_seqs}
+                "max_num_seqs": args.max_num_seqs, "expert_cache_fraction": args.expert_cache,
+                "expert_cache_policy": args.expert_cache_policy, "route_prediction": args.route_prediction or None}
     return run_up(args.model, args.address, args.http_port, args.grpc_port, args.engine, args.cluster,
                   host=args.host, app_args={k: v for k, v in app_args.items() if v is not None})
 
@@ -194,8 +202,8 @@ def _replay(args: argparse.Namespace) -> int:
         return 0
     from router.replay import replay_placement, summary
 
-    report = replay_placement(records, args.nodes, hidden_size=args.hidden_size,
-                              dtype_bytes=args.dtype_bytes, fit_fraction=args.fit_fraction)
+    report = replay_placement(records, args.nodes, hidden_size=args.hidden_size, dtype_bytes=args.dtype_bytes,
+                              fit_fraction=args.fit_fraction, kv_elems=args.kv_elems)
     print(json.dumps(report, indent=2) if args.json else summary(report))
     return 0
 

@@ -55,6 +55,9 @@ class AppArgs(BaseModel):
     max_model_len: int | None = Field(None, ge=1)
     kv_cache_tokens: int | None = Field(None, ge=1)
     max_num_seqs: int | None = Field(None, ge=1)
+    expert_cache_fraction: float | None = Field(None, gt=0.0, le=1.0)  # (inprocess) experts kept resident
+    expert_cache_policy: Literal["lru", "lfu", "score"] | None = None
+    route_prediction: bool | None = None  # (inprocess) live route predictors, recall to the metrics
     max_waiting: int = Field(256, ge=1)  # waiting requests before new ones get 503
 
     @classmethod

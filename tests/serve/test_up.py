@@ -32,7 +32,8 @@ def test_up_serves_http_and_stops_cleanly_on_ctrl_c(tiny_model):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", "up", "--model", str(tiny_model("olmoe")), "--served-model-name",
-         "tiny", "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--max-model-len", "256"],
+         "tiny", "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--max-model-len", "256",
+         "--expert-cache", "0.5", "--route-prediction"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     seen: list[str] = []
     try:
@@ -44,6 +45,8 @@ def test_up_serves_http_and_stops_cleanly_on_ctrl_c(tiny_model):
             assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["tiny"]
             done = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "ignore_eos": True})
             assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 3
+            metrics = client.get("/v1/stats").json()["metrics"]  # the MoE metrics of the options above
+            assert 0.0 <= metrics["expert_cache_hit_rate"] <= 1.0 and 0.0 <= metrics["route_prediction_recall/1"] <= 1.0
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, out
