@@ -67,10 +67,15 @@ class _Abort:
 
 
 class AsyncLLMEngine:
-    def __init__(self, config: EngineConfig, *, model_name: str | None = None, max_waiting: int = 256) -> None:
+    def __init__(self, config: EngineConfig, *, model_name: str | None = None, max_waiting: int = 256,
+                 stream_interval_s: float = 0.0) -> None:
+        """`stream_interval_s`: after a request's first output, at most one (joined) output per interval
+        reaches its consumer, so a fast engine cannot flood a slow transport with tiny deltas."""
         if max_waiting < 1:
             raise ValueError(f"max_waiting must be >= 1, got {max_waiting}")
-        self.config, self.max_waiting = config, max_waiting
+        if not 0.0 <= stream_interval_s <= 1.0:
+            raise ValueError(f"stream_interval_s must be in [0, 1], got {stream_interval_s}")
+        self.config, self.max_waiting, self.stream_interval_s = config, max_waiting, stream_interval_s
         self.engine = LLMEngine(config)  # built here, then used by the engine thread only
         self.model_name = model_name or Path(config.model).name
         self.spec, self.tokenizer = self.engine.spec, self.engine.tokenizer
@@ -103,14 +108,17 @@ class AsyncLLMEngine:
                 raise EngineStopped("the engine is not running")
             self._inbox.put(_Add(request_id, prompt, params, stream))
         await stream.accepted
-        finished = False
+        finished, last = False, None
         try:
             while not finished:
                 out = await stream.queue.get()
+                if last is not None and not out.finished and self.stream_interval_s:
+                    await asyncio.sleep(max(0.0, last + self.stream_interval_s - loop.time()))
                 while not out.finished and not stream.queue.empty():  # a slow consumer gets one delta
                     out = merge_outputs(out, stream.queue.get_nowait())
                 finished = out.finished
                 yield out
+                last = loop.time()
         finally:
             if not finished:
                 self._inbox.put(_Abort(request_id))
@@ -183,9 +191,10 @@ class AsyncLLMEngine:
             log.exception("engine step raised")
             outputs = [self._error_output(rid, exc) for rid in list(self._live)]
         now = time.monotonic()
+        self._publish(self.engine.last_step_stats)  # before consumers wake up and read stats()
         for out in outputs:
             self._deliver(out, now)
-        self._publish(self.engine.last_step_stats)
+        self._publish()  # requests that just finished no longer count
 
     def _error_output(self, request_id: str, exc: Exception) -> RequestOutput:
         try:

@@ -59,6 +59,7 @@ class AppArgs(BaseModel):
     expert_cache_policy: Literal["lru", "lfu", "score"] | None = None
     route_prediction: bool | None = None  # (inprocess) live route predictors, recall to the metrics
     max_waiting: int = Field(256, ge=1)  # waiting requests before new ones get 503
+    stream_interval_s: float = Field(0.01, ge=0.0, le=1.0)  # min gap between a stream's messages after the first
 
     @classmethod
     def parse(cls, args: Optional[dict]) -> "AppArgs":
@@ -83,7 +84,8 @@ class AppArgs(BaseModel):
         return self.model, self.served_name
 
     def engine_config(self, model_dir: str) -> EngineConfig:
-        given = self.model_dump(exclude={"model", "served_model_name", "max_waiting"}, exclude_none=True)
+        given = self.model_dump(exclude={"model", "served_model_name", "max_waiting", "stream_interval_s"},
+                                exclude_none=True)
         unknown = set(given) - ENGINE_FIELDS
         if unknown:
             raise ValueError(f"this engine build does not support {sorted(unknown)}")
@@ -141,7 +143,7 @@ class MoeServeDeployment(GrpcMethods):
         parsed = AppArgs.parse(args)
         model_dir, self.model_name = parsed.resolve_model()
         self.engine = AsyncLLMEngine(parsed.engine_config(model_dir), model_name=self.model_name,
-                                     max_waiting=parsed.max_waiting)
+                                     max_waiting=parsed.max_waiting, stream_interval_s=parsed.stream_interval_s)
         self.openai = OpenAIServing(self.engine, self.model_name)
 
     @api.get("/v1/models")

@@ -197,3 +197,21 @@ def test_a_slow_consumer_gets_joined_deltas_that_add_up(engine):
     assert sum((o.new_token_ids for o in outs), ()) == outs[-1].token_ids and len(outs[-1].token_ids) == 24
     assert "".join(o.new_text for o in outs) == outs[-1].text
     assert sum((o.new_logprobs for o in outs), ()) == outs[-1].logprobs
+
+
+def test_stream_interval_paces_a_fast_engine(tiny_model):
+    engine = AsyncLLMEngine(config(tiny_model("olmoe")), stream_interval_s=0.05)
+
+    async def timed():
+        loop, stamps, outs = asyncio.get_running_loop(), [], []
+        async for out in engine.generate("hello", SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)):
+            stamps.append(loop.time())
+            outs.append(out)
+        return stamps, outs
+    try:
+        stamps, outs = run(timed())
+    finally:
+        engine.shutdown()
+    assert sum((o.new_token_ids for o in outs), ()) == outs[-1].token_ids and len(outs[-1].token_ids) == 64
+    gaps = [b - a for a, b in zip(stamps[1:-1], stamps[2:-1])]  # between paced outputs (not the first/last)
+    assert all(g >= 0.045 for g in gaps) and len(outs) < 64

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 MODEL = "tiny-olmoe"
-MAX_MODEL_LEN = 2048  # LONG requests decode for seconds, so cancellations reliably land mid-request
+MAX_MODEL_LEN = 8192  # LONG requests decode for seconds, so cancellations reliably land mid-request
 MAX_NUM_SEQS = 4
 MAX_WAITING = 8
 GRPC_SERVICER = "protos.moe_serve_pb2_grpc.add_MoeServeServicer_to_server"

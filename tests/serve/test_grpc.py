@@ -172,8 +172,10 @@ def test_client_cancel_aborts_the_request(engine, stub):
 
 def test_deadline_aborts_the_request(engine, stub):
     before = aborted(engine)
+    call = stub.Generate(pb.GenerateRequest(text="hi", **LONG), timeout=1.0)
+    assert not next(call).finished  # the engine has the request; the deadline passes mid-generation
     with pytest.raises(grpc.RpcError) as info:
-        list(stub.Generate(pb.GenerateRequest(text="hi", **LONG), timeout=0.3))
+        list(call)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert wait_until(lambda: aborted(engine) == before + 1), engine.stats()
     assert wait_until(lambda: engine.stats()["num_requests"] == 0)

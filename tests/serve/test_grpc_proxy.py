@@ -94,8 +94,10 @@ def test_cancel_and_deadline_abort_the_engine_request(app, stub):
     assert not next(call).finished
     call.cancel()
     assert wait_until(lambda: aborted(app) == before + 1), stats(app)
+    call = stub.Generate(pb.GenerateRequest(text="hi", **LONG), metadata=METADATA, timeout=1.5)
+    assert not next(call).finished  # the engine has the request; the deadline passes mid-generation
     with pytest.raises(grpc.RpcError) as info:
-        list(stub.Generate(pb.GenerateRequest(text="hi", **LONG), metadata=METADATA, timeout=0.5))
+        list(call)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert wait_until(lambda: aborted(app) == before + 2), stats(app)
     assert wait_until(lambda: stats(app)["num_requests"] == 0)
