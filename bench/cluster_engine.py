@@ -5,8 +5,10 @@ runs 1 attention worker (cpu-highmem) and 2 expert shards (gpu, cpu); measured i
 - per-layer dispatch + combine latency at batch 8, without pipelining: the attention worker's time
   from sending a layer's tokens to holding every shard's outputs, minus the slowest shard's expert
   compute for that layer (`layer_latency_ms_p50`; `layer_round_trip_ms_p50` keeps the compute);
-- decode tokens/s at batch 8 of the cluster engine over the in-process engine (`vs_inprocess_b8`,
-  with ping-pong micro-batches; `vs_inprocess_b8_no_pipelining` without), and the pipelining speedup;
+- decode tokens/s at batch 8 of the cluster engine over the in-process engine: with the engine's
+  defaults (`vs_inprocess_b8`: ping-pong on, but a batch is split only when each micro-batch gets
+  >= min_microbatch_tokens, which a batch of 8 decodes does not), with ping-pong off, and with
+  ping-pong forced (min_microbatch_tokens=1), and the forced pipelining's speedup;
 - cross-node bytes per generated token (dispatch, combine) from the data plane's counters.
 Prints one JSON object. Usage: python bench/cluster_engine.py [--batch 8] [--new-tokens 24]
 """
@@ -89,43 +91,51 @@ def main() -> int:
     del inproc
 
     cluster = start_cluster()
+    variants = {"default": {}, "no_pipelining": {"microbatches": 1}, "forced_pipelining": {"min_microbatch_tokens": 1}}
     try:
-        results = {}
-        for mbs in (1, 2):
-            engine = LLMEngine(EngineConfig(**base, engine="ray", cluster="local", microbatches=mbs))
-            decode(engine, args.batch, 4)
-            trips, comm = [], []
-            traffic0 = (engine.model.traffic.dispatch_bytes, engine.model.traffic.combine_bytes)
-
-            def record(model=engine.model):
-                t, c = layer_latencies(model)
-                trips.extend(t)
-                comm.extend(c)
-
-            tps = decode(engine, args.batch, args.new_tokens, record if mbs == 1 else None)
-            tokens = args.batch * args.new_tokens
-            t = engine.model.traffic
-            results[mbs] = {"tokens_per_s": tps, "trips": trips, "comm": comm,
-                            "dispatch_per_token": (t.dispatch_bytes - traffic0[0]) / tokens,
-                            "combine_per_token": (t.combine_bytes - traffic0[1]) / tokens}
-            engine.shutdown()
+        results = {name: run_variant(base, extra, args) for name, extra in variants.items()}
     finally:
         ray.shutdown()
         cluster.shutdown()
-    one, two = results[1], results[2]
+    default, forced, off = results["default"], results["forced_pipelining"], results["no_pipelining"]
     print(json.dumps({
         "model": model, "dtype": args.dtype, "batch": args.batch, "new_tokens": args.new_tokens,
-        "layer_latency_ms_p50": round(statistics.median(one["comm"]), 3),
-        "layer_round_trip_ms_p50": round(statistics.median(one["trips"]), 3),
-        "vs_inprocess_b8": round(two["tokens_per_s"] / inproc_tps, 3),
-        "vs_inprocess_b8_no_pipelining": round(one["tokens_per_s"] / inproc_tps, 3),
-        "pipelining_speedup": round(two["tokens_per_s"] / one["tokens_per_s"], 3),
-        "tokens_per_s": {"inprocess": round(inproc_tps, 2), "ray": round(two["tokens_per_s"], 2),
-                         "ray_no_pipelining": round(one["tokens_per_s"], 2)},
-        "cross_node_bytes_per_token": {"dispatch": round(one["dispatch_per_token"]),
-                                       "combine": round(one["combine_per_token"])},
+        "layer_latency_ms_p50": round(statistics.median(off["comm"]), 3),
+        "layer_round_trip_ms_p50": round(statistics.median(off["trips"]), 3),
+        "vs_inprocess_b8": round(default["tokens_per_s"] / inproc_tps, 3),
+        "vs_inprocess_b8_no_pipelining": round(off["tokens_per_s"] / inproc_tps, 3),
+        "vs_inprocess_b8_forced_pipelining": round(forced["tokens_per_s"] / inproc_tps, 3),
+        "pipelining_speedup_forced": round(forced["tokens_per_s"] / off["tokens_per_s"], 3),
+        "default_splits_batch": default["split"],
+        "tokens_per_s": {"inprocess": round(inproc_tps, 2), **{k: round(v["tokens_per_s"], 2) for k, v in results.items()}},
+        "cross_node_bytes_per_token": {"dispatch": round(off["dispatch_per_token"]),
+                                       "combine": round(off["combine_per_token"])},
     }, indent=2))
     return 0
+
+
+def run_variant(base: dict, extra: dict, args) -> dict:
+    """Decode tokens/s, per-layer latencies and bytes per token of the cluster engine with `extra` settings."""
+    engine = LLMEngine(EngineConfig(**base, engine="ray", cluster="local", **extra))
+    try:
+        decode(engine, args.batch, 4)
+        trips, comm = [], []
+        traffic0 = (engine.model.traffic.dispatch_bytes, engine.model.traffic.combine_bytes)
+
+        def record(model=engine.model):
+            t, c = layer_latencies(model)
+            trips.extend(t)
+            comm.extend(c)
+
+        tps = decode(engine, args.batch, args.new_tokens, record)
+        tokens = args.batch * args.new_tokens
+        t = engine.model.traffic
+        split = any(len(v) > 1 for v in engine.model.last_step["round_trip_ms"][0].values())
+        return {"tokens_per_s": tps, "trips": trips, "comm": comm, "split": split,
+                "dispatch_per_token": (t.dispatch_bytes - traffic0[0]) / tokens,
+                "combine_per_token": (t.combine_bytes - traffic0[1]) / tokens}
+    finally:
+        engine.shutdown()
 
 
 if __name__ == "__main__":

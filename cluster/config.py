@@ -32,6 +32,7 @@ class EngineConfig:
     num_attention_workers: int = 1
     num_expert_shards: int | None = None  # None: one per eligible node kind instance
     microbatches: int = 2  # ping-pong micro-batches per attention worker (1 = off)
+    min_microbatch_tokens: int = 32  # split a worker's batch only when each half gets at least this many
     actor_threads: int = 1  # torch threads (and Ray CPUs) per actor
     transport_timeout_s: float = 30.0  # a data-plane peer silent this long is declared failed
     max_step_retries: int = 2  # consecutive failed steps recovered before requests end with an error
@@ -50,7 +51,7 @@ class EngineConfig:
         if self.transport_timeout_s <= 0 or self.max_step_retries < 0:
             raise ValueError("transport_timeout_s must be > 0 and max_step_retries >= 0")
         for name in ("max_num_seqs", "max_num_batched_tokens", "kv_cache_tokens", "block_size",
-                     "num_attention_workers", "actor_threads"):
+                     "num_attention_workers", "actor_threads", "min_microbatch_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if (self.record_trace is not None or self.route_prediction) and self.engine != "inprocess":

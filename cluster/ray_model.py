@@ -35,6 +35,7 @@ class RayModelConfig:
     num_kv_slots: int
     block_size: int
     microbatches: int = 2  # per attention worker; 1 switches ping-pong pipelining off
+    min_microbatch_tokens: int = 32  # below 2x this many tokens a worker's batch is not split
     start_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
@@ -134,11 +135,17 @@ class RayModel:
         return torch.cat([r.logits for r in results]), tuple(seq_order)
 
     def _split(self, chunks: tuple[ScheduledChunk, ...]) -> list[list[list[ScheduledChunk]]]:
-        """Chunks -> per attention worker (seq_id mod A) -> micro-batches balanced by token count."""
+        """Chunks -> per attention worker (seq_id mod A) -> micro-batches balanced by token count (two
+        when the worker has enough tokens for ping-pong, see _parts)."""
         groups: list[list[ScheduledChunk]] = [[] for _ in self.attention]
         for c in chunks:
             groups[c.seq_id % len(self.attention)].append(c)
-        return [_balance(g, self.config.microbatches) for g in groups]
+        return [_balance(g, self._parts(g)) for g in groups]
+
+    def _parts(self, chunks: list[ScheduledChunk]) -> int:
+        """Ping-pong only pays when each micro-batch's work outweighs the extra round trip per layer."""
+        tokens = sum(len(c.token_ids) for c in chunks)
+        return self.config.microbatches if tokens >= 2 * self.config.min_microbatch_tokens else 1
 
     def _account(self, results: list[StepResult], shard_stats: list[dict]) -> None:
         self.traffic.steps += 1

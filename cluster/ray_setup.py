@@ -36,7 +36,8 @@ def start_ray_model(config: EngineConfig) -> RayModel:
                         transport_timeout_s=config.transport_timeout_s)
     return RayModel(spec, RayModelConfig(
         actor=actor, plan=_UnlabeledAware(placement), num_kv_slots=config.num_blocks * config.block_size,
-        block_size=config.block_size, microbatches=config.microbatches))
+        block_size=config.block_size, microbatches=config.microbatches,
+        min_microbatch_tokens=config.min_microbatch_tokens))
 
 
 def connect(address: str | None) -> None:

@@ -31,7 +31,9 @@ def _run(config: EngineConfig, *params: SamplingParams, prompts=PROMPTS) -> list
 def test_tokens_match_inprocess(ray_cluster, tiny_model, family):
     model = str(tiny_model(family))
     expected = _run(EngineConfig(model=model), GREEDY, SAMPLED)
-    assert _run(EngineConfig(model=model, engine="ray", cluster="local"), GREEDY, SAMPLED) == expected
+    # min_microbatch_tokens=1: every step with two or more requests runs as ping-pong micro-batches.
+    assert _run(EngineConfig(model=model, engine="ray", cluster="local", min_microbatch_tokens=1),
+                GREEDY, SAMPLED) == expected
 
 
 def test_actors_run_on_their_labelled_nodes(ray_cluster, tiny_model):
@@ -61,13 +63,14 @@ nodes:
     return str(path)
 
 
-@pytest.mark.parametrize("colocated", [False, True])
-def test_cross_node_bytes_match_hand_computation(ray_cluster, tiny_model, tmp_path, colocated):
-    """4 experts, top-4, 2 shards of 2 experts: every token goes to both shards with 2 pairs each."""
+@pytest.mark.parametrize("colocated, microbatches", [(False, 1), (True, 1), (False, 2)])
+def test_cross_node_bytes_match_hand_computation(ray_cluster, tiny_model, tmp_path, colocated, microbatches):
+    """4 experts, top-4, 2 shards of 2 experts: every token goes to both shards with 2 pairs each.
+    With ping-pong on, 7 tokens are below the split threshold: the step still runs as one micro-batch."""
     model = tiny_model("olmoe", num_experts=4, num_experts_per_tok=4)
     role = "any" if colocated else "attention"  # "any": one shard shares the attention node
     config = EngineConfig(model=str(model), engine="ray", cluster=_cluster_file(tmp_path, role),
-                          num_expert_shards=2, microbatches=1)
+                          num_expert_shards=2, microbatches=microbatches)
     engine = LLMEngine(config)
     try:
         t = 7
@@ -94,7 +97,8 @@ def test_killed_actor_is_replaced_and_requests_complete(ray_cluster, tiny_model,
     model = str(tiny_model("qwen3_moe"))
     params = SamplingParams(max_tokens=16, temperature=0.0)
     [expected] = _run(EngineConfig(model=model), params)
-    engine = LLMEngine(EngineConfig(model=model, engine="ray", cluster="local", transport_timeout_s=10))
+    engine = LLMEngine(EngineConfig(model=model, engine="ray", cluster="local", transport_timeout_s=10,
+                                    min_microbatch_tokens=1))
     try:
         ids = [engine.add_request(p, params) for p in PROMPTS]
         final = {}
