@@ -16,13 +16,15 @@ from pathlib import Path
 
 import torch
 
+from cluster.affinity import AffinityTally
 from cluster.attention_worker import AttentionWorker
 from cluster.batch import StepBatch
 from cluster.moe_dispatch import ABORT, ShardSlice, combine, pack, payload_nbytes, split_route, unpack
 from cluster.transport import Transport, free_endpoint, wait
 from experts.checkpoint import Checkpoint
 from experts.config import load_spec
-from experts.loader import load_dense, load_experts
+from experts.expert_bank import ExpertBank
+from experts.loader import load_dense, load_experts, read_expert
 from experts.shard import ExpertShard
 from kernels.dispatch import select_kernels
 from router.gating import Gate
@@ -109,16 +111,26 @@ class AttentionActor(_Actor):
         self.worker = AttentionWorker(self.spec, dense, num_kv_slots, self.dtype, self.device, self.ops)
         self.gate = Gate(self.spec, [lw.router for lw in dense.layers], self.ops)
         self._owner: dict[int, torch.Tensor] = {}
+        self._affinity = AffinityTally(self.spec.num_experts)
 
     def connect(self, rank: int, topology: Topology) -> None:
         super().connect(rank, topology)
         self._owner = {layer: torch.tensor(o, dtype=torch.int64) for layer, o in topology.owner.items()}
+
+    def take_affinity(self) -> tuple[dict, dict]:
+        """(co-activation, transitions) counted since the last call, as numpy [E, E] per MoE layer."""
+        return self._affinity.take()
+
+    def set_owner(self, owner: dict[int, tuple[int, ...]]) -> None:
+        """Experts moved between shards: route each layer's tokens by the new owner table."""
+        self._owner = {layer: torch.tensor(o, dtype=torch.int64) for layer, o in owner.items()}
 
     @torch.inference_mode()
     def step(self, batches: list[StepBatch]) -> StepResult:
         """Run every layer for the micro-batches, overlapping one's attention with the other's experts."""
         counts: dict[int, list[int]] = {}
         self._round_trips: dict[int, list[float]] = {}
+        self._affinity.new_step(len(batches))
         try:
             hs = [self.worker.embed(b) for b in batches]
             for layer in range(self.spec.num_layers):
@@ -143,6 +155,7 @@ class AttentionActor(_Actor):
         flat = route.ids.reshape(-1)
         tally = torch.bincount(flat, minlength=self.spec.num_experts).tolist()
         counts[layer] = [a + b for a, b in zip(counts.get(layer, [0] * len(tally)), tally)]
+        self._affinity.add(m, layer, route.ids)
         return (time.perf_counter(), self._dispatch(layer, x, route.ids)), route, dense
 
     def _dispatch(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> list:
@@ -194,6 +207,25 @@ class ShardActor(_Actor):
 
     def nbytes(self) -> int:
         return self.shard.nbytes()
+
+    def set_experts(self, experts: dict[int, tuple[int, ...]]) -> int:
+        """Hold exactly `experts` (layer -> ids) from now on: kept experts are copied row by row, new
+        ones read from the checkpoint, dropped ones freed. -> bytes read from the checkpoint."""
+        read = 0
+        for layer, ids in experts.items():
+            old = self.shard.banks[layer]
+            bank = ExpertBank.empty(layer, tuple(ids), self.spec.num_experts, self.spec.hidden_size,
+                                    self.spec.expert_intermediate, self.dtype, self.device)
+            for row, e in enumerate(ids):
+                src = int(old.slot_of[e])
+                if src >= 0:
+                    bank.buffer[row].copy_(old.buffer[src])
+                else:
+                    bank.set_expert(row, *read_expert(self.ckpt, self.spec, layer, e, self.dtype))
+                    read += bank.buffer[row].numel() * bank.buffer.element_size()
+            self.shard.banks[layer] = bank
+        self.experts = {layer: tuple(ids) for layer, ids in experts.items()}
+        return read
 
     @torch.inference_mode()
     def serve_step(self, microbatches: list[int]) -> dict:

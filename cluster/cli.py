@@ -117,6 +117,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    "example-hetero); default: described from the live Ray nodes")
     p.add_argument("--address", help="(ray) Ray cluster to join; default: start a local one")
     p.add_argument("--expert-shards", type=int, help="(ray) number of expert shards")
+    p.add_argument("--replan-every", type=int, metavar="STEPS",
+                   help="(ray) re-plan expert placement from live routing every STEPS engine steps")
     p.add_argument("--microbatches", type=int, default=2, choices=(1, 2),
                    help="(ray) ping-pong micro-batches per attention worker (1 = off)")
 
@@ -139,8 +141,8 @@ def _generate(args: argparse.Namespace) -> int:
         model=_model_dir(args), dtype=args.dtype, device=args.device, kernel_backend=args.kernel_backend,
         max_model_len=args.max_model_len, kv_cache_tokens=args.kv_cache_tokens, show_progress=True,
         engine=args.engine, cluster=args.cluster, address=args.address, num_expert_shards=args.expert_shards,
-        microbatches=args.microbatches, record_trace=str(args.record_trace) if args.record_trace else None,
-        expert_cache_fraction=args.expert_cache, expert_cache_policy=args.expert_cache_policy,
+        microbatches=args.microbatches, replan_every_steps=args.replan_every,
+        record_trace=str(args.record_trace) if args.record_trace else None, expert_cache_fraction=args.expert_cache, expert_cache_policy=args.expert_cache_policy,
         route_prediction=args.route_prediction))
     try:
         return _print_stream(engine, args.prompt, params)

@@ -33,6 +33,7 @@ class EngineConfig:
     num_expert_shards: int | None = None  # None: one per eligible node kind instance
     microbatches: int = 2  # ping-pong micro-batches per attention worker (1 = off)
     min_microbatch_tokens: int = 32  # split a worker's batch only when each half gets at least this many
+    replan_every_steps: int | None = None  # re-plan expert placement from live routing every N steps
     actor_threads: int = 1  # torch threads (and Ray CPUs) per actor
     transport_timeout_s: float = 30.0  # a data-plane peer silent this long is declared failed
     max_step_retries: int = 2  # consecutive failed steps recovered before requests end with an error
@@ -46,6 +47,8 @@ class EngineConfig:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.microbatches not in (1, 2):
             raise ValueError(f"microbatches must be 1 or 2, got {self.microbatches}")
+        if self.replan_every_steps is not None and (self.replan_every_steps <= 0 or self.engine != "ray"):
+            raise ValueError("replan_every_steps must be > 0 and needs engine='ray'")
         if self.num_expert_shards is not None and self.num_expert_shards <= 0:
             raise ValueError(f"num_expert_shards must be > 0, got {self.num_expert_shards}")
         if self.transport_timeout_s <= 0 or self.max_step_retries < 0:

@@ -22,6 +22,7 @@ from cluster.actors import ActorConfig, StepResult, Topology
 from cluster.batch import build_batch
 from cluster.builder import start_attention, start_shard
 from cluster.errors import ClusterRecovered
+from cluster.replan import count_moves, replan, shard_assignment
 from cluster.scheduler import ScheduledChunk, SchedulerOutput
 from experts.config import ModelSpec
 
@@ -36,6 +37,7 @@ class RayModelConfig:
     block_size: int
     microbatches: int = 2  # per attention worker; 1 switches ping-pong pipelining off
     min_microbatch_tokens: int = 32  # below 2x this many tokens a worker's batch is not split
+    replan_every_steps: int | None = None  # re-plan and move experts every N steps (None: never)
     start_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
@@ -68,6 +70,8 @@ class RayModel:
         self.spec, self.config = spec, config
         self.plan = config.plan
         self.prefix = f"moe-{uuid.uuid4().hex[:8]}"
+        self.shard_experts = [{layer: tuple(ids) for layer, ids in s.experts.items()} for s in self.plan.expert_shards]
+        self.expert_totals: dict[int, list[int]] = {}  # MoE layer -> tokens routed to each expert, all steps
         self.attention = [self._start_attention(i) for i in range(len(self.plan.attention_workers))]
         self.shards = [self._start_shard(i) for i in range(len(self.plan.expert_shards))]
         self.owner = self._owner_table()
@@ -84,13 +88,13 @@ class RayModel:
 
     def _start_shard(self, i: int):
         s = self.plan.expert_shards[i]
-        experts = {layer: tuple(ids) for layer, ids in s.experts.items()}
-        return start_shard(self.plan.actor_options(s.name), self.config.actor, f"{self.prefix}-{s.name}", experts)
+        return start_shard(self.plan.actor_options(s.name), self.config.actor, f"{self.prefix}-{s.name}",
+                           self.shard_experts[i])
 
     def _owner_table(self) -> dict[int, tuple[int, ...]]:
         owner = {layer: [-1] * self.spec.num_experts for layer in self.spec.moe_layers}
-        for s, shard in enumerate(self.plan.expert_shards):
-            for layer, ids in shard.experts.items():
+        for s, experts in enumerate(self.shard_experts):
+            for layer, ids in experts.items():
                 for e in ids:
                     owner[layer][e] = s
         missing = [(layer, e) for layer, o in owner.items() for e, s in enumerate(o) if s < 0]
@@ -132,6 +136,9 @@ class RayModel:
             self._recover(calls + shard_calls, exc)
             raise ClusterRecovered(f"cluster step failed and was recovered: {_reason(exc)}") from exc
         self._account(results, shard_stats)
+        every = self.config.replan_every_steps
+        if every is not None and self.traffic.steps % every == 0:
+            log.info("re-planned expert placement: %s", self.replan_experts())
         return torch.cat([r.logits for r in results]), tuple(seq_order)
 
     def _split(self, chunks: tuple[ScheduledChunk, ...]) -> list[list[list[ScheduledChunk]]]:
@@ -154,6 +161,8 @@ class RayModel:
             self.traffic.add(r.traffic)
             for layer, c in r.expert_tokens.items():
                 counts[layer] = [a + b for a, b in zip(counts.get(layer, [0] * len(c)), c)]
+        for layer, c in counts.items():
+            self.expert_totals[layer] = [a + b for a, b in zip(self.expert_totals.get(layer, [0] * len(c)), c)]
         self.last_step = {"traffic": [r.traffic for r in results], "shard_traffic": shard_stats,
                           "expert_tokens": counts, "round_trip_ms": [r.round_trip_ms for r in results]}
 
@@ -166,6 +175,41 @@ class RayModel:
         return {"expert_tokens": step["expert_tokens"],
                 "cross_node_bytes": {"dispatch": sum(t["cross_bytes_sent"] for t in step["traffic"]),
                                      "combine": sum(t["cross_bytes_sent"] for t in step["shard_traffic"])}}
+
+    # ---- placement, changed while serving -----------------------------------------------------
+    def move_experts(self, owner: dict[int, tuple[int, ...]]) -> dict:
+        """Apply a new owner table (MoE layer -> shard of each expert) between two engine steps: shards
+        load the experts they gain and drop the rest, then attention workers route by the new table.
+        Requests in flight carry on: outputs do not depend on which shard holds an expert."""
+        shards = len(self.shards)
+        bad = [layer for layer in self.spec.moe_layers
+               if len(owner.get(layer, ())) != self.spec.num_experts
+               or not all(isinstance(s, int) and 0 <= s < shards for s in owner[layer])]
+        if bad:
+            raise ValueError(f"owner table must give every expert of layers {bad} one of {len(self.shards)} shards")
+        moved = count_moves(self.owner, owner, self.spec.moe_layers, len(self.shards))
+        wanted = shard_assignment(owner, len(self.shards))
+        changed = [i for i, w in enumerate(wanted) if w != self.shard_experts[i]]
+        read = ray.get([self.shards[i].set_experts.remote(wanted[i]) for i in changed],
+                       timeout=self.config.start_timeout_s)
+        ray.get([a.set_owner.remote(owner) for a in self.attention], timeout=self.config.start_timeout_s)
+        self.shard_experts, self.owner = wanted, {layer: tuple(owner[layer]) for layer in self.spec.moe_layers}
+        return {"experts_moved": moved, "bytes_loaded": sum(read)}
+
+    def replan_experts(self, max_load_ratio: float = 1.25) -> dict:
+        """Re-plan the placement from the routing seen so far and move experts accordingly."""
+        return self.move_experts(self.planned_owner(max_load_ratio))
+
+    def planned_owner(self, max_load_ratio: float = 1.25) -> dict[int, tuple[int, ...]]:
+        """The owner table grouping would choose from the routing seen since the last call
+        (co-activation, transitions, load); the statistics restart."""
+        co, tr = {}, {}
+        for c, t in ray.get([a.take_affinity.remote() for a in self.attention]):
+            for src, dst in ((c, co), (t, tr)):
+                for layer, m in src.items():
+                    dst[layer] = dst.get(layer, 0) + m
+        totals, self.expert_totals = self.expert_totals, {}
+        return replan(self.owner, self.spec.moe_layers, len(self.shards), totals, co, tr, max_load_ratio)
 
     # ---- failures ----------------------------------------------------------------------------
     def _recover(self, refs: list, exc: BaseException) -> None:

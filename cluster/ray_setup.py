@@ -37,7 +37,7 @@ def start_ray_model(config: EngineConfig) -> RayModel:
     return RayModel(spec, RayModelConfig(
         actor=actor, plan=_UnlabeledAware(placement), num_kv_slots=config.num_blocks * config.block_size,
         block_size=config.block_size, microbatches=config.microbatches,
-        min_microbatch_tokens=config.min_microbatch_tokens))
+        min_microbatch_tokens=config.min_microbatch_tokens, replan_every_steps=config.replan_every_steps))
 
 
 def connect(address: str | None) -> None:

@@ -118,3 +118,32 @@ def test_killed_actor_is_replaced_and_requests_complete(ray_cluster, tiny_model,
         assert again.token_ids == expected[0]
     finally:
         engine.shutdown()
+
+
+def test_experts_move_between_shards_while_requests_run(ray_cluster, tiny_model):
+    model = str(tiny_model("olmoe"))
+    [expected] = _run(EngineConfig(model=model), GREEDY)
+    engine = LLMEngine(EngineConfig(model=model, engine="ray", cluster="local"))
+    try:
+        ids = [engine.add_request(p, GREEDY) for p in PROMPTS]
+        final = {}
+        for _ in range(3):
+            final.update({o.request_id: o for o in engine.step() if o.finished})
+        m = engine.model
+        before = {layer: list(row) for layer, row in m.owner.items()}
+        swapped = {layer: tuple(reversed(row)) for layer, row in m.owner.items()}  # every expert changes shard
+        with pytest.raises(ValueError, match="every expert"):
+            m.move_experts({layer: row[:-1] for layer, row in swapped.items()})
+        report = m.move_experts(swapped)
+        assert report["experts_moved"] == sum(a != b for layer in before for a, b in zip(before[layer], swapped[layer]))
+        assert report["bytes_loaded"] > 0 and m.owner == swapped
+        final.update({o.request_id: o for o in engine.step() if o.finished})
+        replanned = m.replan_experts()  # from the routes seen so far
+        capacity = max(max(row.count(s) for s in set(row)) for row in map(list, swapped.values()))
+        assert all(list(row).count(s) <= capacity for row in m.owner.values() for s in range(len(m.shards)))
+        assert replanned["experts_moved"] >= 0
+        while engine.has_unfinished():
+            final.update({o.request_id: o for o in engine.step() if o.finished})
+        assert [final[i].token_ids for i in ids] == expected
+    finally:
+        engine.shutdown()
