@@ -19,7 +19,8 @@ import torch
 from cluster.affinity import AffinityTally
 from cluster.attention_worker import AttentionWorker
 from cluster.batch import StepBatch
-from cluster.moe_dispatch import ABORT, ShardSlice, combine, pack, payload_nbytes, split_route, unpack
+from cluster.moe_dispatch import (ABORT, ShardSlice, combine, fold_outputs, output_rows, pack, payload_nbytes,
+                                  split_route, unpack)
 from cluster.transport import Transport, free_endpoint, wait
 from experts.checkpoint import Checkpoint
 from experts.config import load_spec
@@ -156,12 +157,12 @@ class AttentionActor(_Actor):
         tally = torch.bincount(flat, minlength=self.spec.num_experts).tolist()
         counts[layer] = [a + b for a, b in zip(counts.get(layer, [0] * len(tally)), tally)]
         self._affinity.add(m, layer, route.ids)
-        return (time.perf_counter(), self._dispatch(layer, x, route.ids)), route, dense
+        return (time.perf_counter(), self._dispatch(layer, x, route.ids, route.weights)), route, dense
 
-    def _dispatch(self, layer: int, x: torch.Tensor, ids: torch.Tensor) -> list:
+    def _dispatch(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> list:
         """Send each shard its tokens; post the receives of their outputs. -> [(slice, out, works)]"""
         top = self.topology
-        slices = split_route(ids, self._owner[layer], top.num_shards)
+        slices = split_route(ids, weights, self._owner[layer], top.num_shards)
         pending = []
         for s, sl in enumerate(slices):
             dst = top.num_attention + s
@@ -169,7 +170,7 @@ class AttentionActor(_Actor):
             works, out = [self.transport.isend(header, dst, layer)], None
             if payload is not None:
                 works.append(self.transport.isend(payload, dst, layer))
-                out = torch.empty(sl.pair_row.numel(), x.shape[1], dtype=x.dtype)
+                out = torch.empty(output_rows(sl), x.shape[1], dtype=x.dtype)
                 works.append(self.transport.irecv(out, dst, layer))
             pending.append((sl, out, works, header, payload))  # tensors stay alive until waited
         return pending
@@ -254,9 +255,10 @@ class ShardActor(_Actor):
         h = self.spec.hidden_size
         payload = self.transport.recv(torch.empty(payload_nbytes(n, p, h, self.dtype), dtype=torch.uint8),
                                       src, layer)
-        x, pair_row, pair_expert = unpack(payload, n, p, h, self.dtype)
+        x, pair_row, pair_expert, fold, weight = unpack(payload, n, p, h, self.dtype)
         start = time.perf_counter()
-        out = self.shard.pair_outputs(layer, x, pair_row, pair_expert)
+        out = fold_outputs(self.shard.pair_outputs(layer, x, pair_row, pair_expert), pair_row, pair_expert, fold,
+                           weight)
         self._compute_ms[layer] = self._compute_ms.get(layer, 0.0) + 1e3 * (time.perf_counter() - start)
         sends.append((self.transport.isend(out, src, layer), out))
         return True

@@ -1,13 +1,17 @@
 """Dispatch and combine of one MoE layer across expert shards, as tensors (no transport here).
 
-A token goes once to every shard holding at least one of its experts; the shard returns one
-expert output per (token, expert) pair, and the attention side sums each token's weighted
-outputs in ascending expert id, the order `fused_moe_ref` adds them in. So the result does not
-depend on which shard holds which expert.
+A token goes once to every shard holding at least one of its experts. The attention side sums
+each token's weighted expert outputs in ascending expert id, the order `fused_moe_ref` adds them
+in, so the result does not depend on which shard holds which expert. A shard that holds a token's
+lowest c >= 2 experts ("folded" pairs) returns their weighted sum, added in that same order, as
+one row: the attention side starts the token's sum from it, with the same bits; for every other
+pair the shard returns the unweighted expert output.
 
 Wire format, attention -> shard: header int64 [2] = (n tokens, P pairs), then (when n > 0) one
-uint8 payload = int32 [P, 2] (row in the n tokens, global expert id) | x rows [n, H]. Shard ->
-attention: expert outputs [P, H] in the hidden dtype. A header of (-1, -1) aborts the step.
+uint8 payload = int32 [P, 3] (row in the n tokens, global expert id, folded) | float32 [P] gate
+weights | x rows [n, H]. Shard -> attention: [P_u + F, H] in the hidden dtype: the outputs of the
+P_u unfolded pairs in pair order, then one row per folded token in ascending row order. A header
+of (-1, -1) aborts the step.
 """
 
 from __future__ import annotations
@@ -27,19 +31,26 @@ class ShardSlice:
     pair_row: torch.Tensor  # [P] int64 index into rows of each (token, expert) pair
     pair_expert: torch.Tensor  # [P] int64 global expert id of each pair
     pair_flat: torch.Tensor  # [P] int64 flat slot t * K + j of each pair in the [T, K] route
+    pair_weight: torch.Tensor  # [P] float32 gate weight of each pair
+    fold: torch.Tensor  # [P] bool: the pair is one of its token's lowest c >= 2 experts, all held here
 
 
-def split_route(ids: torch.Tensor, owner: torch.Tensor, num_shards: int) -> list[ShardSlice]:
-    """ids: [T, K] global expert ids; owner: [E] shard index of each expert -> one slice per shard."""
-    top_k = ids.shape[1]
+def split_route(ids: torch.Tensor, weights: torch.Tensor, owner: torch.Tensor, num_shards: int) -> list[ShardSlice]:
+    """ids, weights: [T, K]; owner: [E] shard index of each expert -> one slice per shard."""
+    num_tokens, top_k = ids.shape
     flat = ids.reshape(-1)  # [T*K]
+    rank = torch.argsort(torch.argsort(ids, dim=1, stable=True), dim=1).reshape(-1)  # [T*K] place in ascending id
     shard = owner[flat]  # [T*K]
     slices = []
     for s in range(num_shards):
         pair_flat = (shard == s).nonzero().squeeze(1)  # ascending: grouped by token
         tokens = pair_flat // top_k
+        held = torch.bincount(tokens, minlength=num_tokens)  # [T] pairs of each token here
+        top = torch.zeros(num_tokens, dtype=torch.int64).scatter_reduce(0, tokens, rank[pair_flat], "amax")
+        folds = (held >= 2) & (top == held - 1)  # [T] holds exactly the token's lowest experts
         rows = torch.unique_consecutive(tokens)
-        slices.append(ShardSlice(rows, torch.searchsorted(rows, tokens), flat[pair_flat], pair_flat))
+        slices.append(ShardSlice(rows, torch.searchsorted(rows, tokens), flat[pair_flat], pair_flat,
+                                 weights.reshape(-1)[pair_flat].float(), folds[tokens]))
     return slices
 
 
@@ -49,34 +60,66 @@ def pack(x: torch.Tensor, sl: ShardSlice) -> tuple[torch.Tensor, torch.Tensor | 
     header = torch.tensor([n, p], dtype=torch.int64)
     if n == 0:
         return header, None
-    meta = torch.stack([sl.pair_row, sl.pair_expert], 1).to(torch.int32)  # [P, 2]
+    meta = torch.stack([sl.pair_row, sl.pair_expert, sl.fold.long()], 1).to(torch.int32)  # [P, 3]
     rows = x[sl.rows].contiguous()  # [n, H]
-    return header, torch.cat([meta.view(-1).view(torch.uint8), rows.view(-1).view(torch.uint8)])
+    return header, torch.cat([meta.view(-1).view(torch.uint8), sl.pair_weight.view(torch.uint8),
+                              rows.view(-1).view(torch.uint8)])
+
+
+def output_rows(sl: ShardSlice) -> int:
+    """Rows a shard returns for this slice: unfolded pairs plus one per folded token."""
+    folded = sl.pair_row[sl.fold]
+    return int((~sl.fold).sum()) + int(torch.unique_consecutive(folded).numel())
+
+
+def fold_outputs(out: torch.Tensor, pair_row: torch.Tensor, pair_expert: torch.Tensor, fold: torch.Tensor,
+                 weight: torch.Tensor) -> torch.Tensor:
+    """Shard side. out: [P, H] unweighted pair outputs -> [P_u + F, H] (wire order, see above)."""
+    idx = fold.nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return out
+    idx = idx[torch.argsort(pair_row[idx] * (int(pair_expert.max()) + 1) + pair_expert[idx])]  # by (row, id)
+    parts = (out[idx] * weight[idx, None]).to(out.dtype)  # [Pf, H], as combine weighs them
+    _, counts = torch.unique_consecutive(pair_row[idx], return_counts=True)
+    start = torch.cumsum(counts, 0) - counts
+    total = parts[start].clone()
+    for j in range(1, int(counts.max())):
+        more = counts > j
+        total[more] += parts[start[more] + j]
+    return torch.cat([out[~fold], total])
 
 
 def payload_nbytes(n: int, p: int, hidden: int, dtype: torch.dtype) -> int:
-    return p * 2 * 4 + n * hidden * dtype.itemsize
+    return p * 4 * 4 + n * hidden * dtype.itemsize
 
 
-def unpack(payload: torch.Tensor, n: int, p: int, hidden: int,
-           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """payload uint8 -> (x [n, H], pair_row [P] int64, pair_expert [P] int64)."""
-    meta = payload[: p * 8].view(torch.int32).view(p, 2).long()
-    x = payload[p * 8:].view(dtype).view(n, hidden)
-    return x, meta[:, 0], meta[:, 1]
+def unpack(payload: torch.Tensor, n: int, p: int, hidden: int, dtype: torch.dtype):
+    """payload uint8 -> (x [n, H], pair_row [P] int64, pair_expert [P] int64, fold [P] bool, weight [P] float32)."""
+    meta = payload[: p * 12].view(torch.int32).view(p, 3).long()
+    weight = payload[p * 12: p * 16].view(torch.float32)
+    x = payload[p * 16:].view(dtype).view(n, hidden)
+    return x, meta[:, 0], meta[:, 1], meta[:, 2].bool(), weight
 
 
 def combine(outputs: list[tuple[ShardSlice, torch.Tensor]], ids: torch.Tensor,
             weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Per-pair expert outputs from every shard -> [T, H] weighted sum over each token's experts."""
+    """Every shard's outputs -> [T, H] weighted sum over each token's experts, in ascending expert id
+    (a folded row stands for the first terms of that sum; the folded pairs' own terms are zero)."""
     t, k = ids.shape
     hidden = outputs[0][1].shape[1] if outputs else 0
     y = torch.zeros(t * k, hidden, dtype=dtype)  # [T*K, H]
+    partial: list[tuple[torch.Tensor, torch.Tensor]] = []  # (token indices, their folded rows)
     for sl, out in outputs:
-        y[sl.pair_flat] = out
+        unfolded = ~sl.fold
+        count = int(unfolded.sum())
+        y[sl.pair_flat[unfolded]] = out[:count]
+        if count < out.shape[0]:
+            partial.append((sl.rows[torch.unique_consecutive(sl.pair_row[sl.fold])], out[count:]))
     order = torch.argsort(ids, dim=1, stable=True)  # [T, K] ascending expert id
     parts = (y.view(t, k, hidden) * weights[..., None]).to(dtype)  # [T, K, H]
     parts = torch.take_along_dim(parts, order[..., None], dim=1)
+    for tokens, rows in partial:
+        parts[tokens, 0] = rows
     total = parts[:, 0].clone()
     for j in range(1, k):
         total += parts[:, j]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.moe_dispatch import combine, pack, payload_nbytes, split_route, unpack
+from cluster.moe_dispatch import combine, fold_outputs, output_rows, pack, payload_nbytes, split_route, unpack
 from experts.expert_bank import ExpertBank
 from experts.shard import ExpertShard
 from kernels.dispatch import select_kernels
@@ -14,8 +14,8 @@ from kernels.fused_moe import fused_moe_ref
 E, H, I, K, T = 8, 16, 12, 3, 10
 
 
-def _bank(expert_ids, weights):
-    bank = ExpertBank.empty(0, tuple(expert_ids), E, H, I, torch.float32)
+def _bank(expert_ids, weights, dtype=torch.float32):
+    bank = ExpertBank.empty(0, tuple(expert_ids), E, H, I, dtype)
     for row, e in enumerate(expert_ids):
         bank.set_expert(row, *weights[e])
     return bank
@@ -32,33 +32,44 @@ def case():
     return weights, x, ids, w
 
 
-@pytest.mark.parametrize("owner", [[0, 0, 0, 0, 1, 1, 1, 1], [0, 1, 2, 0, 1, 2, 0, 1], [1] * 8])
-def test_sharded_moe_equals_reference_bitwise(case, owner):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("owner", [[0, 0, 0, 0, 1, 1, 1, 1], [0, 1, 2, 0, 1, 2, 0, 1], [1] * 8, [0, 0, 1, 1, 0, 0, 1, 1]])
+def test_sharded_moe_equals_reference_bitwise(case, owner, dtype):
+    """Folded rows (a shard holding a token's lowest experts) included: the same bits as one bank."""
     weights, x, ids, w = case
+    weights = [tuple(m.to(dtype) for m in trio) for trio in weights]
+    x = x.to(dtype)
     num_shards = max(owner) + 1
-    full = _bank(range(E), weights)
+    full = _bank(range(E), weights, dtype)
     expected = fused_moe_ref(x, full.w_gate_up, full.w_down, ids, w)
     owner_t = torch.tensor(owner)
     ops = select_kernels("cpu", "torch")
     outputs = []
-    for s, sl in enumerate(split_route(ids, owner_t, num_shards)):
+    folded = 0
+    for s, sl in enumerate(split_route(ids, w, owner_t, num_shards)):
         header, payload = pack(x, sl)
         n, p = header.tolist()
         assert n == len(set((sl.pair_flat // K).tolist())) and p == int((owner_t[ids] == s).sum())
         if payload is None:
             continue
-        assert payload.numel() == payload_nbytes(n, p, H, torch.float32)
-        xs, pair_row, pair_expert = unpack(payload, n, p, H, torch.float32)
-        shard = ExpertShard({0: _bank([e for e in range(E) if owner[e] == s], weights)}, ops)
-        outputs.append((sl, shard.pair_outputs(0, xs, pair_row, pair_expert)))
-    got = combine(outputs, ids, w, torch.float32)
+        assert payload.numel() == payload_nbytes(n, p, H, dtype)
+        xs, pair_row, pair_expert, fold, weight = unpack(payload, n, p, H, dtype)
+        assert torch.equal(fold, sl.fold) and torch.equal(weight, w.reshape(-1)[sl.pair_flat])
+        shard = ExpertShard({0: _bank([e for e in range(E) if owner[e] == s], weights, dtype)}, ops)
+        out = fold_outputs(shard.pair_outputs(0, xs, pair_row, pair_expert), pair_row, pair_expert, fold, weight)
+        assert out.shape[0] == output_rows(sl) <= p
+        folded += p - out.shape[0]
+        outputs.append((sl, out))
+    got = combine(outputs, ids, w, dtype)
     assert torch.equal(got, expected)
+    if len(set(owner)) == 1:
+        assert folded == T * (K - 1)  # one shard holds everything: one row per token
 
 
 def test_each_token_is_sent_once_per_shard(case):
     _, x, ids, _ = case
     owner = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
-    slices = split_route(ids, owner, 2)
+    slices = split_route(ids, torch.ones(ids.shape), owner, 2)
     for s, sl in enumerate(slices):
         has = (owner[ids] == s).any(dim=1).nonzero().squeeze(1)
         assert torch.equal(sl.rows, has)

@@ -75,15 +75,19 @@ def test_cross_node_bytes_match_hand_computation(ray_cluster, tiny_model, tmp_pa
     try:
         t = 7
         engine.generate([list(range(1, t + 1))], SamplingParams(max_tokens=1, temperature=0.0))
-        spec, traffic = engine.spec, engine.model.traffic
-        h, layers = spec.hidden_size, len(spec.moe_layers)
-        remote = 1 if colocated else 2  # shards on another node than the attention worker
-        per_shard_dispatch = 16 + 2 * t * 8 + t * h * 4  # header + (row, expert) pairs + hidden rows
-        per_shard_combine = 2 * t * h * 4  # one output row per pair
-        assert traffic.steps == 1
-        assert traffic.dispatch_bytes == layers * remote * per_shard_dispatch
-        assert traffic.combine_bytes == layers * remote * per_shard_combine
-        assert traffic.messages == layers * remote * 3
+        spec, traffic, top = engine.spec, engine.model.traffic, engine.model.topology
+        h, dispatch, combine, messages = spec.hidden_size, 0, 0, 0
+        for layer in spec.moe_layers:
+            for s in range(2):
+                if top.node_of[top.num_attention + s] == top.node_of[0]:
+                    continue  # "any": this shard shares the attention worker's node
+                held = sorted(e for e, o in enumerate(engine.model.owner[layer]) if o == s)
+                dispatch += 16 + 2 * t * 16 + t * h * 4  # header + 2 pairs (row, id, fold, weight) + rows
+                # a shard holding every token's two lowest experts returns their sum: one row a token
+                combine += (t if held == [0, 1] else 2 * t) * h * 4
+                messages += 3
+        assert traffic.steps == 1 and messages == len(spec.moe_layers) * (1 if colocated else 2) * 3
+        assert (traffic.dispatch_bytes, traffic.combine_bytes, traffic.messages) == (dispatch, combine, messages)
         assert sorted(traffic.per_layer) == list(spec.moe_layers)
         stats = engine.last_step_stats  # what the serving metrics read
         assert stats["cross_node_bytes"] == {"dispatch": traffic.dispatch_bytes, "combine": traffic.combine_bytes}
