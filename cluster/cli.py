@@ -52,8 +52,21 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(run=_plan)
     _add_up(sub)
+    _add_grpc(sub)
     _add_replay(sub)
     return parser
+
+
+def _add_grpc(sub) -> None:
+    g = sub.add_parser("grpc", help="serve the gRPC API as a standalone server (no Ray) until Ctrl-C")
+    g.add_argument("--model", help="HF model directory (default: the built-in demo model)")
+    g.add_argument("--served-model-name", help="model name clients send (default: the directory's name)")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=9000)
+    g.add_argument("--dtype", default="float32", choices=DTYPES)
+    g.add_argument("--max-model-len", type=int)
+    g.add_argument("--kv-cache-tokens", type=int, default=16384)
+    g.set_defaults(run=_grpc)
 
 
 def _add_up(sub) -> None:
@@ -186,6 +199,17 @@ def _up(args: argparse.Namespace) -> int:
                 "expert_cache_policy": args.expert_cache_policy, "route_prediction": args.route_prediction or None}
     return run_up(args.model, args.address, args.http_port, args.grpc_port, args.engine, args.cluster,
                   host=args.host, app_args={k: v for k, v in app_args.items() if v is not None})
+
+
+def _grpc(args: argparse.Namespace) -> int:
+    from cluster.config import EngineConfig
+    from cluster.grpc_server import run_grpc_server
+
+    model = _model_dir(args)
+    config = EngineConfig(model=model, dtype=args.dtype, max_model_len=args.max_model_len,
+                          kv_cache_tokens=args.kv_cache_tokens)
+    name = args.served_model_name or ("moe-serve-demo" if args.model is None else Path(model).resolve().name)
+    return run_grpc_server(config, name, args.host, args.port)
 
 
 def _replay(args: argparse.Namespace) -> int:

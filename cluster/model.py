@@ -45,7 +45,8 @@ class InProcessModel:
         bar = tqdm(total=2 * spec.num_layers, desc="loading", unit="layer", disable=not show_progress)
         dense = load_dense(ckpt, spec, dtype, device, progress=bar.update)
         if expert_cache is not None:
-            experts = CachedExperts(ckpt, spec, dtype, device, ops, expert_cache)
+            experts = CachedExperts(ckpt, spec, dtype, device, ops, expert_cache)  # loads on demand
+            bar.update(len(spec.moe_layers))
         else:
             banks = {}
             for layer in spec.moe_layers:

@@ -62,3 +62,33 @@ def test_up_refuses_bad_args_before_starting_anything(tmp_path):
                           "0"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "max_model_len" in res.stderr, res.stderr
     assert "Ray" not in res.stdout + res.stderr.split("error:")[0]  # no cluster was started
+
+
+def test_standalone_grpc_server_serves_and_stops_on_sigterm(tiny_model):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from protos import moe_serve_pb2 as pb
+    from protos import moe_serve_pb2_grpc
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "grpc", "--model", str(tiny_model("olmoe")),
+                             "--served-model-name", "tiny", "--port", str(port), "--max-model-len", "256"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: list[str] = []
+    try:
+        assert wait_for_line(proc, "serving", seen), "".join(seen)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            outs = list(moe_serve_pb2_grpc.MoeServeStub(channel).Generate(
+                pb.GenerateRequest(model="tiny", text="hi", max_tokens=4, temperature=0.0, ignore_eos=True)))
+            assert outs[-1].finished and sum(len(o.new_token_ids) for o in outs) == 4
+            assert outs[-1].usage.completion_tokens == 4
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and "stopped" in out, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
