@@ -118,7 +118,7 @@ def run_variant(base: dict, extra: dict, args) -> dict:
     """Decode tokens/s, per-layer latencies and bytes per token of the cluster engine with `extra` settings."""
     engine = LLMEngine(EngineConfig(**base, engine="ray", cluster="local", **extra))
     try:
-        decode(engine, args.batch, 4)
+        decode(engine, args.batch, 16)  # warm-up: first calls, allocations, connections
         trips, comm = [], []
         traffic0 = (engine.model.traffic.dispatch_bytes, engine.model.traffic.combine_bytes)
 
