@@ -107,7 +107,8 @@ def main() -> int:
         "vs_inprocess_b8_forced_pipelining": round(forced["tokens_per_s"] / inproc_tps, 3),
         "pipelining_speedup_forced": round(forced["tokens_per_s"] / off["tokens_per_s"], 3),
         "default_splits_batch": default["split"],
-        "tokens_per_s": {"inprocess": round(inproc_tps, 2), **{k: round(v["tokens_per_s"], 2) for k, v in results.items()}},
+        "tokens_per_s": {"inprocess": round(inproc_tps, 2),
+                         **{k: round(v["tokens_per_s"], 2) for k, v in results.items()}},
         "cross_node_bytes_per_token": {"dispatch": round(off["dispatch_per_token"]),
                                        "combine": round(off["combine_per_token"])},
     }, indent=2))

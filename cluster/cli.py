@@ -104,7 +104,8 @@ def _add_replay(sub) -> None:
     rp.add_argument("--hidden-size", type=int, default=4096, help="bytes per token = hidden size x dtype bytes")
     rp.add_argument("--dtype-bytes", type=int, default=2)
     rp.add_argument("--kv-elems", type=int, default=2048,
-                    help="K+V values a token writes per layer (Mixtral: 2 x 8 heads x 128), for schemes that replicate KV")
+                    help="K+V values a token writes per layer (Mixtral: 2 x 8 heads x 128), for schemes "
+                         "that replicate KV")
     rp.add_argument("--fit-fraction", type=float, default=0.5,
                     help="share of each request's tokens that fit the statistics; the rest are reported")
     rp.add_argument("--json", action="store_true", help="print the whole report as one JSON object")
@@ -155,7 +156,8 @@ def _generate(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len, kv_cache_tokens=args.kv_cache_tokens, show_progress=True,
         engine=args.engine, cluster=args.cluster, address=args.address, num_expert_shards=args.expert_shards,
         microbatches=args.microbatches, replan_every_steps=args.replan_every,
-        record_trace=str(args.record_trace) if args.record_trace else None, expert_cache_fraction=args.expert_cache, expert_cache_policy=args.expert_cache_policy,
+        record_trace=str(args.record_trace) if args.record_trace else None,
+        expert_cache_fraction=args.expert_cache, expert_cache_policy=args.expert_cache_policy,
         route_prediction=args.route_prediction))
     try:
         return _print_stream(engine, args.prompt, params)

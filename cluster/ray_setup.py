@@ -31,6 +31,9 @@ def start_ray_model(config: EngineConfig) -> RayModel:
         kv_cache_tokens=config.kv_cache_tokens))
     if config.show_progress:
         print(placement.describe(), file=sys.stderr, flush=True)
+    problems = unschedulable(_UnlabeledAware(placement), ray.nodes())
+    if problems:
+        raise ValueError(f"{cluster.source}: the Ray cluster cannot host this plan: {'; '.join(problems)}")
     actor = ActorConfig(model=str(Path(config.model).resolve()), dtype=config.dtype, device=config.device,
                         kernel_backend=config.kernel_backend, num_threads=config.actor_threads,
                         transport_timeout_s=config.transport_timeout_s)
@@ -76,6 +79,25 @@ def cluster_from_ray(label_key: str = DEFAULT_LABEL_KEY) -> ClusterSpec:
                         "memory_gb": max(res.get("memory", 1 << 30) / (1 << 30), 0.01),
                         "role": "none" if kind == "head" and len(kinds) > 1 else "any"})
     return cluster_from_dict({"label_key": label_key, "nodes": entries}, source="the live Ray cluster")
+
+
+def unschedulable(placement, nodes: list[dict]) -> list[str]:
+    """For each actor no alive node can take (label selector and custom resources, as Ray would
+    match them), a line saying what it needs and which node kinds the cluster has."""
+    alive = [n for n in nodes if n.get("Alive")]
+    problems = []
+    for actor in (*placement.attention_workers, *placement.expert_shards):
+        opts = placement.actor_options(actor.name)
+        labels, resources = opts.get("label_selector", {}), opts.get("resources", {})
+        if any(all(n.get("Labels", {}).get(k) == v for k, v in labels.items())
+               and all(n.get("Resources", {}).get(r, 0) >= amount for r, amount in resources.items()) for n in alive):
+            continue
+        kinds = sorted({n.get("Labels", {}).get(placement.label_key, UNLABELED) for n in alive})
+        need = ", ".join([f"label {k}={v}" for k, v in labels.items()]
+                         + [f"resource {r}>={a}" for r, a in resources.items()])
+        problems.append(f"{actor.name} needs a node with {need or 'any resources'} "
+                        f"(node kinds here: {', '.join(kinds)})")
+    return problems
 
 
 class _UnlabeledAware:

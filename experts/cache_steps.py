@@ -52,7 +52,8 @@ def decode_steps(records: Iterable[RouteRecord]) -> tuple[list[Step], int, int]:
 def predict_next(steps: list[Step], num_layers: int, num_experts: int) -> list[list[np.ndarray | None]]:
     """[step][layer] -> [E] expected uses of layer+1's experts by the step's tokens, predicted once
     layer is routed (the predictor learns online, from the routes seen so far); None at the last layer."""
-    predictor = MixturePredictor([AffinityPredictor(num_layers, num_experts), PreviousRoutePredictor(num_layers, num_experts)])
+    predictor = MixturePredictor([AffinityPredictor(num_layers, num_experts),
+                                  PreviousRoutePredictor(num_layers, num_experts)])
     out = []
     for step in steps:
         rows: list[np.ndarray | None] = [None] * num_layers

@@ -3,6 +3,7 @@ hand-checked byte counters, and recovery from killed actors."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,18 @@ def test_experts_move_between_shards_while_requests_run(ray_cluster, tiny_model)
         assert [final[i].token_ids for i in ids] == expected
     finally:
         engine.shutdown()
+
+
+def test_a_plan_the_cluster_cannot_host_fails_fast_and_says_why(ray_cluster, tiny_model, tmp_path):
+    path = tmp_path / "tpu.yaml"
+    path.write_text("""
+label_key: moe-serve/node-kind
+nodes:
+  - {kind: cpu-highmem, memory_gb: 8, role: attention, resources: {cpu_highmem: 1}}
+  - {kind: tpu, memory_gb: 8, role: experts}
+""")
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"shard-0 needs a node with label moe-serve/node-kind=tpu") as err:
+        LLMEngine(EngineConfig(model=str(tiny_model("olmoe")), engine="ray", cluster=str(path)))
+    assert "node kinds here: " in str(err.value) and "gpu" in str(err.value)
+    assert time.monotonic() - start < 60  # refused up front, not after the actors' start timeout
