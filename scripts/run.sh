@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One command on a fresh machine: install, then run the main job (the built-in demo model).
+# One command on a fresh machine: install, then run the main job: serve the built-in demo model on a
+# local Ray cluster over HTTP (OpenAI API) and gRPC until Ctrl-C. Extra arguments go to `moe-serve up`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/moe-serve generate --prompt "def fibonacci(n):" --max-tokens 48 --seed 0 "$@"
+exec .venv/bin/moe-serve up "$@"
