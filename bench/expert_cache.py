@@ -2,8 +2,9 @@
 
 On the demo model (default) or --model, measured in one run on the same prompts: decode tokens/s
 of the in-process engine with every expert resident, and with `--fraction` of each layer's
-experts resident under each live policy (the rest read from the checkpoint on demand); plus each
-policy's hit rate and bytes moved per token. Greedy tokens are checked to be identical.
+experts resident under each live policy (the rest read from the checkpoint on demand), and the
+score policy with pre-gating prefetch; plus hit rate, demand misses, prefetch accuracy and bytes
+moved per token. Greedy tokens are checked to be identical.
 Prints one JSON object; `vs_all_resident` is tokens/s over the all-resident engine's.
 
     python bench/expert_cache.py [--fraction 0.5] [--batch 4] [--new-tokens 128]
@@ -56,15 +57,18 @@ def main() -> int:
     decode(LLMEngine(base), args.batch, 8)  # warm-up: first-call allocations, oneDNN primitives
     resident_tps, want = decode(LLMEngine(base), args.batch, args.new_tokens)
     out["all_resident_tokens_per_s"] = resident_tps
-    for policy in ("lru", "lfu", "score"):
+    for name in ("lru", "lfu", "score", "score+prefetch"):
+        policy = name.split("+")[0]
         engine = LLMEngine(EngineConfig(model=model, dtype=args.dtype, max_num_seqs=args.batch,
-                                        expert_cache_fraction=args.fraction, expert_cache_policy=policy))
+                                        expert_cache_fraction=args.fraction, expert_cache_policy=policy,
+                                        expert_cache_prefetch=name.endswith("+prefetch")))
         tps, got = decode(engine, args.batch, args.new_tokens)
         stats = engine.model.experts.stats.as_dict()
         tokens = args.batch * (args.new_tokens + 1)
-        out[policy] = {"tokens_per_s": tps, "vs_all_resident": tps / resident_tps, "hit_rate": stats["hit_rate"],
-                       "bytes_moved_per_token": stats["bytes_moved"] / tokens, "identical_tokens": got == want,
-                       "fast_tier_bytes": engine.model.experts.nbytes()}
+        out[name] = {"tokens_per_s": tps, "vs_all_resident": tps / resident_tps, "hit_rate": stats["hit_rate"],
+                     "demand_misses_per_token": stats["misses"] / tokens, "prefetch_accuracy": stats["prefetch_accuracy"],
+                     "bytes_moved_per_token": stats["bytes_moved"] / tokens, "identical_tokens": got == want,
+                     "fast_tier_bytes": engine.model.experts.nbytes()}
     print(json.dumps(out, indent=2))
     return 0
 

@@ -125,6 +125,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="keep only this fraction of each layer's experts resident, reading the rest from the "
                         "checkpoint on demand (in-process engine)")
     p.add_argument("--expert-cache-policy", default="score", choices=("lru", "lfu", "score"))
+    p.add_argument("--expert-cache-prefetch", action="store_true",
+                   help="load the experts pre-gating predicts for the next layer ahead of it")
     p.add_argument("--engine", default="inprocess", choices=ENGINES,
                    help="inprocess: one process; ray: attention workers and expert shards as Ray actors")
     p.add_argument("--cluster", help="(ray) cluster description file or built-in name (local, "
@@ -158,7 +160,7 @@ def _generate(args: argparse.Namespace) -> int:
         microbatches=args.microbatches, replan_every_steps=args.replan_every,
         record_trace=str(args.record_trace) if args.record_trace else None,
         expert_cache_fraction=args.expert_cache, expert_cache_policy=args.expert_cache_policy,
-        route_prediction=args.route_prediction))
+        expert_cache_prefetch=args.expert_cache_prefetch, route_prediction=args.route_prediction))
     try:
         return _print_stream(engine, args.prompt, params)
     finally:

@@ -25,6 +25,7 @@ class EngineConfig:
     route_prediction: bool = False  # (in-process) run the route predictors live; recall to the metrics
     expert_cache_fraction: float | None = None  # (in-process) share of each layer's experts kept resident
     expert_cache_policy: str = "score"  # lru | lfu | score
+    expert_cache_prefetch: bool = False  # load the experts pre-gating predicts for the next layer ahead
     # ---- cluster mode (engine="ray") ----
     engine: str = "inprocess"  # "inprocess": one process, no Ray; "ray": actors on a Ray cluster
     cluster: str | None = None  # cluster description file (or built-in name); None: from the live nodes

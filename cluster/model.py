@@ -75,12 +75,24 @@ class InProcessModel:
                 self._expert_tokens[layer] = torch.bincount(route.ids.reshape(-1), minlength=self.spec.num_experts)
                 if self.record_routes:
                     self._routes[layer] = (route.ids, route.weights)
-                if self.pregate and layer + 1 < self.spec.num_layers and self.spec.sparse_layers[layer + 1]:
-                    self._pregate[layer + 1] = self.gate.route(layer + 1, x).ids
                 moe = self.experts.forward(layer, x, route.ids, route.weights)
+                self._look_ahead(layer, x)
                 y = moe if y is None else moe + y
             h = h + y
         return self.attention.logits(h, batch)
+
+    def _look_ahead(self, layer: int, x: torch.Tensor) -> None:
+        """Pre-gating: the next MoE layer's gate on this layer's input, for the live route predictors
+        and the expert cache's prefetch."""
+        prefetch = isinstance(self.experts, CachedExperts) and self.experts.config.prefetch
+        nxt = layer + 1
+        if not (self.pregate or prefetch) or nxt >= self.spec.num_layers or not self.spec.sparse_layers[nxt]:
+            return
+        ids = self.gate.route(nxt, x).ids  # [T, k]
+        if self.pregate:
+            self._pregate[nxt] = ids
+        if prefetch:
+            self.experts.prefetch(nxt, torch.bincount(ids.reshape(-1), minlength=self.spec.num_experts).tolist())
 
     def step_stats(self) -> dict:
         """The last step's MoE statistics, as cluster.metrics reads them."""

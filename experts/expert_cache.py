@@ -24,6 +24,7 @@ from experts.loader import load_experts, read_expert
 from kernels.dispatch import KernelOps
 
 LIVE_POLICIES = ("lru", "lfu", "score")
+MIN_PREFETCH_USES = 1.0  # predicted uses by the step's tokens below which an expert is not loaded ahead
 SCORE_HALF_LIFE_STEPS = 16.0
 
 
@@ -31,6 +32,7 @@ SCORE_HALF_LIFE_STEPS = 16.0
 class ExpertCacheConfig:
     capacity_fraction: float  # of each MoE layer's experts resident in the fast tier, in (0, 1]
     policy: str = "score"
+    prefetch: bool = False  # load the experts pre-gating predicts for the next layer ahead of it
 
     def __post_init__(self) -> None:
         if not 0.0 < self.capacity_fraction <= 1.0:
@@ -48,11 +50,14 @@ class CacheStats:
     misses: int = 0
     loads: int = 0  # misses kept in the fast tier
     bytes_moved: int = 0
+    prefetches: int = 0  # experts loaded ahead of their layer
+    prefetch_used: int = 0  # of those, used before being evicted
 
     def as_dict(self) -> dict:
         looked_up = self.hits + self.misses
         return {"hits": self.hits, "misses": self.misses, "loads": self.loads, "bytes_moved": self.bytes_moved,
-                "hit_rate": self.hits / looked_up if looked_up else None}
+                "hit_rate": self.hits / looked_up if looked_up else None, "prefetches": self.prefetches,
+                "prefetch_accuracy": self.prefetch_used / self.prefetches if self.prefetches else None}
 
 
 @dataclass(slots=True)
@@ -60,6 +65,7 @@ class _Layer:
     bank: ExpertBank  # slots rows; bank.slot_of maps resident experts to rows, -1 otherwise
     free: list[int]
     resident: dict[int, int] = field(default_factory=dict)  # expert -> row
+    prefetched: set[int] = field(default_factory=set)  # loaded ahead, not used since
 
 
 class CachedExperts:
@@ -96,28 +102,50 @@ class CachedExperts:
     def _ensure(self, layer: int, lay: _Layer, expert: int, needed: set[int], now: int) -> bool:
         """Make `expert` resident; False when every slot holds an expert this step needs."""
         if expert in lay.resident:
-            self._count(hits=1)
+            self._count(hits=1, prefetch_used=int(expert in lay.prefetched))
+            lay.prefetched.discard(expert)
             return True
         self._count(misses=1)
+        if not self._load(layer, lay, expert, needed, now):
+            return False
+        self._count(loads=1)
+        return True
+
+    def prefetch(self, layer: int, expected: list[float]) -> None:
+        """Load `layer`'s likeliest experts ahead of it, best first: expected[e] = predicted uses of
+        expert e by the step's tokens (at least MIN_PREFETCH_USES), at most one layer's slots."""
+        lay, now, protect = self.layers[layer], self._clock, set()
+        for e in sorted(range(len(expected)), key=lambda e: -expected[e])[:len(lay.bank.buffer)]:
+            if expected[e] < MIN_PREFETCH_USES:
+                break
+            if e not in lay.resident and self._load(layer, lay, e, protect, now):
+                lay.prefetched.add(e)
+                self._count(prefetches=1)
+            protect.add(e)
+            self.policy.touch((layer, e), now, 0.0)
+
+    def _load(self, layer: int, lay: _Layer, expert: int, protect: set[int], now: int) -> bool:
+        """Read `expert` into a free row or the policy's victim's (never one in `protect`)."""
         if not lay.free:
-            candidates = [(layer, e) for e in lay.resident if e not in needed]
+            candidates = [(layer, e) for e in lay.resident if e not in protect]
             if not candidates:
                 return False
             _, victim = self.policy.victim(candidates, now)
             row = lay.resident.pop(victim)
             lay.bank.slot_of[victim] = -1
+            lay.prefetched.discard(victim)
             lay.free.append(row)
         row = lay.free.pop()
         lay.bank.set_expert(row, *read_expert(self.ckpt, self.spec, layer, expert, self.dtype))
         lay.resident[expert] = row
         lay.bank.slot_of[expert] = row
-        self._count(loads=1, bytes_moved=lay.bank.buffer[row].numel() * lay.bank.buffer.element_size())
+        self._count(bytes_moved=lay.bank.buffer[row].numel() * lay.bank.buffer.element_size())
         return True
 
-    def _count(self, hits: int = 0, misses: int = 0, loads: int = 0, bytes_moved: int = 0) -> None:
-        for s in (self.stats, self.step_stats):
-            s.hits, s.misses, s.loads, s.bytes_moved = (s.hits + hits, s.misses + misses, s.loads + loads,
-                                                        s.bytes_moved + bytes_moved)
+    def _count(self, **added: int) -> None:
+        for stats in (self.stats, self.step_stats):
+            for name, value in added.items():
+                setattr(stats, name, getattr(stats, name) + value)
 
     def take_step_stats(self) -> dict:
         out, self.step_stats = self.step_stats.as_dict(), CacheStats()

@@ -72,3 +72,19 @@ def test_hit_rate_reaches_the_serving_metrics(tiny_model):
 def test_bad_cache_settings_are_refused(kwargs, words):
     with pytest.raises(ValueError, match=words):
         EngineConfig(model="m", **kwargs)
+
+
+def test_pregate_prefetch_keeps_tokens_and_cuts_demand_misses_on_the_trained_model():
+    from cluster.demo import ensure_demo_model
+
+    model = str(ensure_demo_model())
+    prompts = ["def main():\n", "import os\n", "class A:\n", "for i in range(10):\n"]
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    want = [o.token_ids for o in LLMEngine(EngineConfig(model=model)).generate(prompts, params)]
+    stats = {}
+    for prefetch in (False, True):
+        engine = LLMEngine(EngineConfig(model=model, expert_cache_fraction=0.5, expert_cache_prefetch=prefetch))
+        assert [o.token_ids for o in engine.generate(prompts, params)] == want
+        stats[prefetch] = engine.model.experts.stats.as_dict()
+    assert stats[True]["prefetches"] > 0 and stats[True]["prefetch_accuracy"] > 0.25
+    assert stats[True]["misses"] < 0.9 * stats[False]["misses"]
