@@ -87,6 +87,7 @@ def _add_up(sub) -> None:
     up.add_argument("--expert-cache", type=float, metavar="FRACTION",
                     help="(inprocess) keep only this fraction of each layer's experts resident")
     up.add_argument("--expert-cache-policy", choices=("lru", "lfu", "score"))
+    up.add_argument("--expert-cache-prefetch", action="store_true", help="(inprocess) pre-gating prefetch")
     up.add_argument("--route-prediction", action="store_true",
                     help="(inprocess) run the route predictors live; recall goes to the metrics")
     up.set_defaults(run=_up)
@@ -200,7 +201,8 @@ def _up(args: argparse.Namespace) -> int:
     app_args = {"served_model_name": args.served_model_name, "dtype": args.dtype,
                 "max_model_len": args.max_model_len, "kv_cache_tokens": args.kv_cache_tokens,
                 "max_num_seqs": args.max_num_seqs, "expert_cache_fraction": args.expert_cache,
-                "expert_cache_policy": args.expert_cache_policy, "route_prediction": args.route_prediction or None}
+                "expert_cache_policy": args.expert_cache_policy, "route_prediction": args.route_prediction or None,
+                "expert_cache_prefetch": args.expert_cache_prefetch or None}
     return run_up(args.model, args.address, args.http_port, args.grpc_port, args.engine, args.cluster,
                   host=args.host, app_args={k: v for k, v in app_args.items() if v is not None})
 

@@ -33,7 +33,7 @@ def test_up_serves_http_and_stops_cleanly_on_ctrl_c(tiny_model):
     proc = subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", "up", "--model", str(tiny_model("olmoe")), "--served-model-name",
          "tiny", "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--max-model-len", "256",
-         "--expert-cache", "0.5", "--route-prediction"],
+         "--expert-cache", "0.5", "--expert-cache-prefetch", "--route-prediction"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     seen: list[str] = []
     try:
