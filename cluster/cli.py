@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, OSError) as exc:  # bad input, missing or unwritable files, ports in use
         print(f"moe-serve: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

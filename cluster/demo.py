@@ -11,7 +11,6 @@ Invariants:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,16 +22,6 @@ REGENERATE = "python scripts/train_demo.py --out cluster/demo_model"
 
 class DemoModelMissing(FileNotFoundError):
     """The shipped demo checkpoint is incomplete (e.g. a broken install)."""
-
-
-def cache_root() -> Path:
-    """``$MOE_SERVE_CACHE``, else ``$XDG_CACHE_HOME/moe-serve``, else ``~/.cache/moe-serve``."""
-    explicit = os.environ.get("MOE_SERVE_CACHE")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "moe-serve"
 
 
 def demo_model_dir() -> Path:

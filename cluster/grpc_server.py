@@ -1,7 +1,7 @@
 """`moe-serve grpc`: the gRPC service as a standalone server (no Ray), until Ctrl-C or SIGTERM.
 
 The port opens at once; health reports NOT_SERVING and Generate answers UNAVAILABLE until the
-model has loaded, then SERVING.
+model has loaded, then SERVING. A model that cannot load closes the port and exits with its error.
 """
 
 from __future__ import annotations
@@ -29,7 +29,11 @@ async def _serve(config: EngineConfig, model_name: str, host: str, port: int, ou
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    engine = await loading
+    try:
+        engine = await loading
+    except BaseException:
+        await server.stop(None)  # a model that cannot load: close the port, then report the error
+        raise
     print("moe-serve gRPC: model loaded, serving. Press Ctrl-C to stop.", file=out, flush=True)
     await stop.wait()
     print("moe-serve gRPC: shutting down", file=out, flush=True)

@@ -24,6 +24,8 @@ from typing import Iterable, Mapping, Sequence
 
 Key = tuple[int, int]  # (layer, expert)
 POLICIES = ("lru", "lfu", "score", "static", "belady")
+ONLINE_POLICIES = ("lru", "lfu", "score")  # need neither a profile (static) nor the future (belady)
+SCORE_HALF_LIFE_STEPS = 16.0  # decode steps
 
 
 class CachePolicy(ABC):
@@ -124,3 +126,14 @@ class BeladyPolicy(CachePolicy):
 def most_popular(counts: Mapping[Key, float], capacity: int) -> list[Key]:
     """The `capacity` keys with the highest counts (ties: lower key first): the static policy's set."""
     return sorted(counts, key=lambda k: (-counts[k], k))[:capacity]
+
+
+def online_policy(name: str, ticks_per_step: float) -> CachePolicy:
+    """An online policy by name; `ticks_per_step`: how far the caller's clock moves per decode step."""
+    if name == "lru":
+        return LRUPolicy()
+    if name == "lfu":
+        return LFUPolicy()
+    if name == "score":
+        return ScorePolicy(half_life=SCORE_HALF_LIFE_STEPS * ticks_per_step)
+    raise ValueError(f"unknown online cache policy {name!r} (known: {', '.join(ONLINE_POLICIES)})")

@@ -24,12 +24,10 @@ from typing import Iterable
 
 import numpy as np
 
-from experts.cache_policy import (POLICIES, BeladyPolicy, CachePolicy, Key, LFUPolicy, LRUPolicy, ScorePolicy,
-                                  StaticPolicy, most_popular)
+from experts.cache_policy import (ONLINE_POLICIES, POLICIES, BeladyPolicy, CachePolicy, Key, StaticPolicy,
+                                  most_popular, online_policy)
 from experts.cache_steps import Step, decode_steps, predict_next
 from router.traces import RouteRecord
-
-SCORE_HALF_LIFE_STEPS = 16.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,12 +184,8 @@ def _prefetch(cache: ExpertCache, plan: ReplayPlan, expected: np.ndarray, layer:
 
 
 def make_policy(name: str, plan: ReplayPlan) -> CachePolicy:
-    if name == "lru":
-        return LRUPolicy()
-    if name == "lfu":
-        return LFUPolicy()
-    if name == "score":
-        return ScorePolicy(half_life=SCORE_HALF_LIFE_STEPS * plan.num_layers * plan.num_experts)
+    if name in ONLINE_POLICIES:
+        return online_policy(name, ticks_per_step=plan.num_layers * plan.num_experts)
     if name == "static":
         counts: dict[Key, float] = {}
         for step in plan.steps[:plan.fit_steps]:

@@ -16,16 +16,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from experts.cache_policy import CachePolicy, LFUPolicy, LRUPolicy, ScorePolicy
+from experts.cache_policy import ONLINE_POLICIES, online_policy
 from experts.checkpoint import Checkpoint
 from experts.config import ModelSpec
 from experts.expert_bank import ExpertBank
 from experts.loader import load_experts, read_expert
 from kernels.dispatch import KernelOps
 
-LIVE_POLICIES = ("lru", "lfu", "score")
 MIN_PREFETCH_USES = 1.0  # predicted uses by the step's tokens below which an expert is not loaded ahead
-SCORE_HALF_LIFE_STEPS = 16.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,8 +35,8 @@ class ExpertCacheConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.capacity_fraction <= 1.0:
             raise ValueError(f"expert cache capacity must be in (0, 1], got {self.capacity_fraction}")
-        if self.policy not in LIVE_POLICIES:
-            raise ValueError(f"expert cache policy must be one of {', '.join(LIVE_POLICIES)}, got {self.policy!r}")
+        if self.policy not in ONLINE_POLICIES:
+            raise ValueError(f"expert cache policy must be one of {', '.join(ONLINE_POLICIES)}, got {self.policy!r}")
 
     def slots(self, num_experts: int) -> int:
         return max(1, round(self.capacity_fraction * num_experts))
@@ -78,7 +76,7 @@ class CachedExperts:
                                                       spec.expert_intermediate, dtype, device, rows=slots),
                                      list(range(slots)))
                        for layer in spec.moe_layers}
-        self.policy = _policy(config.policy, len(spec.moe_layers))
+        self.policy = online_policy(config.policy, ticks_per_step=len(spec.moe_layers))  # one tick per layer
         self.stats, self.step_stats = CacheStats(), CacheStats()
         self._clock = 0
 
@@ -153,11 +151,3 @@ class CachedExperts:
 
     def nbytes(self) -> int:
         return sum(lay.bank.nbytes() for lay in self.layers.values())
-
-
-def _policy(name: str, num_layers: int) -> CachePolicy:
-    if name == "lru":
-        return LRUPolicy()
-    if name == "lfu":
-        return LFUPolicy()
-    return ScorePolicy(half_life=SCORE_HALF_LIFE_STEPS * num_layers)

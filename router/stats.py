@@ -106,15 +106,6 @@ def top1_transitions(table: RouteTable, distance: int = 1) -> np.ndarray:
     return transitions(RouteTable(table.requests, table.request_index, table.pos, top1, table.num_experts), distance)
 
 
-def transition_probs(counts: np.ndarray, smoothing: float = 1.0) -> np.ndarray:
-    """Row-normalised transition counts [..., E, E] with `smoothing` pseudo-counts spread uniformly."""
-    if smoothing < 0:
-        raise ValueError(f"smoothing must be >= 0, got {smoothing}")
-    e = counts.shape[-1]
-    smoothed = counts + smoothing / e
-    return smoothed / np.maximum(smoothed.sum(axis=-1, keepdims=True), 1e-12)
-
-
 def best_transition_accuracy(counts: np.ndarray) -> float:
     """In-sample accuracy of predicting, per (layer, source expert), the most frequent target."""
     total = counts.sum()

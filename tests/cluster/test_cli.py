@@ -44,5 +44,5 @@ def test_bad_arguments_give_clear_errors(tmp_path):
     assert res.returncode == 2 and "missing config.json" in res.stderr
     res = cli("make-tiny", "--family", "gpt2", "--out", str(tmp_path / "m"))
     assert res.returncode == 2 and "unknown MoE family 'gpt2'" in res.stderr
-    res = cli("generate", "--prompt", "x", "--temperature", "-1", env={"MOE_SERVE_CACHE": str(tmp_path)})
+    res = cli("generate", "--prompt", "x", "--temperature", "-1")
     assert res.returncode == 2 and "temperature must be in [0, 100]" in res.stderr

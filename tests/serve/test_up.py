@@ -92,3 +92,9 @@ def test_standalone_grpc_server_serves_and_stops_on_sigterm(tiny_model):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_standalone_grpc_server_with_a_bad_model_says_why_and_exits(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "cluster.cli", "grpc", "--model", str(tmp_path), "--port",
+                          str(free_port())], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "missing config.json" in res.stderr, res.stderr
