@@ -1,7 +1,16 @@
 """gRPC through Ray Serve's own gRPC proxy: the moe-serve application (cluster.serve_app:build_app) on the
-session's local Ray cluster, called by a real grpc client with the `application` metadata."""
+session's local Ray cluster, called by a real grpc client with the `application` metadata.
+
+The app streams at most one message per second (STREAM_INTERVAL_S). Ray Serve's proxy forwards a
+client's cancel or deadline to the replica only when it arrives while the proxy waits for the next
+message; one that lands while the proxy is writing a message is lost (ray-project/ray#42665, never
+merged), and the replica then runs the request to max_tokens. With a 1 s gap the proxy spends nearly
+all its time waiting, so the cancel tests check our side (the replica's generator closing aborts the
+engine request) and not that race."""
 
 from __future__ import annotations
+
+import time
 
 import grpc
 import pytest
@@ -22,6 +31,7 @@ SERVICERS = ["protos.moe_serve_pb2_grpc.add_MoeServeServicer_to_server",
              "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server"]
 METADATA = (("application", APP),)
 LONG = dict(max_tokens=MAX_MODEL_LEN - 8, temperature=0.0, ignore_eos=True)  # seconds of decoding
+STREAM_INTERVAL_S = 1.0
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +45,8 @@ def app(ray_cluster, tiny_model):
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()},
                 grpc_options={"port": port, "grpc_servicer_functions": SERVICERS})
     handle = serve.run(build_app({"model": str(serving_model(tiny_model)), "served_model_name": MODEL,
-                                  "max_model_len": MAX_MODEL_LEN, "kv_cache_tokens": 2 * MAX_MODEL_LEN}),
+                                  "max_model_len": MAX_MODEL_LEN, "kv_cache_tokens": 2 * MAX_MODEL_LEN,
+                                  "stream_interval_s": STREAM_INTERVAL_S}),
                        name=APP, route_prefix="/")
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield channel, handle
@@ -92,9 +103,11 @@ def test_cancel_and_deadline_abort_the_engine_request(app, stub):
     before = aborted(app)
     call = stub.Generate(pb.GenerateRequest(text="hi", **LONG), metadata=METADATA)
     assert not next(call).finished
+    time.sleep(STREAM_INTERVAL_S / 4)  # the proxy has finished writing that message and waits for the next
     call.cancel()
     assert wait_until(lambda: aborted(app) == before + 1), stats(app)
-    call = stub.Generate(pb.GenerateRequest(text="hi", **LONG), metadata=METADATA, timeout=1.5)
+    call = stub.Generate(pb.GenerateRequest(text="hi", **LONG), metadata=METADATA,
+                       timeout=1.5 * STREAM_INTERVAL_S)  # the deadline falls half-way between two messages
     assert not next(call).finished  # the engine has the request; the deadline passes mid-generation
     with pytest.raises(grpc.RpcError) as info:
         list(call)
