@@ -1,5 +1,5 @@
 """The in-process model: one AttentionWorker, one Gate and one ExpertShard holding every expert
-(or CachedExperts holding a fraction of them, over the checkpoint).
+(or CachedExperts holding a fraction of them over a slow tier; it prints its calibrated cost model).
 
 This is the reference path (and the fallback with no Ray): the per-layer flow is
 attention worker -> router -> expert shard -> combine, the same calls the cluster makes remotely.
@@ -7,6 +7,7 @@ attention worker -> router -> expert shard -> combine, the same calls the cluste
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -47,6 +48,8 @@ class InProcessModel:
         if expert_cache is not None:
             experts = CachedExperts(ckpt, spec, dtype, device, ops, expert_cache)  # loads on demand
             bar.update(len(spec.moe_layers))
+            if show_progress:
+                tqdm.write(experts.cost.describe(), file=sys.stderr)
         else:
             banks = {}
             for layer in spec.moe_layers:

@@ -1,28 +1,34 @@
-"""CachedExperts: every MoE layer's experts on a fast-tier budget over the checkpoint (the slow tier).
+"""CachedExperts: every MoE layer's experts on a fast-tier budget over a slow tier (experts.slow_tier).
 
 A drop-in for ExpertShard in the in-process model. Each MoE layer keeps `slots` experts resident in
-one ExpertBank (a row per expert, so a load is one row write). At every layer the experts the
-step's tokens need are looked up: a resident one is a hit; a missing one is read from the
-checkpoint (safetensors memory-maps it, so on a CPU node the slow tier is the page cache over the
-file) into the slot of the policy's victim, never one the step still needs. When a step needs more
-experts than a layer has slots, the rest are read and computed once without being kept. The
-routed tokens and their weights are the same as with every expert resident; only where the
-weights are read from differs.
+one ExpertBank (a row per expert, so a move is one row write). At every layer, the experts the
+step's tokens need that are resident are hits; for the missing ones the intra-layer schedule
+(experts.cost_model.plan_layer, under the cost model calibrated at start-up) decides per expert:
+load it into the policy's victim's row (never one the layer still needs) and compute it in the fast
+tier, or compute it on the CPU where it lies without keeping it. With a CUDA fast tier, moves run on
+a separate stream: the resident experts compute while the missing ones are in flight, and the CPU's
+share computes beside both. The routed tokens and their weights are the same as with every expert
+resident; only where the weights are read from differs.
 """
 
 from __future__ import annotations
 
+import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 from experts.cache_policy import ONLINE_POLICIES, online_policy
+from experts.calibrate import calibrate
 from experts.checkpoint import Checkpoint
 from experts.config import ModelSpec
+from experts.cost_model import ExpertCostModel, plan_layer
 from experts.expert_bank import ExpertBank
-from experts.loader import load_experts, read_expert
+from experts.slow_tier import SlowTier, slow_tier_for
 from kernels.dispatch import KernelOps
 
+log = logging.getLogger(__name__)
 MIN_PREFETCH_USES = 1.0  # predicted uses by the step's tokens below which an expert is not loaded ahead
 
 
@@ -31,6 +37,7 @@ class ExpertCacheConfig:
     capacity_fraction: float  # of each MoE layer's experts resident in the fast tier, in (0, 1]
     policy: str = "score"
     prefetch: bool = False  # load the experts pre-gating predicts for the next layer ahead of it
+    cost_model: ExpertCostModel | None = None  # None: calibrate at start-up
 
     def __post_init__(self) -> None:
         if not 0.0 < self.capacity_fraction <= 1.0:
@@ -46,15 +53,17 @@ class ExpertCacheConfig:
 class CacheStats:
     hits: int = 0
     misses: int = 0
-    loads: int = 0  # misses kept in the fast tier
+    loads: int = 0  # misses moved into the fast tier
+    cpu_computed: int = 0  # misses computed where they lie
     bytes_moved: int = 0
     prefetches: int = 0  # experts loaded ahead of their layer
     prefetch_used: int = 0  # of those, used before being evicted
 
     def as_dict(self) -> dict:
         looked_up = self.hits + self.misses
-        return {"hits": self.hits, "misses": self.misses, "loads": self.loads, "bytes_moved": self.bytes_moved,
-                "hit_rate": self.hits / looked_up if looked_up else None, "prefetches": self.prefetches,
+        return {"hits": self.hits, "misses": self.misses, "loads": self.loads, "cpu_computed": self.cpu_computed,
+                "bytes_moved": self.bytes_moved, "hit_rate": self.hits / looked_up if looked_up else None,
+                "prefetches": self.prefetches,
                 "prefetch_accuracy": self.prefetch_used / self.prefetches if self.prefetches else None}
 
 
@@ -64,18 +73,23 @@ class _Layer:
     free: list[int]
     resident: dict[int, int] = field(default_factory=dict)  # expert -> row
     prefetched: set[int] = field(default_factory=set)  # loaded ahead, not used since
+    last_use: object = None  # CUDA event after the last computation that read the bank
 
 
 class CachedExperts:
     def __init__(self, ckpt: Checkpoint, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                 ops: KernelOps, config: ExpertCacheConfig) -> None:
-        self.ckpt, self.spec, self.dtype, self.device, self.ops = ckpt, spec, dtype, device, ops
-        self.config = config
+                 ops: KernelOps, config: ExpertCacheConfig, tier: SlowTier | None = None) -> None:
+        """`tier`: where the experts lie (default: slow_tier_for the device)."""
+        self.spec, self.dtype, self.device, self.ops, self.config = spec, dtype, device, ops, config
+        self.tier = tier if tier is not None else slow_tier_for(ckpt, spec, dtype, device)
         slots = config.slots(spec.num_experts)
         self.layers = {layer: _Layer(ExpertBank.empty(layer, (), spec.num_experts, spec.hidden_size,
                                                       spec.expert_intermediate, dtype, device, rows=slots),
                                      list(range(slots)))
                        for layer in spec.moe_layers}
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.cost = config.cost_model or calibrate(self.tier, spec, dtype, device, ops)
+        log.info("%s", self.cost.describe())
         self.policy = online_policy(config.policy, ticks_per_step=len(spec.moe_layers))  # one tick per layer
         self.stats, self.step_stats = CacheStats(), CacheStats()
         self._clock = 0
@@ -84,37 +98,50 @@ class CachedExperts:
         """x: [T, H]; ids/weights: [T, K] global expert ids -> [T, H], as ExpertShard.forward."""
         lay, now = self.layers[layer], self._clock
         self._clock += 1
-        gate_mass = torch.zeros(self.spec.num_experts).index_add_(
-            0, ids.reshape(-1).cpu(), weights.reshape(-1).float().cpu()).tolist()  # [E]
-        needed = [e for e in ids.unique().tolist() if e >= 0]
-        passing = [e for e in needed if not self._ensure(layer, lay, e, set(needed), now)]
-        for e in needed:
+        flat = ids.reshape(-1).cpu()
+        counts = torch.bincount(flat[flat >= 0], minlength=self.spec.num_experts).tolist()  # [E]
+        gate_mass = torch.zeros(self.spec.num_experts).index_add_(0, flat.clamp(min=0), weights.reshape(-1).float().cpu()
+                                                                  * (flat >= 0)).tolist()
+        tokens = {e: c for e, c in enumerate(counts) if c}
+        hits = [e for e in tokens if e in lay.resident]
+        used_prefetch = sum(e in lay.prefetched for e in hits)
+        lay.prefetched.difference_update(hits)
+        self._count(hits=len(hits), misses=len(tokens) - len(hits), prefetch_used=used_prefetch)
+        reusable = len(lay.free) + sum(e not in tokens for e in lay.resident)
+        plan = plan_layer(tokens, set(lay.resident), self.cost, max_loads=reusable)
+        loaded = [e for e in plan.load if self._load(layer, lay, e, set(tokens), now)]
+        on_cpu = [*plan.slow, *(e for e in plan.load if e not in loaded)]
+        self._count(loads=len(loaded), cpu_computed=len(on_cpu))
+        for e in tokens:
             self.policy.touch((layer, e), now, gate_mass[e])
-        out = self.ops.fused_moe(x, lay.bank.w_gate_up, lay.bank.w_down, lay.bank.slot_of[ids], weights)
-        if passing:  # more experts than slots: compute the rest once from a temporary bank
-            temp = load_experts(self.ckpt, self.spec, layer, passing, self.dtype, self.device)
-            out = out + self.ops.fused_moe(x, temp.w_gate_up, temp.w_down, temp.slot_of[ids], weights)
-            self._count(bytes_moved=temp.nbytes())
+        out = self._compute(lay, x, ids, weights, loaded, on_cpu, layer)
+        if self.copy_stream is not None:
+            lay.last_use = torch.cuda.current_stream(self.device).record_event()
         return out
 
-    def _ensure(self, layer: int, lay: _Layer, expert: int, needed: set[int], now: int) -> bool:
-        """Make `expert` resident; False when every slot holds an expert this step needs."""
-        if expert in lay.resident:
-            self._count(hits=1, prefetch_used=int(expert in lay.prefetched))
-            lay.prefetched.discard(expert)
-            return True
-        self._count(misses=1)
-        if not self._load(layer, lay, expert, needed, now):
-            return False
-        self._count(loads=1)
-        return True
+    def _compute(self, lay: _Layer, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                 loaded: list[int], on_cpu: list[int], layer: int) -> torch.Tensor:
+        bank, rows = lay.bank, lay.bank.slot_of[ids]
+        if self.copy_stream is None or not loaded:  # moves are done (CPU) or there are none
+            out = self.ops.fused_moe(x, bank.w_gate_up, bank.w_down, rows, weights)
+        else:  # the resident experts now, the loaded ones once their copies land
+            in_flight = torch.isin(ids, torch.tensor(loaded, device=ids.device))
+            out = self.ops.fused_moe(x, bank.w_gate_up, bank.w_down, torch.where(in_flight, -1, rows), weights)
+        if on_cpu:  # the GPU runs the queued work meanwhile
+            out = out + self.tier.compute(layer, on_cpu, x, ids, weights)
+        if self.copy_stream is not None and loaded:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+            out = out + self.ops.fused_moe(x, bank.w_gate_up, bank.w_down, torch.where(in_flight, rows, -1), weights)
+        return out
 
     def prefetch(self, layer: int, expected: list[float]) -> None:
-        """Load `layer`'s likeliest experts ahead of it, best first: expected[e] = predicted uses of
-        expert e by the step's tokens (at least MIN_PREFETCH_USES), at most one layer's slots."""
+        """Load `layer`'s experts ahead of it, by how much each would cut the layer's expected time
+        (expected[e]: predicted uses of expert e by the step's tokens, at least MIN_PREFETCH_USES),
+        at most one layer's slots; with CUDA the copies run beside the computation."""
         lay, now, protect = self.layers[layer], self._clock, set()
-        for e in sorted(range(len(expected)), key=lambda e: -expected[e])[:len(lay.bank.buffer)]:
-            if expected[e] < MIN_PREFETCH_USES:
+        gain = {e: self._miss_cost(u) for e, u in enumerate(expected) if u >= MIN_PREFETCH_USES}
+        for e in sorted(gain, key=lambda e: -gain[e])[:len(lay.bank.buffer)]:
+            if gain[e] <= 0:
                 break
             if e not in lay.resident and self._load(layer, lay, e, protect, now):
                 lay.prefetched.add(e)
@@ -122,8 +149,14 @@ class CachedExperts:
             protect.add(e)
             self.policy.touch((layer, e), now, 0.0)
 
+    def _miss_cost(self, uses: float) -> float:
+        """Time a miss adds over a hit for an expert with `uses` tokens, under the cost model."""
+        tokens = max(1, round(uses))
+        fast = self.cost.fast.at(tokens)
+        return min(self.cost.transfer_s + fast, self.cost.slow.at(tokens)) - fast
+
     def _load(self, layer: int, lay: _Layer, expert: int, protect: set[int], now: int) -> bool:
-        """Read `expert` into a free row or the policy's victim's (never one in `protect`)."""
+        """Move `expert` into a free row or the policy's victim's (never one in `protect`)."""
         if not lay.free:
             candidates = [(layer, e) for e in lay.resident if e not in protect]
             if not candidates:
@@ -134,11 +167,20 @@ class CachedExperts:
             lay.prefetched.discard(victim)
             lay.free.append(row)
         row = lay.free.pop()
-        lay.bank.set_expert(row, *read_expert(self.ckpt, self.spec, layer, expert, self.dtype))
+        with self._copying(lay):
+            self.tier.copy_into(lay.bank, row, layer, expert)
         lay.resident[expert] = row
         lay.bank.slot_of[expert] = row
         self._count(bytes_moved=lay.bank.buffer[row].numel() * lay.bank.buffer.element_size())
         return True
+
+    def _copying(self, lay: _Layer):
+        """The copy stream, after the last computation that read this layer's rows (CUDA); else nothing."""
+        if self.copy_stream is None:
+            return nullcontext()
+        if lay.last_use is not None:
+            self.copy_stream.wait_event(lay.last_use)
+        return torch.cuda.stream(self.copy_stream)
 
     def _count(self, **added: int) -> None:
         for stats in (self.stats, self.step_stats):

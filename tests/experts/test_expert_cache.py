@@ -5,12 +5,18 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from cluster.async_engine import AsyncLLMEngine
 from cluster.config import EngineConfig
 from cluster.engine import LLMEngine
 from cluster.sampling_params import SamplingParams
-from experts.expert_cache import ExpertCacheConfig
+from experts.calibrate import calibrate
+from experts.checkpoint import Checkpoint
+from experts.config import load_spec
+from experts.cost_model import ExpertCostModel, LinearTime
+from experts.expert_cache import CachedExperts, ExpertCacheConfig
+from experts.slow_tier import CheckpointTier, HostTier
 from experts.tiny import FAMILIES
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [40, 41], [100, 3, 7, 200, 9]]
@@ -89,3 +95,48 @@ def test_pregate_prefetch_keeps_tokens_and_cuts_demand_misses_on_the_trained_mod
         stats[prefetch] = engine.model.experts.stats.as_dict()
     assert stats[True]["prefetches"] > 0 and stats[True]["prefetch_accuracy"] > 0.25
     assert stats[True]["misses"] < 0.9 * stats[False]["misses"]
+
+
+# ---- the intra-layer schedule and the slow tiers, live -------------------------------------------
+CPU_ALWAYS = ExpertCostModel(expert_bytes=1, transfer_s=1.0, fast=LinearTime(1.0, 0.0), slow=LinearTime(0.0, 0.0),
+                             overlap=False)  # computing in place costs nothing: no miss is ever loaded
+LOAD_ALWAYS = ExpertCostModel(expert_bytes=1, transfer_s=0.0, fast=LinearTime(0.0, 0.0), slow=LinearTime(1.0, 1.0),
+                              overlap=False)
+
+
+def _cached_engine(model, cost: ExpertCostModel, tier: str | None = None) -> LLMEngine:
+    """An engine whose CachedExperts plans with `cost` (and, for tier "host", moves from an unpinned HostTier)."""
+    engine = LLMEngine(EngineConfig(model=str(model), kv_cache_tokens=512, block_size=4))
+    old = engine.model.experts
+    spec, ckpt = engine.spec, Checkpoint(model)
+    dtype = old.banks[spec.moe_layers[0]].buffer.dtype
+    slow = HostTier(ckpt, spec, dtype, pin=False) if tier == "host" else None
+    engine.model.experts = CachedExperts(ckpt, spec, dtype, torch.device("cpu"), old.ops,
+                                         ExpertCacheConfig(0.25, cost_model=cost), tier=slow)
+    return engine
+
+
+@pytest.mark.parametrize("cost, tier", [(CPU_ALWAYS, None), (LOAD_ALWAYS, "host"), (CPU_ALWAYS, "host")])
+def test_each_schedule_and_tier_keeps_the_tokens(tiny_model, cost, tier):
+    model = tiny_model("mixtral")
+    want, _ = run(model, SAMPLED)
+    engine = _cached_engine(model, cost, tier)
+    assert [o.token_ids for o in engine.generate(PROMPTS, SAMPLED)] == want
+    stats = engine.model.experts.stats
+    if cost is CPU_ALWAYS:  # every miss computed where it lies; the fast tier stays empty
+        assert stats.cpu_computed == stats.misses > 0 and stats.loads == stats.hits == stats.bytes_moved == 0
+    else:  # every miss that has a row to go to is loaded
+        assert stats.loads > 0 and stats.hits > 0 and stats.loads + stats.cpu_computed == stats.misses
+        row_bytes = 3 * engine.spec.hidden_size * engine.spec.expert_intermediate * 4
+        assert stats.bytes_moved == stats.loads * row_bytes
+
+
+def test_calibration_measures_this_node(tiny_model):
+    model = tiny_model("olmoe")
+    spec, ckpt = load_spec(model), Checkpoint(model)
+    cost = calibrate(CheckpointTier(ckpt, spec, torch.float32), spec, torch.float32, torch.device("cpu"),
+                     LLMEngine(EngineConfig(model=str(model), kv_cache_tokens=64)).model.experts.ops,
+                     token_counts=(1, 16), repeats=1)
+    assert cost.expert_bytes == 3 * spec.hidden_size * spec.expert_intermediate * 4
+    assert cost.transfer_s > 0 and cost.fast.at(1) > 0 and cost.slow.at(1) > 0 and not cost.overlap
+    assert cost.slow_device == "cpu (checkpoint)" and "us/token" in cost.describe()

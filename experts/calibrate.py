@@ -1,0 +1,71 @@
+"""Start-up calibration of the expert cost model: time, on this node's own devices, moving one expert
+from the slow tier into a fast-tier row, and computing one expert in each tier for a range of token
+counts; fit a line per tier (experts.cost_model). A tier that reads an expert as a move before
+computing it in place (the checkpoint, on a CPU-only node) costs a move plus a fast-tier computation."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from experts.config import ModelSpec
+from experts.cost_model import ExpertCostModel, LinearTime
+from experts.expert_bank import ExpertBank
+from experts.slow_tier import SlowTier
+from kernels.dispatch import KernelOps
+
+TOKEN_COUNTS = (1, 2, 4, 8, 16, 32)
+REPEATS = 3
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median wall time of fn() after one warm-up call."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def calibrate(tier: SlowTier, spec: ModelSpec, dtype: torch.dtype, device: torch.device, ops: KernelOps,
+              token_counts: tuple[int, ...] = TOKEN_COUNTS, repeats: int = REPEATS) -> ExpertCostModel:
+    """Measure on the first MoE layer's experts (moves cycle through several, so no one expert's
+    pages are favoured); compute routes every token to one expert with weight 1."""
+    layer, h = spec.moe_layers[0], spec.hidden_size
+    rows = min(4, spec.num_experts)
+    bank = ExpertBank.empty(layer, tuple(range(rows)), spec.num_experts, h, spec.expert_intermediate, dtype, device)
+    moves = iter(range(10**9))
+
+    def move() -> None:
+        n = next(moves) % rows
+        tier.copy_into(bank, n, layer, n)
+
+    transfer_s = _seconds(move, device, max(repeats, rows))
+    gen = torch.Generator().manual_seed(0)
+    fast, slow = [], []
+    for t in token_counts:
+        x = (torch.randn(t, h, generator=gen) * 0.1).to(device=device, dtype=dtype)
+        ids = torch.zeros(t, 1, dtype=torch.int64, device=device)
+        weights = torch.ones(t, 1, dtype=torch.float32, device=device)
+        fast.append((t, _seconds(lambda: ops.fused_moe(x, bank.w_gate_up, bank.w_down, bank.slot_of[ids], weights),
+                                 device, repeats)))
+        if not tier.compute_is_a_move:
+            slow.append((t, _seconds(lambda: tier.compute(layer, [0], x, ids, weights), device, repeats)))
+    fast_fit = LinearTime.fit(fast)
+    slow_fit = (LinearTime(transfer_s + fast_fit.fixed_s, fast_fit.per_token_s) if tier.compute_is_a_move
+                else LinearTime.fit(slow))
+    return ExpertCostModel(expert_bytes=bank.buffer[0].numel() * bank.buffer.element_size(), transfer_s=transfer_s,
+                           fast=fast_fit, slow=slow_fit, overlap=device.type == "cuda",
+                           fast_device=str(device), slow_device=f"cpu ({tier.name})")

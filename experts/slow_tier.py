@@ -1,0 +1,96 @@
+"""The slow tier under an expert cache: where every expert lies, how one is moved into a fast-tier
+row, and how experts are computed where they lie (on the CPU).
+
+- CheckpointTier (CPU-only node): the memory-mapped checkpoint itself, so a node serves more experts
+  than its RAM budget holds (the page cache over the file is the OS's to reclaim). A move reads the
+  expert's tensors into the row; computing in place reads them the same way first, so it costs a
+  move plus a computation, and a miss is loaded (it is then cached) unless no row can take it.
+- HostTier (GPU fast tier): every expert in host memory, pinned, in the bank's row layout, so a
+  move is one contiguous copy, issued on a separate CUDA stream that runs beside the computation.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+
+from experts.checkpoint import Checkpoint
+from experts.config import ModelSpec
+from experts.expert_bank import ExpertBank
+from experts.loader import load_experts, read_expert
+from kernels.fused_moe_batched import fused_moe_batched
+
+CPU = torch.device("cpu")
+
+
+class SlowTier(Protocol):
+    name: str
+    compute_is_a_move: bool  # computing in place first reads the expert as a move would, on the same cores
+
+    def copy_into(self, bank: ExpertBank, row: int, layer: int, expert: int) -> None:
+        """Write `expert` of `layer` into `bank`'s row (asynchronous on a CUDA copy stream if current)."""
+
+    def compute(self, layer: int, experts: list[int], x: torch.Tensor, ids: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+        """The weighted outputs of `experts` only, computed on the CPU where they lie; on x's device."""
+
+
+def _only(ids: torch.Tensor, experts: list[int], rows: torch.Tensor) -> torch.Tensor:
+    """ids [T, K] -> rows [T, K] of the chosen experts, -1 elsewhere; rows: [E] expert -> row."""
+    keep = torch.isin(ids, torch.tensor(experts, dtype=ids.dtype))
+    return torch.where(keep, rows[ids.clamp(min=0)], -1)
+
+
+class CheckpointTier:
+    name = "checkpoint"
+    compute_is_a_move = True
+
+    def __init__(self, ckpt: Checkpoint, spec: ModelSpec, dtype: torch.dtype) -> None:
+        self.ckpt, self.spec, self.dtype = ckpt, spec, dtype
+
+    def copy_into(self, bank: ExpertBank, row: int, layer: int, expert: int) -> None:
+        bank.set_expert(row, *read_expert(self.ckpt, self.spec, layer, expert, self.dtype))
+
+    def compute(self, layer: int, experts: list[int], x: torch.Tensor, ids: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+        temp = load_experts(self.ckpt, self.spec, layer, experts, self.dtype, CPU)
+        ids_cpu = ids.to(CPU)
+        out = fused_moe_batched(x.to(CPU), temp.w_gate_up, temp.w_down, _only(ids_cpu, experts, temp.slot_of),
+                                weights.to(CPU))
+        return out.to(x.device)
+
+
+class HostTier:
+    name = "host"
+    compute_is_a_move = False
+
+    def __init__(self, ckpt: Checkpoint, spec: ModelSpec, dtype: torch.dtype, pin: bool,
+                 progress: Callable[[int], object] | None = None) -> None:
+        self.banks: dict[int, ExpertBank] = {}
+        for layer in spec.moe_layers:
+            bank = load_experts(ckpt, spec, layer, range(spec.num_experts), dtype, CPU)
+            if pin:
+                bank.buffer = bank.buffer.pin_memory()
+            self.banks[layer] = bank
+            if progress is not None:
+                progress(1)
+
+    def copy_into(self, bank: ExpertBank, row: int, layer: int, expert: int) -> None:
+        bank.buffer[row].copy_(self.banks[layer].buffer[expert], non_blocking=True)
+
+    def compute(self, layer: int, experts: list[int], x: torch.Tensor, ids: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+        bank = self.banks[layer]
+        ids_cpu = ids.to(CPU)
+        out = fused_moe_batched(x.to(CPU), bank.w_gate_up, bank.w_down, _only(ids_cpu, experts, bank.slot_of),
+                                weights.to(CPU))
+        return out.to(x.device, non_blocking=True)
+
+
+def slow_tier_for(ckpt: Checkpoint, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
+                  progress: Callable[[int], object] | None = None) -> SlowTier:
+    """Pinned host memory under a GPU fast tier; the memory-mapped checkpoint on a CPU-only node."""
+    if device.type == "cuda":
+        return HostTier(ckpt, spec, dtype, pin=True, progress=progress)
+    return CheckpointTier(ckpt, spec, dtype)
