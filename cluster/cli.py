@@ -54,7 +54,34 @@ def _parser() -> argparse.ArgumentParser:
     _add_up(sub)
     _add_grpc(sub)
     _add_replay(sub)
+    cal = sub.add_parser("calibrate", help="measure the expert cache's cost model on this node and print it")
+    cal.add_argument("--model", help="HF model directory (default: the built-in demo model)")
+    cal.add_argument("--dtype", default="float32", choices=DTYPES)
+    cal.add_argument("--device", default="cpu", help="the fast tier's device (cuda: pinned host memory below it)")
+    cal.add_argument("--kernel-backend", default="auto", choices=BACKENDS)
+    cal.add_argument("--json", action="store_true", help="print the model as JSON (for replay --cost-model)")
+    cal.set_defaults(run=_calibrate)
     return parser
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from experts.calibrate import calibrate
+    from experts.checkpoint import Checkpoint
+    from experts.config import load_spec
+    from cluster.engine import DTYPES as TORCH_DTYPES
+    from experts.slow_tier import slow_tier_for
+    from kernels.dispatch import select_kernels
+
+    model, device = Path(_model_dir(args)), torch.device(args.device)
+    spec, ckpt, dtype = load_spec(model), Checkpoint(model), TORCH_DTYPES[args.dtype]
+    ops = select_kernels(device, args.kernel_backend, dtype)
+    cost = calibrate(slow_tier_for(ckpt, spec, dtype, device), spec, dtype, device, ops)
+    print(json.dumps(cost.as_dict(), indent=2) if args.json else cost.describe())
+    return 0
 
 
 def _add_grpc(sub) -> None:
@@ -100,8 +127,10 @@ def _add_replay(sub) -> None:
     rp.add_argument("--nodes", type=int, default=4)
     rp.add_argument("--cache-capacity", type=float,
                     help="replay the expert cache instead: fraction of all experts the fast tier holds")
-    rp.add_argument("--expert-bytes", type=int, help="(cache) bytes per expert (default: Mixtral-8x7B bf16)")
-    rp.add_argument("--transfer-gbps", type=float, default=25.0, help="(cache) slow -> fast tier GB/s")
+    rp.add_argument("--expert-bytes", type=int, help="(cache) bytes per expert (default: Mixtral-8x7B bf16); "
+                                                        "the cost model is scaled to it")
+    rp.add_argument("--cost-model", type=Path, help="(cache) JSON from `moe-serve calibrate --json` (default: "
+                                                    "Mixtral on an H100 over PCIe 4.0 beside a host CPU, assumed)")
     rp.add_argument("--hidden-size", type=int, default=4096, help="bytes per token = hidden size x dtype bytes")
     rp.add_argument("--dtype-bytes", type=int, default=2)
     rp.add_argument("--kv-elems", type=int, default=2048,
@@ -225,10 +254,16 @@ def _replay(args: argparse.Namespace) -> int:
 
     records = read_trace(args.trace)
     if args.cache_capacity is not None:
-        from experts.cache_replay import CacheCostModel, cache_summary, replay_cache
+        from experts.cache_replay import DEFAULT_COST, MIXTRAL_EXPERT_BYTES, cache_summary, replay_cache
+        from experts.cost_model import ExpertCostModel
 
-        cost = CacheCostModel(transfer_gbps=args.transfer_gbps,
-                              **({"expert_bytes": args.expert_bytes} if args.expert_bytes else {}))
+        cost = DEFAULT_COST
+        if args.cost_model is not None:
+            try:
+                cost = ExpertCostModel.from_dict(json.loads(args.cost_model.read_text()))
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{args.cost_model}: not JSON ({exc})") from exc
+        cost = cost.scaled(args.expert_bytes or MIXTRAL_EXPERT_BYTES)
         report = replay_cache(records, args.cache_capacity, cost, fit_fraction=args.fit_fraction)
         print(json.dumps(report, indent=2) if args.json else cache_summary(report))
         return 0

@@ -10,9 +10,12 @@ tokens, and the likeliest missing ones are loaded ahead, best first, while the l
 over from demand loads (the link idles while experts compute; that time accrues as credit, at
 most one layer's worth). Prefetched experts never evict ones the current step still needs.
 
-Time per token under the cost model: per layer, the dense work, then each hit computes in the fast tier; each miss
-takes the cheaper of loading then computing there, or computing where it lies (HybriMoE's
-per-expert choice), tokens of a step sharing one pass over the expert's weights.
+Time per token under the cost model (experts.cost_model; measured on a node by `moe-serve
+calibrate`, or DEFAULT_COST): per layer, the dense work, then the intra-layer schedule of the step's
+experts (plan_layer: hits compute in the fast tier; each miss is loaded or computed where it lies,
+whichever ends the layer sooner; tokens of a step share one pass over an expert's weights). Which
+experts enter the fast tier is the policy's choice alone, so hit rates compare policies; a load the
+schedule did not ask for runs on the link in the background.
 The first `fit_fraction` of every request's tokens warm the caches, the predictor and the static
 policy's popularity; everything is counted on the rest.
 """
@@ -27,41 +30,20 @@ import numpy as np
 from experts.cache_policy import (ONLINE_POLICIES, POLICIES, BeladyPolicy, CachePolicy, Key, StaticPolicy,
                                   most_popular, online_policy)
 from experts.cache_steps import Step, decode_steps, predict_next
+from experts.cost_model import ExpertCostModel, LinearTime, plan_layer
 from router.traces import RouteRecord
 
 
-@dataclass(frozen=True, slots=True)
-class CacheCostModel:
-    """Seconds to move or run one expert; defaults: Mixtral-8x7B bf16 experts (3 x 4096 x 14336 x 2 B)
-    over PCIe 4.0 x16 (25 GB/s), read by an H100 (3,000 GB/s) or a host CPU (60 GB/s) per decode pass;
-    `dense_layer_s`: a layer's work besides its experts (attention, norms: ~0.05 ms on an H100)."""
-
-    expert_bytes: int = 3 * 4096 * 14336 * 2
-    transfer_gbps: float = 25.0
-    fast_gbps: float = 3000.0
-    slow_gbps: float = 60.0
-    dense_layer_s: float = 5e-5
-
-    def __post_init__(self) -> None:
-        if self.expert_bytes <= 0 or min(self.transfer_gbps, self.fast_gbps, self.slow_gbps) <= 0:
-            raise ValueError("expert_bytes and every bandwidth must be > 0")
-        if self.dense_layer_s < 0:
-            raise ValueError(f"dense_layer_s must be >= 0, got {self.dense_layer_s}")
-
-    @property
-    def transfer_s(self) -> float:
-        return self.expert_bytes / (self.transfer_gbps * 1e9)
-
-    @property
-    def fast_s(self) -> float:
-        return self.expert_bytes / (self.fast_gbps * 1e9)
-
-    @property
-    def slow_s(self) -> float:
-        return self.expert_bytes / (self.slow_gbps * 1e9)
-
-    def miss_s(self) -> float:
-        return min(self.transfer_s + self.fast_s, self.slow_s)
+# Mixtral-8x7B bf16 experts (3 x 4096 x 14336 x 2 B) under an H100 (3,000 GB/s; 2 GFLOP per token at
+# ~400 TFLOP/s) over PCIe 4.0 x16 (25 GB/s), beside a host CPU (60 GB/s; ~1 TFLOP/s): the model a
+# replay uses unless it is given one measured by `moe-serve calibrate --json`.
+MIXTRAL_EXPERT_BYTES = 3 * 4096 * 14336 * 2
+DEFAULT_COST = ExpertCostModel(
+    expert_bytes=MIXTRAL_EXPERT_BYTES, transfer_s=MIXTRAL_EXPERT_BYTES / 25e9,
+    fast=LinearTime(MIXTRAL_EXPERT_BYTES / 3000e9, 2 * 3 * 4096 * 14336 / 400e12),
+    slow=LinearTime(MIXTRAL_EXPERT_BYTES / 60e9, 2 * 3 * 4096 * 14336 / 1e12),
+    overlap=True, fast_device="cuda (H100, assumed)", slow_device="cpu (assumed)")
+DENSE_LAYER_S = 5e-5  # a layer's work besides its experts (attention, norms: ~0.05 ms on an H100)
 
 
 @dataclass(slots=True)
@@ -74,7 +56,7 @@ class Tally:
     time_s: float = 0.0
     tokens: int = 0
 
-    def report(self, cost: CacheCostModel) -> dict[str, float]:
+    def report(self, cost: ExpertCostModel) -> dict[str, float]:
         misses = self.accesses - self.hits
         tokens = max(self.tokens, 1)
         return {"accesses": self.accesses, "hits": self.hits, "hit_rate": self.hits / max(self.accesses, 1),
@@ -94,16 +76,14 @@ class ExpertCache:
     prefetched: set[Key] = field(default_factory=set)  # loaded ahead and not used since
     tally: Tally = field(default_factory=Tally)
 
-    def use(self, key: Key, now: int, weight: float, cost: CacheCostModel) -> None:
+    def use(self, key: Key, now: int, weight: float) -> None:
         self.tally.accesses += 1
         if key in self.resident:
             self.tally.hits += 1
-            self.tally.time_s += cost.fast_s
             if key in self.prefetched:
                 self.prefetched.discard(key)
                 self.tally.prefetch_used += 1
         else:
-            self.tally.time_s += cost.miss_s()
             if self.policy.admits(key) and self._make_room(now, protect=set(), incoming=key):
                 self.resident.add(key)
                 self.tally.demand_loads += 1
@@ -141,7 +121,8 @@ class ReplayPlan:
     num_experts: int
     capacity: int
     fit_steps: int
-    cost: CacheCostModel
+    cost: ExpertCostModel
+    dense_layer_s: float = DENSE_LAYER_S
     min_prefetch_uses: float = 0.25  # expected uses below which an expert is not worth a transfer
 
     def clock(self, step: int, layer: int, expert: int) -> int:
@@ -156,12 +137,14 @@ def run_policy(plan: ReplayPlan, policy: CachePolicy, predictions: list | None) 
         if s == plan.fit_steps:
             cache.tally = Tally()
         for layer in range(plan.num_layers):
-            cache.tally.time_s += plan.cost.dense_layer_s
-            before = cache.tally.time_s - plan.cost.dense_layer_s
+            resident = {e for e in step.counts[layer] if (layer, e) in cache.resident}
+            schedule = plan_layer(step.counts[layer], resident, plan.cost)
+            cache.tally.time_s += plan.dense_layer_s + schedule.time_s
             for e, weight in sorted(step.needs[layer].items()):
-                cache.use((layer, e), plan.clock(s, layer, e), weight, plan.cost)
+                cache.use((layer, e), plan.clock(s, layer, e), weight)
             if predictions is not None and predictions[s][layer] is not None:
-                credit = min(credit + cache.tally.time_s - before, plan.cost.transfer_s)
+                link_idle = plan.dense_layer_s + schedule.time_s - len(schedule.load) * plan.cost.transfer_s
+                credit = min(credit + max(0.0, link_idle), plan.cost.transfer_s)
                 now = plan.clock(s, layer, plan.num_experts - 1)
                 credit = _prefetch(cache, plan, predictions[s][layer], layer + 1, now, credit)
         cache.tally.tokens += len(step.tokens) if s >= plan.fit_steps else 0
@@ -203,8 +186,8 @@ def make_policy(name: str, plan: ReplayPlan) -> CachePolicy:
     raise ValueError(f"unknown cache policy {name!r} (known: {', '.join(POLICIES)})")
 
 
-def replay_cache(records: Iterable[RouteRecord], capacity_fraction: float, cost: CacheCostModel | None = None,
-                 fit_fraction: float = 0.5) -> dict:
+def replay_cache(records: Iterable[RouteRecord], capacity_fraction: float, cost: ExpertCostModel | None = None,
+                 fit_fraction: float = 0.5, dense_layer_s: float = DENSE_LAYER_S) -> dict:
     """Every policy with and without prefetch (Belady: without, it is the limit of demand caching)."""
     if not 0.0 < capacity_fraction <= 1.0 or not 0.0 < fit_fraction < 1.0:
         raise ValueError(f"need 0 < capacity <= 1 and 0 < fit_fraction < 1, got {capacity_fraction}, {fit_fraction}")
@@ -213,7 +196,9 @@ def replay_cache(records: Iterable[RouteRecord], capacity_fraction: float, cost:
     if not 0 < fit_steps < len(steps):
         raise ValueError(f"the trace has {len(steps)} decode steps: too few to split for fitting and reporting")
     capacity = max(1, round(capacity_fraction * num_layers * num_experts))
-    plan = ReplayPlan(steps, num_layers, num_experts, capacity, fit_steps, cost or CacheCostModel())
+    if dense_layer_s < 0:
+        raise ValueError(f"dense_layer_s must be >= 0, got {dense_layer_s}")
+    plan = ReplayPlan(steps, num_layers, num_experts, capacity, fit_steps, cost or DEFAULT_COST, dense_layer_s)
     predictions = predict_next(steps, num_layers, num_experts)
     policies = {}
     for name in POLICIES:
@@ -224,18 +209,16 @@ def replay_cache(records: Iterable[RouteRecord], capacity_fraction: float, cost:
             "policies": policies,
             "trace": {"steps": len(steps), "fit_steps": fit_steps, "layers": num_layers, "experts": num_experts,
                       "report_tokens": sum(len(s.tokens) for s in steps[fit_steps:])},
-            "cost_model": {"expert_bytes": plan.cost.expert_bytes, "transfer_gbps": plan.cost.transfer_gbps,
-                           "fast_gbps": plan.cost.fast_gbps, "slow_gbps": plan.cost.slow_gbps,
-                           "dense_layer_s": plan.cost.dense_layer_s,
-                           "transfer_s": plan.cost.transfer_s, "fast_s": plan.cost.fast_s, "slow_s": plan.cost.slow_s}}
+            "cost_model": plan.cost.as_dict() | {"dense_layer_s": dense_layer_s}}
 
 
 def cache_summary(report: dict) -> str:
     """A human-readable table of a replay_cache report."""
     t, c = report["trace"], report["cost_model"]
+    cost = ExpertCostModel.from_dict(c)
     lines = [f"cache replay: {report['capacity_experts']} of {t['layers'] * t['experts']} experts in the fast tier, "
-             f"{t['report_tokens']} reported tokens; one expert: {c['expert_bytes']:,} B, transfer "
-             f"{c['transfer_s'] * 1e6:,.1f} us, fast {c['fast_s'] * 1e6:,.1f} us, slow {c['slow_s'] * 1e6:,.1f} us",
+             f"{t['report_tokens']} reported tokens; time per token under the",
+             cost.describe(),
              f"{'policy':16} {'hit rate':>8} {'misses/token':>12} {'bytes moved/token':>17} {'prefetch acc':>12} "
              f"{'us/token':>10}"]
     for name, p in report["policies"].items():

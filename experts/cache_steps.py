@@ -22,6 +22,7 @@ class Step:
 
     tokens: tuple[tuple[str, int], ...]  # (request, position)
     needs: tuple[dict[int, float], ...]  # [L] expert -> gate weight summed over the step's tokens
+    counts: tuple[dict[int, int], ...]  # [L] expert -> how many of the step's tokens it gets
     routes: tuple[dict[int, tuple[int, ...]], ...]  # per token: layer -> experts
 
 
@@ -39,12 +40,14 @@ def decode_steps(records: Iterable[RouteRecord]) -> tuple[list[Step], int, int]:
     out = []
     for _, tokens in sorted(steps.items()):
         needs: list[dict[int, float]] = [{} for _ in range(layers)]
+        counts: list[dict[int, int]] = [{} for _ in range(layers)]
         for tok in tokens:
             for layer, (ids, weights) in by_token[tok].items():
                 for e, w in zip(ids, weights):
                     needs[layer][e] = needs[layer].get(e, 0.0) + w
+                    counts[layer][e] = counts[layer].get(e, 0) + 1
         routes = tuple({layer: ids for layer, (ids, _) in sorted(by_token[tok].items())} for tok in tokens)
-        out.append(Step(tuple(tokens), tuple(needs), routes))
+        out.append(Step(tuple(tokens), tuple(needs), tuple(counts), routes))
     return out, layers, experts
 
 

@@ -7,7 +7,8 @@ import random
 import pytest
 
 from experts.cache_policy import (BeladyPolicy, LFUPolicy, LRUPolicy, ScorePolicy, StaticPolicy, most_popular)
-from experts.cache_replay import CacheCostModel, decode_steps, replay_cache
+from experts.cache_replay import decode_steps, replay_cache
+from experts.cost_model import ExpertCostModel, LinearTime
 from router.traces import RouteRecord
 
 
@@ -74,9 +75,9 @@ def test_prefetch_of_a_predictable_chain_removes_demand_misses():
         tokens.append([(first,), ((first * 3 + 1) % 8,), ((first * 5 + 2) % 8,), ((first + 4) % 8,)])
     records = trace({"r": tokens})
     # The link moves one expert per layer's dense work: prefetch can keep up.
-    cost = CacheCostModel(expert_bytes=10**6, transfer_gbps=60.0, fast_gbps=3000.0, slow_gbps=60.0,
-                          dense_layer_s=10**6 / 60e9)
-    report = replay_cache(records, 0.25, cost=cost)
+    cost = ExpertCostModel(expert_bytes=10**6, transfer_s=10**6 / 60e9, fast=LinearTime(10**6 / 3000e9, 0.0),
+                           slow=LinearTime(10**6 / 60e9, 0.0), overlap=True)
+    report = replay_cache(records, 0.25, cost=cost, dense_layer_s=10**6 / 60e9)
     lru, prefetched = report["policies"]["lru"], report["policies"]["lru+prefetch"]
     assert prefetched["demand_misses_per_token"] <= 0.5 * lru["demand_misses_per_token"]
     assert prefetched["prefetch_accuracy"] > 0.9
@@ -89,8 +90,8 @@ def test_bad_arguments_are_refused():
         replay_cache(records, 0.0)
     with pytest.raises(ValueError, match="too few"):
         replay_cache(trace({"r": [[(0,)]]}), 0.5)
-    with pytest.raises(ValueError, match="bandwidth"):
-        CacheCostModel(transfer_gbps=0.0)
+    with pytest.raises(ValueError, match="dense_layer_s"):
+        replay_cache(records, 0.5, dense_layer_s=-1.0)
 
 
 def test_cli_prints_every_policy_as_json(tmp_path):
@@ -114,3 +115,31 @@ def test_cli_prints_every_policy_as_json(tmp_path):
     res = subprocess.run([sys.executable, "-m", "cluster.cli", "replay", "--trace", str(path), "--cache-capacity",
                           "1.5"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "capacity" in res.stderr
+
+
+def test_replay_uses_a_cost_model_calibrated_on_this_node(tmp_path, tiny_model):
+    import json
+    import subprocess
+    import sys
+
+    from router.traces import write_record
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cluster.cli", *args], capture_output=True, text=True, timeout=120)
+
+    res = cli("calibrate", "--model", str(tiny_model("olmoe")), "--json")
+    assert res.returncode == 0, res.stderr
+    measured = ExpertCostModel.from_dict(json.loads(res.stdout))
+    assert measured.fast_device == "cpu" and measured.transfer_s > 0
+    model_file, trace_file = tmp_path / "cost.json", tmp_path / "t.jsonl"
+    model_file.write_text(res.stdout)
+    with trace_file.open("w") as f:
+        for record in random_trace(2):
+            write_record(f, record)
+    res = cli("replay", "--trace", str(trace_file), "--cache-capacity", "0.5", "--json", "--cost-model",
+              str(model_file), "--expert-bytes", str(4 * measured.expert_bytes))
+    assert res.returncode == 0, res.stderr
+    assert ExpertCostModel.from_dict(json.loads(res.stdout)["cost_model"]) == measured.scaled(4 * measured.expert_bytes)
+    model_file.write_text('{"expert_bytes": 5}')
+    res = cli("replay", "--trace", str(trace_file), "--cache-capacity", "0.5", "--cost-model", str(model_file))
+    assert res.returncode == 2 and "moe-serve calibrate" in res.stderr
