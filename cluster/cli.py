@@ -115,6 +115,9 @@ def _add_up(sub) -> None:
                     help="(inprocess) keep only this fraction of each layer's experts resident")
     up.add_argument("--expert-cache-policy", choices=("lru", "lfu", "score"))
     up.add_argument("--expert-cache-prefetch", action="store_true", help="(inprocess) pre-gating prefetch")
+    up.add_argument("--expert-cache-schedule", choices=("auto", "load", "cpu"),
+                    help="(inprocess) where missing experts compute: auto (the calibrated cost model), load "
+                         "(every miss), cpu (every miss where it lies)")
     up.add_argument("--route-prediction", action="store_true",
                     help="(inprocess) run the route predictors live; recall goes to the metrics")
     up.set_defaults(run=_up)
@@ -152,11 +155,14 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--route-prediction", action="store_true",
                    help="run the route predictors live and print their recall at the end (in-process engine)")
     p.add_argument("--expert-cache", type=float, metavar="FRACTION",
-                   help="keep only this fraction of each layer's experts resident, reading the rest from the "
-                        "checkpoint on demand (in-process engine)")
+                   help="keep only this fraction of each layer's experts resident, moving the rest in from the slow "
+                        "tier on demand (in-process engine)")
     p.add_argument("--expert-cache-policy", default="score", choices=("lru", "lfu", "score"))
     p.add_argument("--expert-cache-prefetch", action="store_true",
                    help="load the experts pre-gating predicts for the next layer ahead of it")
+    p.add_argument("--expert-cache-schedule", default="auto", choices=("auto", "load", "cpu"),
+                   help="where missing experts compute: auto (the calibrated cost model decides per expert), "
+                        "load (every miss is loaded), cpu (every miss is computed where it lies)")
     p.add_argument("--engine", default="inprocess", choices=ENGINES,
                    help="inprocess: one process; ray: attention workers and expert shards as Ray actors")
     p.add_argument("--cluster", help="(ray) cluster description file or built-in name (local, "
@@ -190,7 +196,8 @@ def _generate(args: argparse.Namespace) -> int:
         microbatches=args.microbatches, replan_every_steps=args.replan_every,
         record_trace=str(args.record_trace) if args.record_trace else None,
         expert_cache_fraction=args.expert_cache, expert_cache_policy=args.expert_cache_policy,
-        expert_cache_prefetch=args.expert_cache_prefetch, route_prediction=args.route_prediction))
+        expert_cache_prefetch=args.expert_cache_prefetch, expert_cache_schedule=args.expert_cache_schedule,
+        route_prediction=args.route_prediction))
     try:
         return _print_stream(engine, args.prompt, params)
     finally:
@@ -231,7 +238,8 @@ def _up(args: argparse.Namespace) -> int:
                 "max_model_len": args.max_model_len, "kv_cache_tokens": args.kv_cache_tokens,
                 "max_num_seqs": args.max_num_seqs, "expert_cache_fraction": args.expert_cache,
                 "expert_cache_policy": args.expert_cache_policy, "route_prediction": args.route_prediction or None,
-                "expert_cache_prefetch": args.expert_cache_prefetch or None}
+                "expert_cache_prefetch": args.expert_cache_prefetch or None,
+                "expert_cache_schedule": args.expert_cache_schedule}
     return run_up(args.model, args.address, args.http_port, args.grpc_port, args.engine, args.cluster,
                   host=args.host, app_args={k: v for k, v in app_args.items() if v is not None})
 

@@ -26,6 +26,7 @@ class EngineConfig:
     expert_cache_fraction: float | None = None  # (in-process) share of each layer's experts kept resident
     expert_cache_policy: str = "score"  # lru | lfu | score
     expert_cache_prefetch: bool = False  # load the experts pre-gating predicts for the next layer ahead
+    expert_cache_schedule: str = "auto"  # auto (cost model) | load (every miss) | cpu (every miss computed in place)
     # ---- cluster mode (engine="ray") ----
     engine: str = "inprocess"  # "inprocess": one process, no Ray; "ray": actors on a Ray cluster
     cluster: str | None = None  # cluster description file (or built-in name); None: from the live nodes
@@ -67,6 +68,8 @@ class EngineConfig:
                 raise ValueError(f"expert_cache_fraction must be in (0, 1], got {self.expert_cache_fraction}")
         if self.expert_cache_policy not in ("lru", "lfu", "score"):
             raise ValueError(f"expert_cache_policy must be lru, lfu or score, got {self.expert_cache_policy!r}")
+        if self.expert_cache_schedule not in ("auto", "load", "cpu"):
+            raise ValueError(f"expert_cache_schedule must be auto, load or cpu, got {self.expert_cache_schedule!r}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be > 0, got {self.max_model_len}")
 

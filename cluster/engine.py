@@ -214,7 +214,7 @@ def _load_model(config: EngineConfig, device: torch.device, ops):
         return start_ray_model(config)
     cache = (None if config.expert_cache_fraction is None
              else ExpertCacheConfig(config.expert_cache_fraction, config.expert_cache_policy,
-                                    config.expert_cache_prefetch))
+                                    config.expert_cache_prefetch, schedule=config.expert_cache_schedule))
     return InProcessModel.load(
         Path(config.model), DTYPES[config.dtype], device, num_kv_slots=config.num_blocks * config.block_size,
         ops=ops, block_size=config.block_size, show_progress=config.show_progress, expert_cache=cache)

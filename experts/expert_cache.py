@@ -29,6 +29,7 @@ from experts.slow_tier import SlowTier, slow_tier_for
 from kernels.dispatch import KernelOps
 
 log = logging.getLogger(__name__)
+SCHEDULES = ("auto", "load", "cpu")
 MIN_PREFETCH_USES = 1.0  # predicted uses by the step's tokens below which an expert is not loaded ahead
 
 
@@ -38,8 +39,12 @@ class ExpertCacheConfig:
     policy: str = "score"
     prefetch: bool = False  # load the experts pre-gating predicts for the next layer ahead of it
     cost_model: ExpertCostModel | None = None  # None: calibrate at start-up
+    schedule: str = "auto"  # auto: the cost model decides; load: every miss is loaded (on-demand
+    # caching, as mixtral-offloading); cpu: every miss is computed where it lies (as Fiddler)
 
     def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"expert cache schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if not 0.0 < self.capacity_fraction <= 1.0:
             raise ValueError(f"expert cache capacity must be in (0, 1], got {self.capacity_fraction}")
         if self.policy not in ONLINE_POLICIES:
@@ -108,9 +113,9 @@ class CachedExperts:
         lay.prefetched.difference_update(hits)
         self._count(hits=len(hits), misses=len(tokens) - len(hits), prefetch_used=used_prefetch)
         reusable = len(lay.free) + sum(e not in tokens for e in lay.resident)
-        plan = plan_layer(tokens, set(lay.resident), self.cost, max_loads=reusable)
-        loaded = [e for e in plan.load if self._load(layer, lay, e, set(tokens), now)]
-        on_cpu = [*plan.slow, *(e for e in plan.load if e not in loaded)]
+        to_load, to_cpu = self._schedule(tokens, lay, reusable)
+        loaded = [e for e in to_load if self._load(layer, lay, e, set(tokens), now)]
+        on_cpu = [*to_cpu, *(e for e in to_load if e not in loaded)]
         self._count(loads=len(loaded), cpu_computed=len(on_cpu))
         for e in tokens:
             self.policy.touch((layer, e), now, gate_mass[e])
@@ -118,6 +123,16 @@ class CachedExperts:
         if self.copy_stream is not None:
             lay.last_use = torch.cuda.current_stream(self.device).record_event()
         return out
+
+    def _schedule(self, tokens: dict[int, int], lay: _Layer, reusable: int) -> tuple[list[int], list[int]]:
+        """(missing experts to load, missing experts to compute where they lie)."""
+        missing = sorted((e for e in tokens if e not in lay.resident), key=lambda e: (-tokens[e], e))
+        if self.config.schedule == "load":
+            return missing[:reusable], missing[reusable:]
+        if self.config.schedule == "cpu":
+            return [], missing
+        plan = plan_layer(tokens, set(lay.resident), self.cost, max_loads=reusable)
+        return list(plan.load), list(plan.slow)
 
     def _compute(self, lay: _Layer, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  loaded: list[int], on_cpu: list[int], layer: int) -> torch.Tensor:

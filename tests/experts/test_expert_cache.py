@@ -74,6 +74,7 @@ def test_hit_rate_reaches_the_serving_metrics(tiny_model):
     ({"expert_cache_fraction": 0.0}, "expert_cache_fraction"),
     ({"expert_cache_fraction": 1.5}, "expert_cache_fraction"),
     ({"expert_cache_policy": "belady"}, "expert_cache_policy"),
+    ({"expert_cache_schedule": "gpu"}, "expert_cache_schedule"),
     ({"expert_cache_fraction": 0.5, "engine": "ray"}, "in-process"),
 ])
 def test_bad_cache_settings_are_refused(kwargs, words):
@@ -114,6 +115,20 @@ def _cached_engine(model, cost: ExpertCostModel, tier: str | None = None) -> LLM
     engine.model.experts = CachedExperts(ckpt, spec, dtype, torch.device("cpu"), old.ops,
                                          ExpertCacheConfig(0.25, cost_model=cost), tier=slow)
     return engine
+
+
+def test_forced_schedules_load_every_miss_or_none(tiny_model):
+    model = tiny_model("olmoe")
+    want, _ = run(model, GREEDY)
+    stats = {}
+    for schedule in ("load", "cpu"):
+        got, engine = run(model, GREEDY, expert_cache_fraction=0.5, expert_cache_schedule=schedule)
+        assert got == want
+        stats[schedule] = engine.model.experts.stats
+    assert stats["cpu"].loads == stats["cpu"].hits == 0 and stats["cpu"].cpu_computed == stats["cpu"].misses
+    load = stats["load"]
+    assert load.loads > 0 and load.hits > 0 and load.loads + load.cpu_computed == load.misses
+    assert load.cpu_computed < stats["cpu"].cpu_computed  # only what a layer's rows cannot take goes to the CPU
 
 
 @pytest.mark.parametrize("cost, tier", [(CPU_ALWAYS, None), (LOAD_ALWAYS, "host"), (CPU_ALWAYS, "host")])
