@@ -25,6 +25,7 @@ from cluster.transport import Transport, free_endpoint, wait
 from experts.checkpoint import Checkpoint
 from experts.config import load_spec
 from experts.expert_bank import ExpertBank
+from experts.expert_cache import CachedExperts, ExpertCacheConfig
 from experts.loader import load_dense, load_experts, read_expert
 from experts.shard import ExpertShard
 from kernels.dispatch import select_kernels
@@ -43,6 +44,7 @@ class ActorConfig:
     kernel_backend: str = "auto"
     num_threads: int = 1
     transport_timeout_s: float = 30.0
+    expert_cache: ExpertCacheConfig | None = None  # expert shards keep only a fraction of their experts resident
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -201,17 +203,27 @@ class AttentionActor(_Actor):
 class ShardActor(_Actor):
     def __init__(self, cfg: ActorConfig, experts: dict[int, tuple[int, ...]]) -> None:
         super().__init__(cfg)
+        self.experts = {layer: tuple(ids) for layer, ids in experts.items()}
+        self.cache: CachedExperts | None = None
+        if cfg.expert_cache is not None:  # a fast-tier budget over this shard's experts
+            self.cache = CachedExperts(self.ckpt, self.spec, self.dtype, self.device, self.ops, cfg.expert_cache,
+                                       owned=self.experts)
+            return
         banks = {layer: load_experts(self.ckpt, self.spec, layer, ids, self.dtype, self.device)
                  for layer, ids in experts.items()}
         self.shard = ExpertShard(banks, self.ops)
-        self.experts = {layer: tuple(ids) for layer, ids in experts.items()}
 
     def nbytes(self) -> int:
-        return self.shard.nbytes()
+        return self.cache.nbytes() if self.cache is not None else self.shard.nbytes()
 
     def set_experts(self, experts: dict[int, tuple[int, ...]]) -> int:
         """Hold exactly `experts` (layer -> ids) from now on: kept experts are copied row by row, new
-        ones read from the checkpoint, dropped ones freed. -> bytes read from the checkpoint."""
+        ones read from the checkpoint, dropped ones freed. -> bytes read from the checkpoint (with an
+        expert cache: 0, the new experts are moved in on demand)."""
+        if self.cache is not None:
+            self.cache.set_owned(experts)
+            self.experts = {layer: tuple(ids) for layer, ids in experts.items()}
+            return 0
         read = 0
         for layer, ids in experts.items():
             old = self.shard.banks[layer]
@@ -257,8 +269,9 @@ class ShardActor(_Actor):
                                       src, layer)
         x, pair_row, pair_expert, fold, weight = unpack(payload, n, p, h, self.dtype)
         start = time.perf_counter()
-        out = fold_outputs(self.shard.pair_outputs(layer, x, pair_row, pair_expert), pair_row, pair_expert, fold,
-                           weight)
+        pairs = (self.cache.pair_outputs(layer, x, pair_row, pair_expert, weight) if self.cache is not None
+                 else self.shard.pair_outputs(layer, x, pair_row, pair_expert))
+        out = fold_outputs(pairs, pair_row, pair_expert, fold, weight)
         self._compute_ms[layer] = self._compute_ms.get(layer, 0.0) + 1e3 * (time.perf_counter() - start)
         sends.append((self.transport.isend(out, src, layer), out))
         return True
@@ -266,4 +279,5 @@ class ShardActor(_Actor):
     def _finish(self, sends: list) -> dict:
         for work, _ in sends:
             wait(work)
-        return {**self.transport.take_stats().to_dict(), "compute_ms": self._compute_ms}
+        cache = {} if self.cache is None else {"expert_cache": self.cache.take_step_stats()}
+        return {**self.transport.take_stats().to_dict(), "compute_ms": self._compute_ms, **cache}

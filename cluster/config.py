@@ -61,9 +61,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if (self.record_trace is not None or self.route_prediction) and self.engine != "inprocess":
             raise ValueError("record_trace and route_prediction are supported by the in-process engine only")
+        if self.expert_cache_prefetch and self.engine != "inprocess":
+            raise ValueError("expert_cache_prefetch is supported by the in-process engine only")
         if self.expert_cache_fraction is not None:
-            if self.engine != "inprocess":
-                raise ValueError("expert_cache_fraction is supported by the in-process engine only")
             if not 0.0 < self.expert_cache_fraction <= 1.0:
                 raise ValueError(f"expert_cache_fraction must be in (0, 1], got {self.expert_cache_fraction}")
         if self.expert_cache_policy not in ("lru", "lfu", "score"):
@@ -76,3 +76,13 @@ class EngineConfig:
     @property
     def num_blocks(self) -> int:
         return -(-self.kv_cache_tokens // self.block_size)
+
+
+def expert_cache_config(config: EngineConfig):
+    """The engine's expert-cache settings as an experts.expert_cache.ExpertCacheConfig (None: no cache)."""
+    if config.expert_cache_fraction is None:
+        return None
+    from experts.expert_cache import ExpertCacheConfig
+
+    return ExpertCacheConfig(config.expert_cache_fraction, config.expert_cache_policy, config.expert_cache_prefetch,
+                             schedule=config.expert_cache_schedule)

@@ -9,7 +9,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from cluster.config import EngineConfig
+from cluster.config import EngineConfig, expert_cache_config
 from cluster.detokenizer import IncrementalText
 from cluster.model import InProcessModel
 from cluster.errors import ClusterRecovered
@@ -19,7 +19,6 @@ from cluster.sampling_params import SamplingParams
 from cluster.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from cluster.sequence import Sequence
 from experts.tokenizer import load_tokenizer
-from experts.expert_cache import ExpertCacheConfig
 from kernels.dispatch import select_kernels
 from router.live import LiveRouteMeter
 from router.recorder import TraceRecorder
@@ -212,9 +211,7 @@ def _load_model(config: EngineConfig, device: torch.device, ops):
         from cluster.ray_setup import start_ray_model
 
         return start_ray_model(config)
-    cache = (None if config.expert_cache_fraction is None
-             else ExpertCacheConfig(config.expert_cache_fraction, config.expert_cache_policy,
-                                    config.expert_cache_prefetch, schedule=config.expert_cache_schedule))
+    cache = expert_cache_config(config)
     return InProcessModel.load(
         Path(config.model), DTYPES[config.dtype], device, num_kv_slots=config.num_blocks * config.block_size,
         ops=ops, block_size=config.block_size, show_progress=config.show_progress, expert_cache=cache)

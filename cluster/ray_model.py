@@ -172,9 +172,18 @@ class RayModel:
         step = self.last_step
         if not step:
             return {}
-        return {"expert_tokens": step["expert_tokens"],
-                "cross_node_bytes": {"dispatch": sum(t["cross_bytes_sent"] for t in step["traffic"]),
-                                     "combine": sum(t["cross_bytes_sent"] for t in step["shard_traffic"])}}
+        stats = {"expert_tokens": step["expert_tokens"],
+                 "cross_node_bytes": {"dispatch": sum(t["cross_bytes_sent"] for t in step["traffic"]),
+                                      "combine": sum(t["cross_bytes_sent"] for t in step["shard_traffic"])}}
+        caches = [t["expert_cache"] for t in step["shard_traffic"] if "expert_cache" in t]
+        if caches:  # the shards' expert caches, summed
+            total = {k: sum(c[k] for c in caches) for k in ("hits", "misses", "loads", "cpu_computed", "bytes_moved")}
+            looked_up = total["hits"] + total["misses"]
+            total["hit_rate"] = total["hits"] / looked_up if looked_up else None
+            stats["expert_cache"] = total
+            if total["hit_rate"] is not None:
+                stats["expert_cache_hit_rate"] = total["hit_rate"]
+        return stats
 
     # ---- placement, changed while serving -----------------------------------------------------
     def move_experts(self, owner: dict[int, tuple[int, ...]]) -> dict:

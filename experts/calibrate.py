@@ -40,29 +40,32 @@ def _seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> fl
 
 
 def calibrate(tier: SlowTier, spec: ModelSpec, dtype: torch.dtype, device: torch.device, ops: KernelOps,
+              layer: int | None = None, experts: tuple[int, ...] | None = None,
               token_counts: tuple[int, ...] = TOKEN_COUNTS, repeats: int = REPEATS) -> ExpertCostModel:
-    """Measure on the first MoE layer's experts (moves cycle through several, so no one expert's
-    pages are favoured); compute routes every token to one expert with weight 1."""
-    layer, h = spec.moe_layers[0], spec.hidden_size
-    rows = min(4, spec.num_experts)
-    bank = ExpertBank.empty(layer, tuple(range(rows)), spec.num_experts, h, spec.expert_intermediate, dtype, device)
+    """Measure on `experts` of `layer` that the tier holds (default: the first MoE layer's; moves
+    cycle through up to four, so no one expert's pages are favoured); compute routes every token to
+    the first of them with weight 1."""
+    layer = spec.moe_layers[0] if layer is None else layer
+    ids = tuple(experts if experts is not None else range(spec.num_experts))[:4]
+    h = spec.hidden_size
+    bank = ExpertBank.empty(layer, ids, spec.num_experts, h, spec.expert_intermediate, dtype, device)
     moves = iter(range(10**9))
 
     def move() -> None:
-        n = next(moves) % rows
-        tier.copy_into(bank, n, layer, n)
+        n = next(moves) % len(ids)
+        tier.copy_into(bank, n, layer, ids[n])
 
-    transfer_s = _seconds(move, device, max(repeats, rows))
+    transfer_s = _seconds(move, device, max(repeats, len(ids)))
     gen = torch.Generator().manual_seed(0)
     fast, slow = [], []
     for t in token_counts:
         x = (torch.randn(t, h, generator=gen) * 0.1).to(device=device, dtype=dtype)
-        ids = torch.zeros(t, 1, dtype=torch.int64, device=device)
+        route = torch.full((t, 1), ids[0], dtype=torch.int64, device=device)
         weights = torch.ones(t, 1, dtype=torch.float32, device=device)
-        fast.append((t, _seconds(lambda: ops.fused_moe(x, bank.w_gate_up, bank.w_down, bank.slot_of[ids], weights),
+        fast.append((t, _seconds(lambda: ops.fused_moe(x, bank.w_gate_up, bank.w_down, bank.slot_of[route], weights),
                                  device, repeats)))
         if not tier.compute_is_a_move:
-            slow.append((t, _seconds(lambda: tier.compute(layer, [0], x, ids, weights), device, repeats)))
+            slow.append((t, _seconds(lambda: tier.compute(layer, [ids[0]], x, route, weights), device, repeats)))
     fast_fit = LinearTime.fit(fast)
     slow_fit = (LinearTime(transfer_s + fast_fit.fixed_s, fast_fit.per_token_s) if tier.compute_is_a_move
                 else LinearTime.fit(slow))

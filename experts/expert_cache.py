@@ -27,6 +27,7 @@ from experts.cost_model import ExpertCostModel, plan_layer
 from experts.expert_bank import ExpertBank
 from experts.slow_tier import SlowTier, slow_tier_for
 from kernels.dispatch import KernelOps
+from kernels.fused_moe import expert_pair_outputs_ref
 
 log = logging.getLogger(__name__)
 SCHEDULES = ("auto", "load", "cpu")
@@ -76,6 +77,7 @@ class CacheStats:
 class _Layer:
     bank: ExpertBank  # slots rows; bank.slot_of maps resident experts to rows, -1 otherwise
     free: list[int]
+    owned: frozenset[int]  # the experts this cache serves (a shard's share of the layer)
     resident: dict[int, int] = field(default_factory=dict)  # expert -> row
     prefetched: set[int] = field(default_factory=set)  # loaded ahead, not used since
     last_use: object = None  # CUDA event after the last computation that read the bank
@@ -83,29 +85,79 @@ class _Layer:
 
 class CachedExperts:
     def __init__(self, ckpt: Checkpoint, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
-                 ops: KernelOps, config: ExpertCacheConfig, tier: SlowTier | None = None) -> None:
-        """`tier`: where the experts lie (default: slow_tier_for the device)."""
+                 ops: KernelOps, config: ExpertCacheConfig, tier: SlowTier | None = None,
+                 owned: dict[int, tuple[int, ...]] | None = None) -> None:
+        """`tier`: where the experts lie (default: slow_tier_for the device); `owned`: MoE layer ->
+        the experts served (an expert shard's; default: all), the budget a fraction of those."""
         self.spec, self.dtype, self.device, self.ops, self.config = spec, dtype, device, ops, config
-        self.tier = tier if tier is not None else slow_tier_for(ckpt, spec, dtype, device)
-        slots = config.slots(spec.num_experts)
-        self.layers = {layer: _Layer(ExpertBank.empty(layer, (), spec.num_experts, spec.hidden_size,
-                                                      spec.expert_intermediate, dtype, device, rows=slots),
-                                     list(range(slots)))
-                       for layer in spec.moe_layers}
+        owned = owned if owned is not None else {layer: tuple(range(spec.num_experts)) for layer in spec.moe_layers}
+        self.tier = tier if tier is not None else slow_tier_for(ckpt, spec, dtype, device, owned)
+        self.layers = {layer: self._empty_layer(layer, ids) for layer, ids in owned.items()}
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.cost = config.cost_model or calibrate(self.tier, spec, dtype, device, ops)
+        sample = next(((layer, ids) for layer, ids in owned.items() if ids), None)
+        if sample is None:
+            raise ValueError("an expert cache needs at least one expert to serve")
+        self.cost = config.cost_model or calibrate(self.tier, spec, dtype, device, ops, *sample)
         log.info("%s", self.cost.describe())
         self.policy = online_policy(config.policy, ticks_per_step=len(spec.moe_layers))  # one tick per layer
         self.stats, self.step_stats = CacheStats(), CacheStats()
         self._clock = 0
 
+    def _empty_layer(self, layer: int, owned: tuple[int, ...]) -> _Layer:
+        slots = self.config.slots(max(1, len(owned)))
+        bank = ExpertBank.empty(layer, (), self.spec.num_experts, self.spec.hidden_size, self.spec.expert_intermediate,
+                                self.dtype, self.device, rows=slots)
+        return _Layer(bank, list(range(slots)), frozenset(owned))
+
+    def set_owned(self, owned: dict[int, tuple[int, ...]]) -> None:
+        """Serve `owned` (layer -> experts) from now on (a re-placement): experts no longer owned
+        leave the fast tier; the new ones are moved in on demand."""
+        self.tier.set_owned(owned)
+        for layer, ids in owned.items():
+            self.layers[layer] = self._empty_layer(layer, tuple(ids))
+
     def forward(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x: [T, H]; ids/weights: [T, K] global expert ids -> [T, H], as ExpertShard.forward."""
+        loaded, on_cpu = self._prepare(layer, ids.reshape(-1), weights.reshape(-1))
+        out = self._compute(self.layers[layer], x, ids, weights, loaded, on_cpu, layer)
+        self._computed(self.layers[layer])
+        return out
+
+    def pair_outputs(self, layer: int, x: torch.Tensor, pair_row: torch.Tensor, pair_expert: torch.Tensor,
+                     pair_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """As ExpertShard.pair_outputs: x [n, H]; pair_row/pair_expert [P] (owned experts) -> [P, H]
+        unweighted; `pair_weight` [P] only feeds the policy's gate scores."""
+        lay = self.layers[layer]
+        foreign = sorted(set(pair_expert.tolist()) - lay.owned)
+        if foreign:
+            raise ValueError(f"layer {layer}: experts {foreign} are not on this shard")
+        weight = pair_weight if pair_weight is not None else torch.ones(pair_expert.numel())
+        loaded, on_cpu = self._prepare(layer, pair_expert, weight)
+        out = x.new_empty(pair_row.numel(), x.shape[1])
+        cpu = torch.isin(pair_expert, torch.tensor(on_cpu, dtype=pair_expert.dtype, device=pair_expert.device))
+        if on_cpu:
+            out[cpu] = self.tier.pair_outputs(layer, x, pair_row[cpu], pair_expert[cpu])
+        if self.copy_stream is not None and loaded:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+        here = ~cpu
+        if bool(here.any()):
+            out[here] = expert_pair_outputs_ref(x, lay.bank.w_gate_up, lay.bank.w_down, pair_row[here],
+                                                lay.bank.slot_of[pair_expert[here]])
+        self._computed(lay)
+        return out
+
+    def _computed(self, lay: _Layer) -> None:
+        if self.copy_stream is not None:
+            lay.last_use = torch.cuda.current_stream(self.device).record_event()
+
+    def _prepare(self, layer: int, flat: torch.Tensor, weights: torch.Tensor) -> tuple[list[int], list[int]]:
+        """Count the layer's lookups, schedule its misses and start the loads; -> (loaded, on the CPU).
+        flat/weights: [N] expert id (-1: none) and gate weight of every (token, expert) pair."""
         lay, now = self.layers[layer], self._clock
         self._clock += 1
-        flat = ids.reshape(-1).cpu()
+        flat = flat.cpu()
         counts = torch.bincount(flat[flat >= 0], minlength=self.spec.num_experts).tolist()  # [E]
-        gate_mass = torch.zeros(self.spec.num_experts).index_add_(0, flat.clamp(min=0), weights.reshape(-1).float().cpu()
+        gate_mass = torch.zeros(self.spec.num_experts).index_add_(0, flat.clamp(min=0), weights.float().cpu()
                                                                   * (flat >= 0)).tolist()
         tokens = {e: c for e, c in enumerate(counts) if c}
         hits = [e for e in tokens if e in lay.resident]
@@ -119,10 +171,7 @@ class CachedExperts:
         self._count(loads=len(loaded), cpu_computed=len(on_cpu))
         for e in tokens:
             self.policy.touch((layer, e), now, gate_mass[e])
-        out = self._compute(lay, x, ids, weights, loaded, on_cpu, layer)
-        if self.copy_stream is not None:
-            lay.last_use = torch.cuda.current_stream(self.device).record_event()
-        return out
+        return loaded, on_cpu
 
     def _schedule(self, tokens: dict[int, int], lay: _Layer, reusable: int) -> tuple[list[int], list[int]]:
         """(missing experts to load, missing experts to compute where they lie)."""
@@ -154,7 +203,7 @@ class CachedExperts:
         (expected[e]: predicted uses of expert e by the step's tokens, at least MIN_PREFETCH_USES),
         at most one layer's slots; with CUDA the copies run beside the computation."""
         lay, now, protect = self.layers[layer], self._clock, set()
-        gain = {e: self._miss_cost(u) for e, u in enumerate(expected) if u >= MIN_PREFETCH_USES}
+        gain = {e: self._miss_cost(u) for e, u in enumerate(expected) if u >= MIN_PREFETCH_USES and e in lay.owned}
         for e in sorted(gain, key=lambda e: -gain[e])[:len(lay.bank.buffer)]:
             if gain[e] <= 0:
                 break

@@ -19,6 +19,7 @@ from experts.checkpoint import Checkpoint
 from experts.config import ModelSpec
 from experts.expert_bank import ExpertBank
 from experts.loader import load_experts, read_expert
+from kernels.fused_moe import expert_pair_outputs_ref
 from kernels.fused_moe_batched import fused_moe_batched
 
 CPU = torch.device("cpu")
@@ -34,6 +35,13 @@ class SlowTier(Protocol):
     def compute(self, layer: int, experts: list[int], x: torch.Tensor, ids: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
         """The weighted outputs of `experts` only, computed on the CPU where they lie; on x's device."""
+
+    def pair_outputs(self, layer: int, x: torch.Tensor, pair_row: torch.Tensor,
+                     pair_expert: torch.Tensor) -> torch.Tensor:
+        """Unweighted outputs [P, H] of (row of x, expert) pairs, computed on the CPU; on x's device."""
+
+    def set_owned(self, owned: dict[int, tuple[int, ...]]) -> None:
+        """The experts (layer -> ids) the cache above serves from now on."""
 
 
 def _only(ids: torch.Tensor, experts: list[int], rows: torch.Tensor) -> torch.Tensor:
@@ -60,24 +68,47 @@ class CheckpointTier:
                                 weights.to(CPU))
         return out.to(x.device)
 
+    def pair_outputs(self, layer: int, x: torch.Tensor, pair_row: torch.Tensor,
+                     pair_expert: torch.Tensor) -> torch.Tensor:
+        pair_expert = pair_expert.to(CPU)
+        temp = load_experts(self.ckpt, self.spec, layer, sorted(set(pair_expert.tolist())), self.dtype, CPU)
+        return expert_pair_outputs_ref(x.to(CPU), temp.w_gate_up, temp.w_down, pair_row.to(CPU),
+                                       temp.slot_of[pair_expert]).to(x.device)
+
+    def set_owned(self, owned: dict[int, tuple[int, ...]]) -> None:
+        pass  # every expert is in the checkpoint
+
 
 class HostTier:
     name = "host"
     compute_is_a_move = False
 
     def __init__(self, ckpt: Checkpoint, spec: ModelSpec, dtype: torch.dtype, pin: bool,
+                 owned: dict[int, tuple[int, ...]] | None = None,
                  progress: Callable[[int], object] | None = None) -> None:
+        """`owned`: layer -> the experts held (default: all of every MoE layer)."""
+        self.ckpt, self.spec, self.dtype, self.pin = ckpt, spec, dtype, pin
         self.banks: dict[int, ExpertBank] = {}
-        for layer in spec.moe_layers:
-            bank = load_experts(ckpt, spec, layer, range(spec.num_experts), dtype, CPU)
-            if pin:
-                bank.buffer = bank.buffer.pin_memory()
-            self.banks[layer] = bank
+        owned = owned if owned is not None else {layer: tuple(range(spec.num_experts)) for layer in spec.moe_layers}
+        for layer, ids in owned.items():
+            self.banks[layer] = self._bank(layer, tuple(ids))
             if progress is not None:
                 progress(1)
 
+    def _bank(self, layer: int, ids: tuple[int, ...]) -> ExpertBank:
+        bank = load_experts(self.ckpt, self.spec, layer, ids, self.dtype, CPU)
+        if self.pin:
+            bank.buffer = bank.buffer.pin_memory()
+        return bank
+
+    def set_owned(self, owned: dict[int, tuple[int, ...]]) -> None:
+        for layer, ids in owned.items():
+            if tuple(ids) != self.banks[layer].expert_ids:
+                self.banks[layer] = self._bank(layer, tuple(ids))
+
     def copy_into(self, bank: ExpertBank, row: int, layer: int, expert: int) -> None:
-        bank.buffer[row].copy_(self.banks[layer].buffer[expert], non_blocking=True)
+        src = self.banks[layer]
+        bank.buffer[row].copy_(src.buffer[int(src.slot_of[expert])], non_blocking=True)
 
     def compute(self, layer: int, experts: list[int], x: torch.Tensor, ids: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
@@ -87,10 +118,18 @@ class HostTier:
                                 weights.to(CPU))
         return out.to(x.device, non_blocking=True)
 
+    def pair_outputs(self, layer: int, x: torch.Tensor, pair_row: torch.Tensor,
+                     pair_expert: torch.Tensor) -> torch.Tensor:
+        bank = self.banks[layer]
+        return expert_pair_outputs_ref(x.to(CPU), bank.w_gate_up, bank.w_down, pair_row.to(CPU),
+                                       bank.slot_of[pair_expert.to(CPU)]).to(x.device)
+
 
 def slow_tier_for(ckpt: Checkpoint, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
+                  owned: dict[int, tuple[int, ...]] | None = None,
                   progress: Callable[[int], object] | None = None) -> SlowTier:
-    """Pinned host memory under a GPU fast tier; the memory-mapped checkpoint on a CPU-only node."""
+    """Pinned host memory under a GPU fast tier (the `owned` experts); the memory-mapped checkpoint
+    on a CPU-only node."""
     if device.type == "cuda":
-        return HostTier(ckpt, spec, dtype, pin=True, progress=progress)
+        return HostTier(ckpt, spec, dtype, pin=True, owned=owned, progress=progress)
     return CheckpointTier(ckpt, spec, dtype)

@@ -168,3 +168,29 @@ nodes:
         LLMEngine(EngineConfig(model=str(tiny_model("olmoe")), engine="ray", cluster=str(path)))
     assert "node kinds here: " in str(err.value) and "gpu" in str(err.value)
     assert time.monotonic() - start < 60  # refused up front, not after the actors' start timeout
+
+
+def test_expert_shards_with_a_cache_keep_the_tokens_and_survive_a_move(ray_cluster, tiny_model):
+    """Each shard keeps half of its experts resident: the in-process tokens, the shards' hit rates in the
+    step stats, and a re-placement that the caches follow."""
+    model = str(tiny_model("mixtral"))
+    [expected] = _run(EngineConfig(model=model), SAMPLED)
+    engine = LLMEngine(EngineConfig(model=model, engine="ray", cluster="local", expert_cache_fraction=0.5,
+                                    expert_cache_policy="lru"))
+    try:
+        ids = [engine.add_request(p, SAMPLED) for p in PROMPTS]
+        final, looked_up, hits, steps = {}, 0, 0, 0
+        while engine.has_unfinished():
+            final.update({o.request_id: o for o in engine.step() if o.finished})
+            steps += 1
+            cache = engine.model.step_stats()["expert_cache"]
+            looked_up, hits = looked_up + cache["hits"] + cache["misses"], hits + cache["hits"]
+            assert cache["loads"] + cache["cpu_computed"] == cache["misses"]
+            if steps == 4:  # mid-generation: every expert changes shard, the caches start over
+                m = engine.model
+                assert m.move_experts({layer: tuple(reversed(row)) for layer, row in m.owner.items()})["bytes_loaded"] == 0
+        assert steps > 4
+        assert [final[i].token_ids for i in ids] == expected
+        assert 0 < hits < looked_up
+    finally:
+        engine.shutdown()

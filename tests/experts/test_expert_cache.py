@@ -75,7 +75,7 @@ def test_hit_rate_reaches_the_serving_metrics(tiny_model):
     ({"expert_cache_fraction": 1.5}, "expert_cache_fraction"),
     ({"expert_cache_policy": "belady"}, "expert_cache_policy"),
     ({"expert_cache_schedule": "gpu"}, "expert_cache_schedule"),
-    ({"expert_cache_fraction": 0.5, "engine": "ray"}, "in-process"),
+    ({"expert_cache_fraction": 0.5, "expert_cache_prefetch": True, "engine": "ray"}, "in-process"),
 ])
 def test_bad_cache_settings_are_refused(kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -155,3 +155,36 @@ def test_calibration_measures_this_node(tiny_model):
     assert cost.expert_bytes == 3 * spec.hidden_size * spec.expert_intermediate * 4
     assert cost.transfer_s > 0 and cost.fast.at(1) > 0 and cost.slow.at(1) > 0 and not cost.overlap
     assert cost.slow_device == "cpu (checkpoint)" and "us/token" in cost.describe()
+
+
+@pytest.mark.parametrize("schedule, tier", [("auto", None), ("load", "host"), ("cpu", None), ("cpu", "host")])
+def test_a_shards_cache_returns_the_same_pair_outputs_as_its_resident_experts(tiny_model, schedule, tier):
+    """An expert shard's cache (the Ray engine's path): pair outputs identical to the shard's own bank's."""
+    from cluster.moe_dispatch import split_route
+    from experts.loader import load_experts
+    from experts.shard import ExpertShard
+    from kernels.dispatch import select_kernels
+
+    model = tiny_model("qwen2_moe")
+    spec, ckpt, ops = load_spec(model), Checkpoint(model), select_kernels("cpu", "torch")
+    owned = {layer: tuple(range(1, spec.num_experts, 2)) for layer in spec.moe_layers}  # odd experts
+    shard = ExpertShard({layer: load_experts(ckpt, spec, layer, ids, torch.float32) for layer, ids in owned.items()},
+                        ops)
+    slow = HostTier(ckpt, spec, torch.float32, pin=False, owned=owned) if tier == "host" else None
+    cache = CachedExperts(ckpt, spec, torch.float32, torch.device("cpu"), ops,
+                          ExpertCacheConfig(0.5, schedule=schedule), tier=slow, owned=owned)
+    gen = torch.Generator().manual_seed(0)
+    owner = torch.tensor([e % 2 for e in range(spec.num_experts)])
+    for step in range(6):
+        x = torch.randn(5, spec.hidden_size, generator=gen)
+        ids = torch.stack([torch.randperm(spec.num_experts, generator=gen)[:spec.top_k] for _ in range(5)])
+        weights = torch.rand(5, spec.top_k, generator=gen)
+        layer = spec.moe_layers[step % len(spec.moe_layers)]
+        sl = split_route(ids, weights, owner, 2)[1]
+        want = shard.pair_outputs(layer, x[sl.rows], sl.pair_row, sl.pair_expert)
+        got = cache.pair_outputs(layer, x[sl.rows], sl.pair_row, sl.pair_expert, sl.pair_weight)
+        assert torch.equal(got, want)
+    stats = cache.stats
+    assert stats.hits + stats.misses > 0 and (stats.cpu_computed == stats.misses if schedule == "cpu" else stats.loads > 0)
+    with pytest.raises(ValueError, match="not on this shard"):
+        cache.pair_outputs(spec.moe_layers[0], x, torch.tensor([0]), torch.tensor([0]))
