@@ -112,11 +112,11 @@ def _add_up(sub) -> None:
     up.add_argument("--kv-cache-tokens", type=int)
     up.add_argument("--max-num-seqs", type=int)
     up.add_argument("--expert-cache", type=float, metavar="FRACTION",
-                    help="(inprocess) keep only this fraction of each layer's experts resident")
+                    help="keep only this fraction of each layer's experts resident (ray: of each shard's)")
     up.add_argument("--expert-cache-policy", choices=("lru", "lfu", "score"))
     up.add_argument("--expert-cache-prefetch", action="store_true", help="(inprocess) pre-gating prefetch")
     up.add_argument("--expert-cache-schedule", choices=("auto", "load", "cpu"),
-                    help="(inprocess) where missing experts compute: auto (the calibrated cost model), load "
+                    help="where missing experts compute: auto (the calibrated cost model), load "
                          "(every miss), cpu (every miss where it lies)")
     up.add_argument("--route-prediction", action="store_true",
                     help="(inprocess) run the route predictors live; recall goes to the metrics")
@@ -156,7 +156,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="run the route predictors live and print their recall at the end (in-process engine)")
     p.add_argument("--expert-cache", type=float, metavar="FRACTION",
                    help="keep only this fraction of each layer's experts resident, moving the rest in from the slow "
-                        "tier on demand (in-process engine)")
+                        "tier on demand (with --engine ray: of each expert shard's experts)")
     p.add_argument("--expert-cache-policy", default="score", choices=("lru", "lfu", "score"))
     p.add_argument("--expert-cache-prefetch", action="store_true",
                    help="load the experts pre-gating predicts for the next layer ahead of it")
