@@ -8,7 +8,9 @@ the fast tier at all. Time `now` is the decode step.
 - lru: least recently used leaves (mixtral-offloading's baseline).
 - lfu: least often used leaves (uses counted over the whole run, ties by recency).
 - score: HybriMoE-style score: gate weight summed over uses, decayed with a half-life in steps, so
-  it combines frequency, recency and the router's confidence; the lowest score leaves.
+  it combines frequency, recency and the router's confidence; the lowest score leaves. Admission
+  (as TinyLFU): a missed expert whose score is below the lowest resident's stays out (the caller
+  computes it where it lies); every use, hit or miss, adds to its score, so a rising one gets in.
 - static: a fixed set (the most popular experts of a profiling run, as in Fiddler); nothing else
   is ever admitted, so nothing is evicted.
 - belady: of the resident keys and the one coming in, the one used again furthest in the future
@@ -88,7 +90,10 @@ class ScorePolicy(CachePolicy):
         self.score[key] = (self.value(key, now) + weight, now)
 
     def victim(self, candidates: Sequence[Key], now: int, incoming: Key | None = None) -> Key:
-        return min(candidates, key=lambda k: self.value(k, now))
+        lowest = min(candidates, key=lambda k: self.value(k, now))
+        if incoming is not None and self.value(incoming, now) < self.value(lowest, now):
+            return incoming
+        return lowest
 
 
 class StaticPolicy(CachePolicy):

@@ -166,7 +166,7 @@ class CachedExperts:
         self._count(hits=len(hits), misses=len(tokens) - len(hits), prefetch_used=used_prefetch)
         reusable = len(lay.free) + sum(e not in tokens for e in lay.resident)
         to_load, to_cpu = self._schedule(tokens, lay, reusable)
-        loaded = [e for e in to_load if self._load(layer, lay, e, set(tokens), now)]
+        loaded = [e for e in to_load if self._load(layer, lay, e, set(tokens), now, admit=True)]
         on_cpu = [*to_cpu, *(e for e in to_load if e not in loaded)]
         self._count(loads=len(loaded), cpu_computed=len(on_cpu))
         for e in tokens:
@@ -219,13 +219,17 @@ class CachedExperts:
         fast = self.cost.fast.at(tokens)
         return min(self.cost.transfer_s + fast, self.cost.slow.at(tokens)) - fast
 
-    def _load(self, layer: int, lay: _Layer, expert: int, protect: set[int], now: int) -> bool:
-        """Move `expert` into a free row or the policy's victim's (never one in `protect`)."""
+    def _load(self, layer: int, lay: _Layer, expert: int, protect: set[int], now: int, admit: bool = False) -> bool:
+        """Move `expert` into a free row or the policy's victim's (never one in `protect`); with
+        `admit` (a demand miss) the policy may keep it out instead."""
         if not lay.free:
             candidates = [(layer, e) for e in lay.resident if e not in protect]
             if not candidates:
                 return False
-            _, victim = self.policy.victim(candidates, now)
+            chosen = self.policy.victim(candidates, now, (layer, expert) if admit else None)
+            if chosen == (layer, expert):
+                return False
+            _, victim = chosen
             row = lay.resident.pop(victim)
             lay.bank.slot_of[victim] = -1
             lay.prefetched.discard(victim)

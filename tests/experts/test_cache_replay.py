@@ -28,6 +28,12 @@ def test_policies_pick_their_victims_by_hand():
     assert lfu.victim([a, b, c], 5) == b  # used once, before c
     assert score.victim([a, b, c], 5) == b  # a decayed from 3 uses; b's one use had a low gate weight
     assert score.value(a, 5) == pytest.approx(1.0 * 0.5 ** 3 + 0.5 ** 4 + 0.5 ** 5)
+    d = (0, 3)
+    assert score.victim([a, c], 5, incoming=d) == d  # never used: it stays out (admission)
+    score.touch(d, 5, 0.1)
+    assert score.victim([a, c], 5, incoming=d) == d  # 0.1 is below a's 0.22
+    score.touch(d, 5, 0.2)
+    assert score.victim([a, c], 5, incoming=d) == a  # used again (0.3): it beats the lowest resident
     static = StaticPolicy([a, b])
     assert static.admits(a) and not static.admits(c) and static.victim([a, c], 0) == c
     belady = BeladyPolicy({a: [1, 9], b: [2, 3], c: [4]})
