@@ -73,6 +73,8 @@ class StepResult:
     traffic: dict  # TrafficStats.to_dict() of this rank for the step
     expert_tokens: dict[int, list[int]]  # MoE layer -> tokens routed to each expert
     round_trip_ms: dict[int, list[float]]  # MoE layer -> per micro-batch: dispatch start -> outputs in
+    routes: list[dict] = field(default_factory=list)  # per micro-batch: MoE layer -> ([T][k] ids, weights)
+    pregate: list[dict] = field(default_factory=list)  # per micro-batch: target layer -> [T][k] guessed ids
 
 
 class _Actor:
@@ -129,10 +131,15 @@ class AttentionActor(_Actor):
         self._owner = {layer: torch.tensor(o, dtype=torch.int64) for layer, o in owner.items()}
 
     @torch.inference_mode()
-    def step(self, batches: list[StepBatch]) -> StepResult:
-        """Run every layer for the micro-batches, overlapping one's attention with the other's experts."""
+    def step(self, batches: list[StepBatch], record_routes: bool = False, pregate: bool = False) -> StepResult:
+        """Run every layer for the micro-batches, overlapping one's attention with the other's experts.
+        `record_routes`: return every MoE layer's routes; `pregate`: also apply each next MoE layer's
+        gate to this layer's input and return the guesses (the live route predictors)."""
         counts: dict[int, list[int]] = {}
         self._round_trips: dict[int, list[float]] = {}
+        self._record, self._pregate = record_routes, pregate
+        self._routes: list[dict] = [{} for _ in batches]
+        self._guesses: list[dict] = [{} for _ in batches]
         self._affinity.new_step(len(batches))
         try:
             hs = [self.worker.embed(b) for b in batches]
@@ -146,7 +153,8 @@ class AttentionActor(_Actor):
             self.transport.close()  # peers see the broken group at once, not at their timeout
             raise
         logits = torch.cat([self.worker.logits(h, b) for h, b in zip(hs, batches)])
-        return StepResult(logits, self.transport.take_stats().to_dict(), counts, self._round_trips)
+        return StepResult(logits, self.transport.take_stats().to_dict(), counts, self._round_trips,
+                          self._routes if record_routes else [], self._guesses if pregate else [])
 
     def _attend(self, layer: int, m: int, hs: list[torch.Tensor], batch: StepBatch, counts: dict):
         hs[m], x = self.worker.attention(layer, hs[m], batch)
@@ -159,6 +167,11 @@ class AttentionActor(_Actor):
         tally = torch.bincount(flat, minlength=self.spec.num_experts).tolist()
         counts[layer] = [a + b for a, b in zip(counts.get(layer, [0] * len(tally)), tally)]
         self._affinity.add(m, layer, route.ids)
+        if self._record:
+            self._routes[m][layer] = (route.ids.tolist(), route.weights.float().tolist())
+        nxt = layer + 1
+        if self._pregate and nxt < self.spec.num_layers and self.spec.sparse_layers[nxt]:
+            self._guesses[m][nxt] = self.gate.route(nxt, x).ids.tolist()
         return (time.perf_counter(), self._dispatch(layer, x, route.ids, route.weights)), route, dense
 
     def _dispatch(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> list:

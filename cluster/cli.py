@@ -119,7 +119,7 @@ def _add_up(sub) -> None:
                     help="where missing experts compute: auto (the calibrated cost model), load "
                          "(every miss), cpu (every miss where it lies)")
     up.add_argument("--route-prediction", action="store_true",
-                    help="(inprocess) run the route predictors live; recall goes to the metrics")
+                    help="run the route predictors live; recall goes to the metrics")
     up.set_defaults(run=_up)
 
 
@@ -153,7 +153,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-tokens", type=int, default=16384)
     p.add_argument("--record-trace", type=Path, help="write every routing decision to this JSONL trace")
     p.add_argument("--route-prediction", action="store_true",
-                   help="run the route predictors live and print their recall at the end (in-process engine)")
+                   help="run the route predictors live and print their recall at the end")
     p.add_argument("--expert-cache", type=float, metavar="FRACTION",
                    help="keep only this fraction of each layer's experts resident, moving the rest in from the slow "
                         "tier on demand (with --engine ray: of each expert shard's experts)")

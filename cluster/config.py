@@ -21,9 +21,9 @@ class EngineConfig:
     kv_cache_tokens: int = 16384  # KV-cache budget in tokens, over all sequences
     block_size: int = 16
     show_progress: bool = False
-    record_trace: str | None = None  # JSONL file that receives every routing decision (in-process engine)
-    route_prediction: bool = False  # (in-process) run the route predictors live; recall to the metrics
-    expert_cache_fraction: float | None = None  # (in-process) share of each layer's experts kept resident
+    record_trace: str | None = None  # JSONL file that receives every routing decision
+    route_prediction: bool = False  # run the route predictors live; recall to the metrics
+    expert_cache_fraction: float | None = None  # share of each layer's experts kept resident (ray: each shard's)
     expert_cache_policy: str = "score"  # lru | lfu | score
     expert_cache_prefetch: bool = False  # load the experts pre-gating predicts for the next layer ahead
     expert_cache_schedule: str = "auto"  # auto (cost model) | load (every miss) | cpu (every miss computed in place)
@@ -59,8 +59,6 @@ class EngineConfig:
                      "num_attention_workers", "actor_threads", "min_microbatch_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if (self.record_trace is not None or self.route_prediction) and self.engine != "inprocess":
-            raise ValueError("record_trace and route_prediction are supported by the in-process engine only")
         if self.expert_cache_prefetch and self.engine != "inprocess":
             raise ValueError("expert_cache_prefetch is supported by the in-process engine only")
         if self.expert_cache_fraction is not None:

@@ -78,6 +78,10 @@ class RayModel:
         self.traffic = TrafficTotals()
         self.last_step: dict = {}
         self.recoveries = 0
+        self.record_routes = False  # keep the last step's routes for take_routes()
+        self.pregate = False  # also return pre-gating guesses (take_pregate())
+        self._rows: list[tuple[int, int, int]] = []  # engine row order of the last step: (result, mb, row)
+        self._results: list[StepResult] = []
         self._connect()
 
     # ---- actors ------------------------------------------------------------------------------
@@ -119,7 +123,7 @@ class RayModel:
     def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, tuple[int, ...]]:
         """-> (logits [S, V] float32, the sequence of each row)."""
         per_worker = self._split(out.chunks)
-        calls, seq_order, mbs = [], [], [0] * len(self.attention)
+        calls, seq_order, mbs, where = [], [], [0] * len(self.attention), {}
         for a, microbatches in enumerate(per_worker):
             if not microbatches:
                 continue
@@ -127,7 +131,14 @@ class RayModel:
                                    torch.device("cpu")) for mb in microbatches]
             seq_order.extend(sid for b in batches for sid in b.sample_seq_ids)
             mbs[a] = len(batches)
-            calls.append(self.attention[a].step.remote(batches))
+            for m, mb in enumerate(microbatches):  # where each chunk's tokens are rows
+                row = 0
+                for c in mb:
+                    where[c.seq_id] = (len(calls), m, row)
+                    row += len(c.token_ids)
+            calls.append(self.attention[a].step.remote(batches, self.record_routes, self.pregate))
+        self._rows = [(r, m, row + i) for c in out.chunks for r, m, row in [where[c.seq_id]]
+                      for i in range(len(c.token_ids))]
         shard_calls = [s.serve_step.remote(mbs) for s in self.shards]
         try:
             results: list[StepResult] = ray.get(calls)
@@ -136,6 +147,7 @@ class RayModel:
             self._recover(calls + shard_calls, exc)
             raise ClusterRecovered(f"cluster step failed and was recovered: {_reason(exc)}") from exc
         self._account(results, shard_stats)
+        self._results = results
         every = self.config.replan_every_steps
         if every is not None and self.traffic.steps % every == 0:
             log.info("re-planned expert placement: %s", self.replan_experts())
@@ -184,6 +196,25 @@ class RayModel:
             if total["hit_rate"] is not None:
                 stats["expert_cache_hit_rate"] = total["hit_rate"]
         return stats
+
+    def take_routes(self) -> dict[int, tuple[list[list[int]], list[list[float]]]]:
+        """The last step's routes in the engine's row order (record_routes must be on):
+        MoE layer -> ([T][k] experts, [T][k] weights), as InProcessModel.take_routes."""
+        out: dict[int, tuple[list, list]] = {}
+        for r, m, row in self._rows:
+            for layer, (ids, weights) in self._results[r].routes[m].items():
+                acc = out.setdefault(layer, ([], []))
+                acc[0].append(ids[row])
+                acc[1].append(weights[row])
+        return out
+
+    def take_pregate(self) -> dict[int, list[list[int]]]:
+        """The last step's pre-gating guesses in the engine's row order (pregate must be on)."""
+        out: dict[int, list] = {}
+        for r, m, row in self._rows:
+            for layer, ids in self._results[r].pregate[m].items():
+                out.setdefault(layer, []).append(ids[row])
+        return out
 
     # ---- placement, changed while serving -----------------------------------------------------
     def move_experts(self, owner: dict[int, tuple[int, ...]]) -> dict:

@@ -59,7 +59,7 @@ class AppArgs(BaseModel):
     expert_cache_policy: Literal["lru", "lfu", "score"] | None = None
     expert_cache_prefetch: bool | None = None  # (inprocess) pre-gating prefetch into the cache
     expert_cache_schedule: Literal["auto", "load", "cpu"] | None = None  # where cache misses compute
-    route_prediction: bool | None = None  # (inprocess) live route predictors, recall to the metrics
+    route_prediction: bool | None = None  # live route predictors, recall to the metrics
     max_waiting: int = Field(256, ge=1)  # waiting requests before new ones get 503
     stream_interval_s: float = Field(0.01, ge=0.0, le=1.0)  # min gap between a stream's messages after the first
 

@@ -194,3 +194,29 @@ def test_expert_shards_with_a_cache_keep_the_tokens_and_survive_a_move(ray_clust
         assert 0 < hits < looked_up
     finally:
         engine.shutdown()
+
+
+def test_traces_and_live_route_prediction_match_the_inprocess_engine(ray_cluster, tiny_model, tmp_path):
+    """The cluster records the same routing decisions, in the same order, and its live predictors see
+    the same routes and pre-gating guesses, so their recall is the same."""
+    from router.traces import read_trace
+
+    model = str(tiny_model("qwen3_moe"))
+    reports = {}
+    for engine_kind in ("inprocess", "ray"):
+        path = tmp_path / f"{engine_kind}.jsonl"
+        extra = {"cluster": "local", "min_microbatch_tokens": 1} if engine_kind == "ray" else {}
+        engine = LLMEngine(EngineConfig(model=model, engine=engine_kind, record_trace=str(path),
+                                        route_prediction=True, **extra))
+        try:
+            engine.generate(PROMPTS, GREEDY)
+            reports[engine_kind] = engine.route_meter.report()
+        finally:
+            engine.shutdown()
+        records = read_trace(path)
+        reports[engine_kind]["records"] = [(r.pos, r.layer, r.experts) for r in records]
+        reports[engine_kind]["weights"] = [w for r in records for w in r.weights]
+    weights = reports["ray"].pop("weights")
+    assert len(reports["ray"]["records"]) > 0
+    assert weights == pytest.approx(reports["inprocess"].pop("weights"), abs=1e-5)  # micro-batches: fp noise
+    assert reports["ray"] == reports["inprocess"]

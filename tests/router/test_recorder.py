@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -38,7 +37,3 @@ def test_recorded_routes_are_the_models_routes(tiny_model, tmp_path):
     counts = popularity(route_table(records))
     assert counts.sum() == len(records) * spec.top_k
 
-
-def test_recording_needs_the_in_process_engine():
-    with pytest.raises(ValueError, match="in-process"):
-        EngineConfig(model="m", engine="ray", record_trace="t.jsonl")
