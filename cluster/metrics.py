@@ -27,6 +27,7 @@ TTFT_BUCKETS = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.
 ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
 E2E_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0, 120.0, 300.0]
 TAG = ("model_name",)
+EXPERT_FLUSH_STEPS = 16  # per-(layer, expert) counters reach Ray every this many steps, and when idle
 
 
 class EngineMetrics:
@@ -56,6 +57,8 @@ class EngineMetrics:
                              "Recall of predicted expert routes, by layers ahead.", tags, ("distance",))
         self.cache_hit = _gauge("moe_expert_cache_hit_rate", "Expert lookups served by the fast tier.", tags)
         self.totals: Tally[str] = Tally()  # counter mirrors, name[/tag] -> total
+        self._expert_pending: Tally[tuple[int, int]] = Tally()  # (layer, expert) -> tokens not yet in Ray
+        self._steps_since_flush = 0
         self.gauges: dict[str, float] = {}  # gauge mirrors, name[/tag] -> last value
 
     # ---- per request ---------------------------------------------------------------------------
@@ -84,6 +87,17 @@ class EngineMetrics:
         moe = stats.get("moe")
         if moe:
             self._on_moe(moe)
+        self._steps_since_flush += 1
+        if self._steps_since_flush >= EXPERT_FLUSH_STEPS or not stats.get("running", 0):
+            self.flush_expert_tokens()
+
+    def flush_expert_tokens(self) -> None:
+        """One Ray counter update per (layer, expert) for the tokens counted since the last flush:
+        per step it would cost one tagged update per expert of every MoE layer."""
+        for (layer, expert), n in self._expert_pending.items():
+            self.expert_tokens.inc(n, tags={"layer": str(layer), "expert": str(expert)})
+        self._expert_pending.clear()
+        self._steps_since_flush = 0
 
     def _on_moe(self, moe: Mapping[str, Any]) -> None:
         counts = moe.get("expert_tokens")
@@ -105,9 +119,9 @@ class EngineMetrics:
     def _expert_tokens(self, counts: Mapping[int, list[int]] | list[list[int]]) -> None:
         for layer, row in _rows(counts):
             for expert, n in enumerate(row):
-                if n:
-                    self._inc(self.expert_tokens, f"expert_tokens/{layer}/{expert}", n,
-                              {"layer": str(layer), "expert": str(expert)})
+                if n > 0:
+                    self._expert_pending[(layer, expert)] += n
+                    self.totals[f"expert_tokens/{layer}/{expert}"] += n
 
     def snapshot(self) -> dict[str, float]:
         return {**self.totals, **self.gauges}

@@ -215,3 +215,25 @@ def test_stream_interval_paces_a_fast_engine(tiny_model):
     assert sum((o.new_token_ids for o in outs), ()) == outs[-1].token_ids and len(outs[-1].token_ids) == 64
     gaps = [b - a for a, b in zip(stamps[1:-1], stamps[2:-1])]  # between paced outputs (not the first/last)
     assert all(g >= 0.045 for g in gaps) and len(outs) < 64
+
+
+def test_expert_token_counters_reach_ray_in_batches(monkeypatch):
+    from cluster import metrics as metrics_module
+
+    metrics = EngineMetrics("m")
+    calls = []
+    monkeypatch.setattr(metrics.expert_tokens, "inc", lambda value, tags=None: calls.append((value, tags)))
+    busy = {"running": 1, "moe": {"expert_tokens": [[1, 0, 3]]}}
+    for _ in range(metrics_module.EXPERT_FLUSH_STEPS - 1):
+        metrics.on_step(busy)
+    assert calls == [] and metrics.snapshot()["expert_tokens/0/2"] == 3 * (metrics_module.EXPERT_FLUSH_STEPS - 1)
+    metrics.on_step(busy)  # the 16th step flushes one update per (layer, expert)
+    n = metrics_module.EXPERT_FLUSH_STEPS
+    assert sorted(calls, key=lambda c: c[1]["expert"]) == [(n, {"layer": "0", "expert": "0"}),
+                                                           (3 * n, {"layer": "0", "expert": "2"})]
+    calls.clear()
+    metrics.on_step(busy)
+    metrics.on_step({"running": 0, "moe": {"expert_tokens": [[0, 2, 0]]}})  # idle: flush at once
+    assert sorted(calls, key=lambda c: c[1]["expert"]) == [(1, {"layer": "0", "expert": "0"}),
+                                                           (2, {"layer": "0", "expert": "1"}),
+                                                           (3, {"layer": "0", "expert": "2"})]
