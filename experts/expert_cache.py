@@ -186,13 +186,14 @@ class CachedExperts:
     def _compute(self, lay: _Layer, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  loaded: list[int], on_cpu: list[int], layer: int) -> torch.Tensor:
         bank, rows = lay.bank, lay.bank.slot_of[ids]
+        host = (x.cpu(), ids.cpu(), weights.cpu()) if on_cpu else None  # before any GPU work is queued
         if self.copy_stream is None or not loaded:  # moves are done (CPU) or there are none
             out = self.ops.fused_moe(x, bank.w_gate_up, bank.w_down, rows, weights)
         else:  # the resident experts now, the loaded ones once their copies land
             in_flight = torch.isin(ids, torch.tensor(loaded, device=ids.device))
             out = self.ops.fused_moe(x, bank.w_gate_up, bank.w_down, torch.where(in_flight, -1, rows), weights)
-        if on_cpu:  # the GPU runs the queued work meanwhile
-            out = out + self.tier.compute(layer, on_cpu, x, ids, weights)
+        if host is not None:  # on the CPU while the GPU runs the queued work
+            out = out + self.tier.compute(layer, on_cpu, *host).to(x.device)
         if self.copy_stream is not None and loaded:
             torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
             out = out + self.ops.fused_moe(x, bank.w_gate_up, bank.w_down, torch.where(in_flight, rows, -1), weights)
