@@ -5,6 +5,7 @@ computing it in place (the checkpoint, on a CPU-only node) costs a move plus a f
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from typing import Callable
@@ -49,7 +50,7 @@ def calibrate(tier: SlowTier, spec: ModelSpec, dtype: torch.dtype, device: torch
     ids = tuple(experts if experts is not None else range(spec.num_experts))[:4]
     h = spec.hidden_size
     bank = ExpertBank.empty(layer, ids, spec.num_experts, h, spec.expert_intermediate, dtype, device)
-    moves = iter(range(10**9))
+    moves = itertools.count()
 
     def move() -> None:
         n = next(moves) % len(ids)

@@ -1,6 +1,7 @@
 """CachedExperts: every MoE layer's experts on a fast-tier budget over a slow tier (experts.slow_tier).
 
-A drop-in for ExpertShard in the in-process model. Each MoE layer keeps `slots` experts resident in
+A drop-in for ExpertShard: `forward` in the in-process model, `pair_outputs` in an expert shard
+actor (serving that shard's own experts). Each MoE layer keeps `slots` experts resident in
 one ExpertBank (a row per expert, so a move is one row write). At every layer, the experts the
 step's tokens need that are resident are hits; for the missing ones the intra-layer schedule
 (experts.cost_model.plan_layer, under the cost model calibrated at start-up) decides per expert:
