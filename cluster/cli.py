@@ -26,7 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     gen = sub.add_parser("generate", help="generate a completion in this process (streams to the terminal)")
     gen.add_argument("--model", help="HF model directory (default: the built-in demo model)")
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", required=True, action="append",
+                     help="repeatable: one prompt streams to the terminal; several run as one batch, each "
+                          "completion printed under a '--- [i] prompt' line when all are done")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -199,9 +201,31 @@ def _generate(args: argparse.Namespace) -> int:
         expert_cache_prefetch=args.expert_cache_prefetch, expert_cache_schedule=args.expert_cache_schedule,
         route_prediction=args.route_prediction))
     try:
-        return _print_stream(engine, args.prompt, params)
+        if len(args.prompt) == 1:
+            return _print_stream(engine, args.prompt[0], params)
+        return _print_batch(engine, args.prompt, params)
     finally:
         engine.shutdown()
+
+
+def _print_batch(engine, prompts: list[str], params) -> int:
+    failed = 0
+    for i, (prompt, out) in enumerate(zip(prompts, engine.generate(prompts, params))):
+        print(f"--- [{i}] {prompt!r}\n{out.text}", flush=True)
+        if out.error:
+            print(f"moe-serve: error: request {i}: {out.error}", file=sys.stderr)
+            failed += 1
+        else:
+            print(f"[{i}: {len(out.token_ids)} tokens, finish_reason={out.finish_reason}]", file=sys.stderr)
+    _print_recall(engine)
+    return 1 if failed else 0
+
+
+def _print_recall(engine) -> None:
+    if engine.route_meter is not None:
+        import json
+
+        print(f"[route prediction recall: {json.dumps(engine.route_meter.report())}]", file=sys.stderr)
 
 
 def _print_stream(engine, prompt: str, params) -> int:
@@ -214,10 +238,7 @@ def _print_stream(engine, prompt: str, params) -> int:
         print(f"moe-serve: error: {final.error}", file=sys.stderr)
         return 1
     print(f"[{len(final.token_ids)} tokens, finish_reason={final.finish_reason}]", file=sys.stderr)
-    if engine.route_meter is not None:
-        import json
-
-        print(f"[route prediction recall: {json.dumps(engine.route_meter.report())}]", file=sys.stderr)
+    _print_recall(engine)
     return 0
 
 

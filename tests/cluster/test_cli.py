@@ -46,3 +46,16 @@ def test_bad_arguments_give_clear_errors(tmp_path):
     assert res.returncode == 2 and "unknown MoE family 'gpt2'" in res.stderr
     res = cli("generate", "--prompt", "x", "--temperature", "-1")
     assert res.returncode == 2 and "temperature must be in [0, 100]" in res.stderr
+
+
+def test_several_prompts_run_as_one_batch_and_print_in_order(tmp_path):
+    prompts = ["def add(a, b):", "import os\n", "class A:"]
+    args = [a for p in prompts for a in ("--prompt", p)]
+    res = cli("generate", *args, "--max-tokens", "6", "--temperature", "0", "--record-trace", str(tmp_path / "t.jsonl"))
+    assert res.returncode == 0, res.stderr
+    engine = LLMEngine(EngineConfig(model=str(ensure_demo_model())))
+    want = engine.generate(prompts, SamplingParams(max_tokens=6, temperature=0.0))
+    assert res.stdout == "".join(f"--- [{i}] {p!r}\n{w.text}\n" for i, (p, w) in enumerate(zip(prompts, want)))
+    from router.traces import read_trace
+
+    assert len({r.request for r in read_trace(tmp_path / "t.jsonl")}) == 3  # one request per prompt
