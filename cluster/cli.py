@@ -71,10 +71,10 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     import torch
 
+    from cluster.engine import DTYPES as TORCH_DTYPES
     from experts.calibrate import calibrate
     from experts.checkpoint import Checkpoint
     from experts.config import load_spec
-    from cluster.engine import DTYPES as TORCH_DTYPES
     from experts.slow_tier import slow_tier_for
     from kernels.dispatch import select_kernels
 
