@@ -123,7 +123,7 @@ class RayModel:
     def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, tuple[int, ...]]:
         """-> (logits [S, V] float32, the sequence of each row)."""
         per_worker = self._split(out.chunks)
-        calls, seq_order, mbs, where = [], [], [0] * len(self.attention), {}
+        calls, seq_order, mbs, placed = [], [], [0] * len(self.attention), []
         for a, microbatches in enumerate(per_worker):
             if not microbatches:
                 continue
@@ -131,14 +131,10 @@ class RayModel:
                                    torch.device("cpu")) for mb in microbatches]
             seq_order.extend(sid for b in batches for sid in b.sample_seq_ids)
             mbs[a] = len(batches)
-            for m, mb in enumerate(microbatches):  # where each chunk's tokens are rows
-                row = 0
-                for c in mb:
-                    where[c.seq_id] = (len(calls), m, row)
-                    row += len(c.token_ids)
+            placed.append(microbatches)
             calls.append(self.attention[a].step.remote(batches, self.record_routes, self.pregate))
-        self._rows = [(r, m, row + i) for c in out.chunks for r, m, row in [where[c.seq_id]]
-                      for i in range(len(c.token_ids))]
+        if self.record_routes or self.pregate:
+            self._rows = _row_order(out.chunks, placed)
         shard_calls = [s.serve_step.remote(mbs) for s in self.shards]
         try:
             results: list[StepResult] = ray.get(calls)
@@ -271,6 +267,20 @@ class RayModel:
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
+
+
+def _row_order(chunks: tuple[ScheduledChunk, ...],
+               placed: list[list[list[ScheduledChunk]]]) -> list[tuple[int, int, int]]:
+    """For each token of `chunks`, in the engine's order: (attention call, micro-batch, row in it);
+    placed[call] = that call's micro-batches."""
+    where = {}
+    for call, microbatches in enumerate(placed):
+        for m, mb in enumerate(microbatches):
+            row = 0
+            for c in mb:
+                where[c.seq_id] = (call, m, row)
+                row += len(c.token_ids)
+    return [(r, m, row + i) for c in chunks for r, m, row in [where[c.seq_id]] for i in range(len(c.token_ids))]
 
 
 def _balance(chunks: list[ScheduledChunk], parts: int) -> list[list[ScheduledChunk]]:
