@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import httpx
 
@@ -27,16 +29,26 @@ def wait_for_line(proc: subprocess.Popen, marker: str, seen: list[str]) -> bool:
     return False
 
 
+@contextmanager
+def cli_process(*args: str, env: dict | None = None) -> Iterator[subprocess.Popen]:
+    """`moe-serve ARGS` as a subprocess (stdout and stderr merged), killed if still running at the end."""
+    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_up_serves_http_and_stops_cleanly_on_ctrl_c(tiny_model):
     http_port, grpc_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "up", "--model", str(tiny_model("olmoe")), "--served-model-name",
-         "tiny", "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--max-model-len", "256",
-         "--expert-cache", "0.5", "--expert-cache-prefetch", "--route-prediction"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     seen: list[str] = []
-    try:
+    with cli_process("up", "--model", str(tiny_model("olmoe")), "--served-model-name", "tiny", "--http-port",
+                     str(http_port), "--grpc-port", str(grpc_port), "--max-model-len", "256", "--expert-cache", "0.5",
+                     "--expert-cache-prefetch", "--route-prediction", env=env) as proc:
         assert wait_for_line(proc, "Press Ctrl-C", seen), "".join(seen)
         banner = "".join(seen)
         assert f"http://127.0.0.1:{http_port}/v1" in banner and f"127.0.0.1:{grpc_port}" in banner
@@ -51,10 +63,6 @@ def test_up_serves_http_and_stops_cleanly_on_ctrl_c(tiny_model):
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 0, out
         assert "moe-serve: stopped" in out
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_up_refuses_bad_args_before_starting_anything(tmp_path):
@@ -72,11 +80,9 @@ def test_standalone_grpc_server_serves_and_stops_on_sigterm(tiny_model):
     from protos import moe_serve_pb2_grpc
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "grpc", "--model", str(tiny_model("olmoe")),
-                             "--served-model-name", "tiny", "--port", str(port), "--max-model-len", "256"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen: list[str] = []
-    try:
+    with cli_process("grpc", "--model", str(tiny_model("olmoe")), "--served-model-name", "tiny", "--port",
+                     str(port), "--max-model-len", "256") as proc:
         assert wait_for_line(proc, "serving", seen), "".join(seen)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
@@ -88,10 +94,6 @@ def test_standalone_grpc_server_serves_and_stops_on_sigterm(tiny_model):
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0 and "stopped" in out, out
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_standalone_grpc_server_with_a_bad_model_says_why_and_exits(tmp_path):
