@@ -74,12 +74,15 @@ def select_kernels(device: torch.device | str, backend: str = "auto",
             ``TRITON_INTERPRET=1``).
 
     Raises:
-        ValueError: unknown backend name, or Triton forced where it cannot run.
+        ValueError: unknown backend name, a CUDA device where torch sees none, or Triton forced
+            where it cannot run.
     """
     if backend not in BACKENDS:
         choices = ", ".join(BACKENDS)
         raise ValueError(f"unknown kernel backend {backend!r}; valid choices: {choices}")
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} is not available: this torch build sees no CUDA GPU")
     if backend == "auto":
         backend = "triton" if device.type == "cuda" and _triton_importable() else "torch"
     if backend == "torch":

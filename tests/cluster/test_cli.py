@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 from cluster.config import EngineConfig
 from cluster.demo import ensure_demo_model
 from cluster.engine import LLMEngine
@@ -46,6 +48,10 @@ def test_bad_arguments_give_clear_errors(tmp_path):
     assert res.returncode == 2 and "unknown MoE family 'gpt2'" in res.stderr
     res = cli("generate", "--prompt", "x", "--temperature", "-1")
     assert res.returncode == 2 and "temperature must be in [0, 100]" in res.stderr
+    if not torch.cuda.is_available():  # a GPU asked for where there is none: one line, not a traceback
+        for command in ("generate", "calibrate"):
+            res = cli(command, *(["--prompt", "x"] if command == "generate" else []), "--device", "cuda")
+            assert res.returncode == 2 and "sees no CUDA GPU" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_several_prompts_run_as_one_batch_and_print_in_order(tmp_path):
