@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import ray
 import torch
@@ -25,8 +25,10 @@ from cluster.errors import ClusterRecovered
 from cluster.replan import count_moves, replan, shard_assignment
 from cluster.scheduler import ScheduledChunk, SchedulerOutput
 from experts.config import ModelSpec
+from experts.expert_cache import CacheStats
 
 log = logging.getLogger(__name__)
+COUNTS = tuple(f.name for f in fields(CacheStats))  # every counter of a shard's expert-cache stats
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,9 +187,7 @@ class RayModel:
                                       "combine": sum(t["cross_bytes_sent"] for t in step["shard_traffic"])}}
         caches = [t["expert_cache"] for t in step["shard_traffic"] if "expert_cache" in t]
         if caches:  # the shards' expert caches, summed
-            total = {k: sum(c[k] for c in caches) for k in ("hits", "misses", "loads", "cpu_computed", "bytes_moved")}
-            looked_up = total["hits"] + total["misses"]
-            total["hit_rate"] = total["hits"] / looked_up if looked_up else None
+            total = CacheStats(**{f: sum(c[f] for c in caches) for f in COUNTS}).as_dict()
             stats["expert_cache"] = total
             if total["hit_rate"] is not None:
                 stats["expert_cache_hit_rate"] = total["hit_rate"]

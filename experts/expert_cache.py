@@ -70,7 +70,7 @@ class CacheStats:
         looked_up = self.hits + self.misses
         return {"hits": self.hits, "misses": self.misses, "loads": self.loads, "cpu_computed": self.cpu_computed,
                 "bytes_moved": self.bytes_moved, "hit_rate": self.hits / looked_up if looked_up else None,
-                "prefetches": self.prefetches,
+                "prefetches": self.prefetches, "prefetch_used": self.prefetch_used,
                 "prefetch_accuracy": self.prefetch_used / self.prefetches if self.prefetches else None}
 
 
