@@ -46,8 +46,9 @@ class InProcessModel:
         bar = tqdm(total=2 * spec.num_layers, desc="loading", unit="layer", disable=not show_progress)
         dense = load_dense(ckpt, spec, dtype, device, progress=bar.update)
         if expert_cache is not None:
-            experts = CachedExperts(ckpt, spec, dtype, device, ops, expert_cache)  # loads on demand
-            bar.update(len(spec.moe_layers))
+            start = bar.n
+            experts = CachedExperts(ckpt, spec, dtype, device, ops, expert_cache, progress=bar.update)
+            bar.update(len(spec.moe_layers) - (bar.n - start))  # a checkpoint tier loads nothing up front
             if show_progress:
                 tqdm.write(experts.cost.describe(), file=sys.stderr)
         else:

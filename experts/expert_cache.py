@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -87,12 +88,13 @@ class _Layer:
 class CachedExperts:
     def __init__(self, ckpt: Checkpoint, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
                  ops: KernelOps, config: ExpertCacheConfig, tier: SlowTier | None = None,
-                 owned: dict[int, tuple[int, ...]] | None = None) -> None:
+                 owned: dict[int, tuple[int, ...]] | None = None, progress: Callable[[int], object] | None = None) -> None:
         """`tier`: where the experts lie (default: slow_tier_for the device); `owned`: MoE layer ->
-        the experts served (an expert shard's; default: all), the budget a fraction of those."""
+        the experts served (an expert shard's; default: all), the budget a fraction of those;
+        `progress(n)`: n more layers of the slow tier are in place (a pinned host tier loads them)."""
         self.spec, self.dtype, self.device, self.ops, self.config = spec, dtype, device, ops, config
         owned = owned if owned is not None else {layer: tuple(range(spec.num_experts)) for layer in spec.moe_layers}
-        self.tier = tier if tier is not None else slow_tier_for(ckpt, spec, dtype, device, owned)
+        self.tier = tier if tier is not None else slow_tier_for(ckpt, spec, dtype, device, owned, progress)
         self.layers = {layer: self._empty_layer(layer, ids) for layer, ids in owned.items()}
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         sample = next(((layer, ids) for layer, ids in owned.items() if ids), None)
