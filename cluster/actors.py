@@ -19,8 +19,8 @@ import torch
 from cluster.affinity import AffinityTally
 from cluster.attention_worker import AttentionWorker
 from cluster.batch import StepBatch
-from cluster.moe_dispatch import (ABORT, ShardSlice, combine, fold_outputs, output_rows, pack, payload_nbytes,
-                                  split_route, unpack)
+from cluster.moe_dispatch import (ABORT, ShardSlice, combine, fold_outputs, header_message, max_message_nbytes,
+                                  message_nbytes, output_rows, pack, read_header, split_route, unpack)
 from cluster.transport import Transport, free_endpoint, wait
 from experts.checkpoint import Checkpoint
 from experts.config import load_spec
@@ -181,13 +181,12 @@ class AttentionActor(_Actor):
         pending = []
         for s, sl in enumerate(slices):
             dst = top.num_attention + s
-            header, payload = pack(x, sl)
-            works, out = [self.transport.isend(header, dst, layer)], None
-            if payload is not None:
-                works.append(self.transport.isend(payload, dst, layer))
+            message = pack(x, sl)
+            works, out = [self.transport.isend(message, dst, layer)], None
+            if sl.rows.numel() > 0:
                 out = torch.empty(output_rows(sl), x.shape[1], dtype=x.dtype)
                 works.append(self.transport.irecv(out, dst, layer))
-            pending.append((sl, out, works, header, payload))  # tensors stay alive until waited
+            pending.append((sl, out, works, message))  # tensors stay alive until waited
         return pending
 
     def _combine(self, layer: int, sent: tuple[float, list], route, dense: torch.Tensor | None) -> torch.Tensor:
@@ -208,7 +207,7 @@ class AttentionActor(_Actor):
             return
         for s in range(self.topology.num_shards):
             try:
-                wait(self.transport.isend(torch.tensor(ABORT, dtype=torch.int64), self.topology.num_attention + s))
+                wait(self.transport.isend(header_message(*ABORT), self.topology.num_attention + s))
             except Exception:  # the shard may be the one that failed
                 pass
 
@@ -254,9 +253,12 @@ class ShardActor(_Actor):
         return read
 
     @torch.inference_mode()
-    def serve_step(self, microbatches: list[int]) -> dict:
+    def serve_step(self, microbatches: list[int], max_tokens: int) -> dict:
         """Serve every MoE layer of one engine step; microbatches[a] = micro-batches attention
-        worker a runs this step (0: it sits the step out). -> this rank's traffic stats."""
+        worker a runs this step (0: it sits the step out), none with more than `max_tokens` tokens.
+        -> this rank's traffic stats."""
+        h, k = self.spec.hidden_size, self.spec.top_k
+        self._inbox = torch.empty(max_message_nbytes(max_tokens, k, h, self.dtype), dtype=torch.uint8)
         sends: list = []
         self._compute_ms: dict[int, float] = {}
         try:
@@ -271,16 +273,15 @@ class ShardActor(_Actor):
             raise
 
     def _serve_one(self, layer: int, src: int, sends: list) -> bool:
-        header = self.transport.recv(torch.empty(2, dtype=torch.int64), src, layer)
-        n, p = header.tolist()
+        h = self.spec.hidden_size
+        message = self.transport.recv_message(self._inbox, src, layer,
+                                              lambda m: message_nbytes(*read_header(m), h, self.dtype))
+        n, p = read_header(message)
         if (n, p) == ABORT:
             return False
         if n == 0:
             return True
-        h = self.spec.hidden_size
-        payload = self.transport.recv(torch.empty(payload_nbytes(n, p, h, self.dtype), dtype=torch.uint8),
-                                      src, layer)
-        x, pair_row, pair_expert, fold, weight = unpack(payload, n, p, h, self.dtype)
+        x, pair_row, pair_expert, fold, weight = unpack(message, n, p, h, self.dtype)
         start = time.perf_counter()
         pairs = (self.cache.pair_outputs(layer, x, pair_row, pair_expert, weight) if self.cache is not None
                  else self.shard.pair_outputs(layer, x, pair_row, pair_expert))

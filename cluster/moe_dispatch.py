@@ -7,11 +7,15 @@ lowest c >= 2 experts ("folded" pairs) returns their weighted sum, added in that
 one row: the attention side starts the token's sum from it, with the same bits; for every other
 pair the shard returns the unweighted expert output.
 
-Wire format, attention -> shard: header int64 [2] = (n tokens, P pairs), then (when n > 0) one
-uint8 payload = int32 [P, 3] (row in the n tokens, global expert id, folded) | float32 [P] gate
-weights | x rows [n, H]. Shard -> attention: [P_u + F, H] in the hidden dtype: the outputs of the
-P_u unfolded pairs in pair order, then one row per folded token in ascending row order. A header
-of (-1, -1) aborts the step.
+Wire format, attention -> shard: one uint8 message, header int64 [2] = (n tokens, P pairs), then
+(when n > 0) the payload: int32 [P, 3] (row in the n tokens, global expert id, folded) | float32
+[P] gate weights | x rows [n, H]. One message, not a header and then a payload, because a gloo
+send only leaves once its receiver has posted the receive: a payload sized by a header cost the
+shard a second rendezvous (1.56 ms of the 2.54 ms median per-layer latency, measured in
+bench/cluster_engine.py). The shard receives into a buffer sized for the step's largest
+micro-batch (`max_message_nbytes`); gloo accepts a shorter message. Shard -> attention:
+[P_u + F, H] in the hidden dtype: the outputs of the P_u unfolded pairs in pair order, then one row
+per folded token in ascending row order. A header of (-1, -1) aborts the step.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 ABORT = (-1, -1)
+HEADER_BYTES = 16  # int64 (n, P)
 
 
 @dataclass(slots=True)
@@ -54,16 +59,26 @@ def split_route(ids: torch.Tensor, weights: torch.Tensor, owner: torch.Tensor, n
     return slices
 
 
-def pack(x: torch.Tensor, sl: ShardSlice) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """-> (header int64 [2], payload uint8 or None when the shard gets nothing)."""
+def header_message(n: int, p: int) -> torch.Tensor:
+    """A message without payload: (0, 0) when the shard gets nothing, ABORT to end the step."""
+    return torch.tensor([n, p], dtype=torch.int64).view(torch.uint8)
+
+
+def pack(x: torch.Tensor, sl: ShardSlice) -> torch.Tensor:
+    """-> the uint8 message for one shard (header only when it gets nothing)."""
     n, p = sl.rows.numel(), sl.pair_row.numel()
-    header = torch.tensor([n, p], dtype=torch.int64)
     if n == 0:
-        return header, None
+        return header_message(0, 0)
     meta = torch.stack([sl.pair_row, sl.pair_expert, sl.fold.long()], 1).to(torch.int32)  # [P, 3]
     rows = x[sl.rows].contiguous()  # [n, H]
-    return header, torch.cat([meta.view(-1).view(torch.uint8), sl.pair_weight.view(torch.uint8),
-                              rows.view(-1).view(torch.uint8)])
+    return torch.cat([header_message(n, p), meta.view(-1).view(torch.uint8), sl.pair_weight.view(torch.uint8),
+                      rows.view(-1).view(torch.uint8)])
+
+
+def read_header(message: torch.Tensor) -> tuple[int, int]:
+    """-> (n tokens, P pairs) of a received message."""
+    n, p = message[:HEADER_BYTES].view(torch.int64).tolist()
+    return n, p
 
 
 def output_rows(sl: ShardSlice) -> int:
@@ -93,8 +108,19 @@ def payload_nbytes(n: int, p: int, hidden: int, dtype: torch.dtype) -> int:
     return p * 4 * 4 + n * hidden * dtype.itemsize
 
 
-def unpack(payload: torch.Tensor, n: int, p: int, hidden: int, dtype: torch.dtype):
-    """payload uint8 -> (x [n, H], pair_row [P] int64, pair_expert [P] int64, fold [P] bool, weight [P] float32)."""
+def message_nbytes(n: int, p: int, hidden: int, dtype: torch.dtype) -> int:
+    return HEADER_BYTES + (payload_nbytes(n, p, hidden, dtype) if n > 0 else 0)
+
+
+def max_message_nbytes(tokens: int, top_k: int, hidden: int, dtype: torch.dtype) -> int:
+    """The largest message a micro-batch of `tokens` tokens can send one shard."""
+    return message_nbytes(tokens, tokens * top_k, hidden, dtype)
+
+
+def unpack(message: torch.Tensor, n: int, p: int, hidden: int, dtype: torch.dtype):
+    """message uint8 (n > 0) -> (x [n, H], pair_row [P] int64, pair_expert [P] int64, fold [P] bool,
+    weight [P] float32), views of the message where the types allow."""
+    payload = message[HEADER_BYTES: message_nbytes(n, p, hidden, dtype)]
     meta = payload[: p * 12].view(torch.int32).view(p, 3).long()
     weight = payload[p * 12: p * 16].view(torch.float32)
     x = payload[p * 16:].view(dtype).view(n, hidden)

@@ -125,7 +125,7 @@ class RayModel:
     def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, tuple[int, ...]]:
         """-> (logits [S, V] float32, the sequence of each row)."""
         per_worker = self._split(out.chunks)
-        calls, seq_order, mbs, placed = [], [], [0] * len(self.attention), []
+        calls, seq_order, mbs, placed, max_tokens = [], [], [0] * len(self.attention), [], 0
         for a, microbatches in enumerate(per_worker):
             if not microbatches:
                 continue
@@ -133,11 +133,12 @@ class RayModel:
                                    torch.device("cpu")) for mb in microbatches]
             seq_order.extend(sid for b in batches for sid in b.sample_seq_ids)
             mbs[a] = len(batches)
+            max_tokens = max(max_tokens, *(b.input_ids.numel() for b in batches))
             placed.append(microbatches)
             calls.append(self.attention[a].step.remote(batches, self.record_routes, self.pregate))
         if self.record_routes or self.pregate:
             self._rows = _row_order(out.chunks, placed)
-        shard_calls = [s.serve_step.remote(mbs) for s in self.shards]
+        shard_calls = [s.serve_step.remote(mbs, max_tokens) for s in self.shards]
         try:
             results: list[StepResult] = ray.get(calls)
             shard_stats = ray.get(shard_calls)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -83,8 +84,11 @@ class Transport:
             dist.destroy_process_group()
 
     def _count(self, t: torch.Tensor, peer: int, sent: bool, layer: int | None) -> None:
+        self._count_bytes(t.numel() * t.element_size(), peer, sent, layer)
+
+    def _count_bytes(self, nbytes: int, peer: int, sent: bool, layer: int | None) -> None:
         cross = self.node_of[peer] != self.node_of[self.rank]
-        self.stats.add(t.numel() * t.element_size(), sent, cross, layer)
+        self.stats.add(nbytes, sent, cross, layer)
 
     def isend(self, t: torch.Tensor, dst: int, layer: int | None = None):
         self._count(t, dst, True, layer)
@@ -94,9 +98,13 @@ class Transport:
         self._count(t, src, False, layer)
         return dist.irecv(t, src)
 
-    def recv(self, t: torch.Tensor, src: int, layer: int | None = None) -> torch.Tensor:
-        wait(self.irecv(t, src, layer))
-        return t
+    def recv_message(self, buf: torch.Tensor, src: int, layer: int | None,
+                     size_of: Callable[[torch.Tensor], int]) -> torch.Tensor:
+        """Receive a message of at most `buf`'s size into it (gloo accepts a shorter one); it counts
+        as the `size_of(buf)` bytes the message says it holds."""
+        wait(dist.irecv(buf, src))
+        self._count_bytes(size_of(buf), src, False, layer)
+        return buf
 
     def take_stats(self) -> TrafficStats:
         stats, self.stats = self.stats, TrafficStats()
