@@ -177,15 +177,14 @@ class AttentionActor(_Actor):
     def _dispatch(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> list:
         """Send each shard its tokens; post the receives of their outputs. -> [(slice, out, works)]"""
         top = self.topology
-        slices = split_route(ids, weights, self._owner[layer], top.num_shards)
         pending = []
-        for s, sl in enumerate(slices):
+        for s, sl in enumerate(split_route(ids, weights, self._owner[layer], top.num_shards)):
             dst = top.num_attention + s
-            message = pack(x, sl)
-            works, out = [self.transport.isend(message, dst, layer)], None
-            if sl.rows.numel() > 0:
+            message, works, out = pack(x, sl), [], None
+            if sl.rows.numel() > 0:  # the receive of its outputs is posted before the tokens leave
                 out = torch.empty(output_rows(sl), x.shape[1], dtype=x.dtype)
                 works.append(self.transport.irecv(out, dst, layer))
+            works.append(self.transport.isend(message, dst, layer))
             pending.append((sl, out, works, message))  # tensors stay alive until waited
         return pending
 

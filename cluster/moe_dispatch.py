@@ -20,6 +20,7 @@ per folded token in ascending row order. A header of (-1, -1) aborts the step.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -40,13 +41,15 @@ class ShardSlice:
     fold: torch.Tensor  # [P] bool: the pair is one of its token's lowest c >= 2 experts, all held here
 
 
-def split_route(ids: torch.Tensor, weights: torch.Tensor, owner: torch.Tensor, num_shards: int) -> list[ShardSlice]:
-    """ids, weights: [T, K]; owner: [E] shard index of each expert -> one slice per shard."""
+def split_route(ids: torch.Tensor, weights: torch.Tensor, owner: torch.Tensor,
+                num_shards: int) -> Iterator[ShardSlice]:
+    """ids, weights: [T, K]; owner: [E] shard index of each expert -> one slice per shard, in shard
+    order, each made when asked for (so the first shard's tokens can leave before the last's slice
+    is cut)."""
     num_tokens, top_k = ids.shape
     flat = ids.reshape(-1)  # [T*K]
     rank = torch.argsort(torch.argsort(ids, dim=1, stable=True), dim=1).reshape(-1)  # [T*K] place in ascending id
     shard = owner[flat]  # [T*K]
-    slices = []
     for s in range(num_shards):
         pair_flat = (shard == s).nonzero().squeeze(1)  # ascending: grouped by token
         tokens = pair_flat // top_k
@@ -54,9 +57,8 @@ def split_route(ids: torch.Tensor, weights: torch.Tensor, owner: torch.Tensor, n
         top = torch.zeros(num_tokens, dtype=torch.int64).scatter_reduce(0, tokens, rank[pair_flat], "amax")
         folds = (held >= 2) & (top == held - 1)  # [T] holds exactly the token's lowest experts
         rows = torch.unique_consecutive(tokens)
-        slices.append(ShardSlice(rows, torch.searchsorted(rows, tokens), flat[pair_flat], pair_flat,
-                                 weights.reshape(-1)[pair_flat].float(), folds[tokens]))
-    return slices
+        yield ShardSlice(rows, torch.searchsorted(rows, tokens), flat[pair_flat], pair_flat,
+                         weights.reshape(-1)[pair_flat].float(), folds[tokens])
 
 
 def header_message(n: int, p: int) -> torch.Tensor:

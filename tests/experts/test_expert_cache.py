@@ -180,7 +180,7 @@ def test_a_shards_cache_returns_the_same_pair_outputs_as_its_resident_experts(ti
         ids = torch.stack([torch.randperm(spec.num_experts, generator=gen)[:spec.top_k] for _ in range(5)])
         weights = torch.rand(5, spec.top_k, generator=gen)
         layer = spec.moe_layers[step % len(spec.moe_layers)]
-        sl = split_route(ids, weights, owner, 2)[1]
+        sl = list(split_route(ids, weights, owner, 2))[1]
         want = shard.pair_outputs(layer, x[sl.rows], sl.pair_row, sl.pair_expert)
         got = cache.pair_outputs(layer, x[sl.rows], sl.pair_row, sl.pair_expert, sl.pair_weight)
         assert torch.equal(got, want)
