@@ -6,7 +6,10 @@ measured in one run on the same model, dtype and inputs:
 - batch-1 decode time as a fraction of the roofline: weight bytes read per token divided by the
   read bandwidth measured here on a buffer of the model's size.
 Decode time excludes prefill on both sides (time for N+1 new tokens minus time for 1).
-Prints one JSON object.
+The two engines run alternately, `--repeats` times per batch size, and each ratio is the median of
+the paired ratios (with their range), and the bandwidth is probed right after each batch-1 run: a
+shared VM's speed drifts between runs (the probe alone read 28-64 GB/s), and pairing keeps that
+drift out of the ratios. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -94,6 +98,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3, help="alternating runs of each engine per batch size")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("MOE_SERVE_CACHE", Path.home() / ".cache/moe-serve")))
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -104,30 +109,41 @@ def main() -> None:
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
-    ours_tps, hf_tps = {}, {}
-    for b in batches:
-        ours_decode_seconds(engine, b, 2)  # warm-up
-        ours_tps[b] = b * args.new_tokens / min(ours_decode_seconds(engine, b, args.new_tokens) for _ in range(2))
-        hf_tps[b] = b * args.new_tokens / hf_decode_seconds(hf, b, args.new_tokens)
-        print(f"batch {b}: moe-serve {ours_tps[b]:.1f} tok/s, transformers {hf_tps[b]:.1f} tok/s", file=sys.stderr)
     spec = engine.spec
     elem = torch.finfo(getattr(torch, args.dtype)).bits // 8
     model_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    bw = read_bandwidth(model_bytes)
     per_token = weight_bytes_per_token(spec, elem)
+    ours_tps, hf_tps, ratios, bandwidths, roofline = {}, {}, {}, [], []
+    for b in batches:
+        ours_decode_seconds(engine, b, 2)  # warm-up
+        ours, hf_runs = [], []
+        for _ in range(args.repeats):
+            ours.append(b * args.new_tokens / ours_decode_seconds(engine, b, args.new_tokens))
+            if b == 1:
+                bandwidths.append(read_bandwidth(model_bytes))
+                roofline.append((per_token / bandwidths[-1]) * ours[-1])
+            hf_runs.append(b * args.new_tokens / hf_decode_seconds(hf, b, args.new_tokens))
+        ours_tps[b], hf_tps[b] = statistics.median(ours), statistics.median(hf_runs)
+        ratios[b] = [o / h for o, h in zip(ours, hf_runs)]
+        print(f"batch {b}: moe-serve {ours_tps[b]:.1f} tok/s, transformers {hf_tps[b]:.1f} tok/s "
+              f"(paired ratios {', '.join(f'{r:.2f}' for r in ratios[b])})", file=sys.stderr)
     result = {
         "model": {"family": spec.family, "hidden": spec.hidden_size, "layers": spec.num_layers,
                   "experts": spec.num_experts, "top_k": spec.top_k, "dtype": args.dtype,
                   "weight_bytes": model_bytes},
         "threads": torch.get_num_threads(),
         "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
         "tokens_per_s": {"moe_serve": ours_tps, "transformers": hf_tps},
-        "vs_transformers": {b: ours_tps[b] / hf_tps[b] for b in batches},
-        "bandwidth_gb_s": bw / 1e9,
+        "vs_transformers": {b: statistics.median(r) for b, r in ratios.items()},
+        "vs_transformers_range": {b: [min(r), max(r)] for b, r in ratios.items()},
         "weight_bytes_per_token_b1": per_token,
     }
     if 1 in batches:
-        result["roofline_fraction_b1"] = (per_token / bw) / (1.0 / ours_tps[1])
+        result["bandwidth_gb_s"] = statistics.median(bandwidths) / 1e9
+        result["bandwidth_gb_s_range"] = [min(bandwidths) / 1e9, max(bandwidths) / 1e9]
+        result["roofline_fraction_b1"] = statistics.median(roofline)
+        result["roofline_fraction_b1_range"] = [min(roofline), max(roofline)]
     print(json.dumps(result, indent=2))
 
 
