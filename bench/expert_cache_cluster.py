@@ -3,9 +3,12 @@
 A local multi-node Ray cluster (as bench/cluster_engine.py: attention worker on cpu-highmem, expert
 shards on gpu and cpu) serves the demo model (or --model); measured in one run on the same prompts:
 decode tokens/s of the Ray engine with every shard's experts resident, and with `--fraction` of
-them under the score policy with the calibrated schedule; the shards' summed hit rate, CPU-computed
-experts and bytes moved per token; whether the greedy tokens are identical (they must be).
-Prints one JSON object; `vs_all_resident` is tokens/s over the all-resident cluster's.
+them under the score policy with the calibrated schedule, without and with pre-gating prefetch (the
+attention worker sends each shard the next layer's predicted experts with the tokens; the shard
+loads them while the attention worker attends); the shards' summed hit rate, CPU-computed experts,
+bytes moved per token and prefetch accuracy; whether the greedy tokens are identical (they must
+be). Prints one JSON object; `vs_all_resident` is tokens/s over the all-resident cluster's (the
+prefetch variant's figures are under "prefetch").
 
     python bench/expert_cache_cluster.py [--fraction 0.5] [--batch 4] [--new-tokens 64]
 """
@@ -28,7 +31,7 @@ from cluster.sampling_params import SamplingParams
 from cluster_engine import start_cluster  # bench/cluster_engine.py, beside this file
 from expert_cache import PROMPTS  # bench/expert_cache.py
 
-COUNTED = ("hits", "misses", "loads", "cpu_computed", "bytes_moved")
+COUNTED = ("hits", "misses", "loads", "cpu_computed", "bytes_moved", "prefetches", "prefetch_used")
 
 
 def decode(engine: LLMEngine, batch: int, new_tokens: int) -> tuple[float, list[tuple[int, ...]], dict]:
@@ -64,7 +67,8 @@ def main() -> int:
     out: dict = {"model": model, "fraction": args.fraction, "batch": args.batch, "new_tokens": args.new_tokens}
     try:
         runs = {}
-        for name, extra in (("all_resident", {}), ("score", {"expert_cache_fraction": args.fraction})):
+        for name, extra in (("all_resident", {}), ("score", {"expert_cache_fraction": args.fraction}),
+                            ("prefetch", {"expert_cache_fraction": args.fraction, "expert_cache_prefetch": True})):
             engine = LLMEngine(replace(base, **extra))
             try:
                 decode(engine, args.batch, 4)  # warm-up
@@ -75,12 +79,19 @@ def main() -> int:
         ray.shutdown()
         cluster.shutdown()
     tokens = args.batch * (args.new_tokens + 1)
-    (base_tps, want, _), (tps, got, cache) = runs["all_resident"], runs["score"]
-    looked_up = cache["hits"] + cache["misses"]
-    out.update({"all_resident_tokens_per_s": base_tps, "cached_tokens_per_s": tps, "vs_all_resident": tps / base_tps,
+    base_tps, want, _ = runs["all_resident"]
+
+    def figures(tps: float, got: list, cache: dict) -> dict:
+        looked_up = cache["hits"] + cache["misses"]
+        return {"cached_tokens_per_s": tps, "vs_all_resident": tps / base_tps,
                 "hit_rate": cache["hits"] / looked_up if looked_up else None,
                 "cpu_computed_per_token": cache["cpu_computed"] / tokens,
-                "bytes_moved_per_token": cache["bytes_moved"] / tokens, "identical_tokens": got == want})
+                "bytes_moved_per_token": cache["bytes_moved"] / tokens,
+                "prefetch_accuracy": cache["prefetch_used"] / cache["prefetches"] if cache["prefetches"] else None,
+                "identical_tokens": got == want}
+
+    out.update({"all_resident_tokens_per_s": base_tps, **figures(*runs["score"]),
+                "prefetch": figures(*runs["prefetch"])})
     print(json.dumps(out, indent=2))
     return 0
 

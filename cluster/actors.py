@@ -20,7 +20,7 @@ from cluster.affinity import AffinityTally
 from cluster.attention_worker import AttentionWorker
 from cluster.batch import StepBatch
 from cluster.moe_dispatch import (ABORT, ShardSlice, combine, fold_outputs, header_message, max_message_nbytes,
-                                  message_nbytes, output_rows, pack, read_header, split_route, unpack)
+                                  output_rows, pack, read_header, received_nbytes, split_route, unpack, unpack_hint)
 from cluster.transport import Transport, free_endpoint, wait
 from experts.checkpoint import Checkpoint
 from experts.config import load_spec
@@ -117,6 +117,7 @@ class AttentionActor(_Actor):
         self.gate = Gate(self.spec, [lw.router for lw in dense.layers], self.ops)
         self._owner: dict[int, torch.Tensor] = {}
         self._affinity = AffinityTally(self.spec.num_experts)
+        self._prefetch = cfg.expert_cache is not None and cfg.expert_cache.prefetch  # hint the shards' caches
 
     def connect(self, rank: int, topology: Topology) -> None:
         super().connect(rank, topology)
@@ -169,18 +170,24 @@ class AttentionActor(_Actor):
         self._affinity.add(m, layer, route.ids)
         if self._record:
             self._routes[m][layer] = (route.ids.tolist(), route.weights.float().tolist())
-        nxt = layer + 1
-        if self._pregate and nxt < self.spec.num_layers and self.spec.sparse_layers[nxt]:
-            self._guesses[m][nxt] = self.gate.route(nxt, x).ids.tolist()
-        return (time.perf_counter(), self._dispatch(layer, x, route.ids, route.weights)), route, dense
+        nxt, hint = layer + 1, None
+        if (self._pregate or self._prefetch) and nxt < self.spec.num_layers and self.spec.sparse_layers[nxt]:
+            guess = self.gate.route(nxt, x).ids  # pre-gating: the next layer's gate on this layer's input
+            if self._pregate:
+                self._guesses[m][nxt] = guess.tolist()
+            if self._prefetch:
+                hint = torch.bincount(guess.reshape(-1), minlength=self.spec.num_experts)
+        return (time.perf_counter(), self._dispatch(layer, x, route.ids, route.weights, hint)), route, dense
 
-    def _dispatch(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> list:
-        """Send each shard its tokens; post the receives of their outputs. -> [(slice, out, works)]"""
+    def _dispatch(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                  hint: torch.Tensor | None) -> list:
+        """Send each shard its tokens (and the next layer's `hint` for its cache); post the receives of
+        their outputs. -> [(slice, out, works)]"""
         top = self.topology
         pending = []
         for s, sl in enumerate(split_route(ids, weights, self._owner[layer], top.num_shards)):
             dst = top.num_attention + s
-            message, works, out = pack(x, sl), [], None
+            message, works, out = pack(x, sl, hint), [], None
             if sl.rows.numel() > 0:  # the receive of its outputs is posted before the tokens leave
                 out = torch.empty(output_rows(sl), x.shape[1], dtype=x.dtype)
                 works.append(self.transport.irecv(out, dst, layer))
@@ -257,27 +264,32 @@ class ShardActor(_Actor):
         worker a runs this step (0: it sits the step out), none with more than `max_tokens` tokens.
         -> this rank's traffic stats."""
         h, k = self.spec.hidden_size, self.spec.top_k
-        self._inbox = torch.empty(max_message_nbytes(max_tokens, k, h, self.dtype), dtype=torch.uint8)
+        self._inbox = torch.empty(max_message_nbytes(max_tokens, k, h, self.dtype, self.spec.num_experts),
+                                  dtype=torch.uint8)
         sends: list = []
         self._compute_ms: dict[int, float] = {}
         try:
             for layer in self.spec.moe_layers:
+                hints: list[list[int]] = []
                 for mb in range(max(microbatches, default=0)):
                     for src, count in enumerate(microbatches):
-                        if mb < count and not self._serve_one(layer, src, sends):
+                        if mb < count and not self._serve_one(layer, src, sends, hints):
                             return self._finish(sends)
+                if hints and self.cache is not None:  # while the attention workers attend the next layer
+                    self.cache.prefetch(layer + 1, [sum(c) for c in zip(*hints)])
             return self._finish(sends)
         except Exception:
             self.transport.close()
             raise
 
-    def _serve_one(self, layer: int, src: int, sends: list) -> bool:
+    def _serve_one(self, layer: int, src: int, sends: list, hints: list[list[int]]) -> bool:
         h = self.spec.hidden_size
-        message = self.transport.recv_message(self._inbox, src, layer,
-                                              lambda m: message_nbytes(*read_header(m), h, self.dtype))
-        n, p = read_header(message)
+        message = self.transport.recv_message(self._inbox, src, layer, lambda m: received_nbytes(m, h, self.dtype))
+        n, p, e = read_header(message)
         if (n, p) == ABORT:
             return False
+        if e:
+            hints.append(unpack_hint(message, n, p, e, h, self.dtype))
         if n == 0:
             return True
         x, pair_row, pair_expert, fold, weight = unpack(message, n, p, h, self.dtype)

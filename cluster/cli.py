@@ -116,7 +116,7 @@ def _add_up(sub) -> None:
     up.add_argument("--expert-cache", type=float, metavar="FRACTION",
                     help="keep only this fraction of each layer's experts resident (ray: of each shard's)")
     up.add_argument("--expert-cache-policy", choices=("lru", "lfu", "score"))
-    up.add_argument("--expert-cache-prefetch", action="store_true", help="(inprocess) pre-gating prefetch")
+    up.add_argument("--expert-cache-prefetch", action="store_true", help="pre-gating prefetch into the expert cache")
     up.add_argument("--expert-cache-schedule", choices=("auto", "load", "cpu"),
                     help="where missing experts compute: auto (the calibrated cost model), load "
                          "(every miss), cpu (every miss where it lies)")

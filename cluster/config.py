@@ -59,8 +59,6 @@ class EngineConfig:
                      "num_attention_workers", "actor_threads", "min_microbatch_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.expert_cache_prefetch and self.engine != "inprocess":
-            raise ValueError("expert_cache_prefetch is supported by the in-process engine only")
         if self.expert_cache_fraction is not None:
             if not 0.0 < self.expert_cache_fraction <= 1.0:
                 raise ValueError(f"expert_cache_fraction must be in (0, 1], got {self.expert_cache_fraction}")

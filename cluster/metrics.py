@@ -14,6 +14,8 @@ The MoE metrics are fed from the dict an engine step may leave in ``LLMEngine.la
     cross_node_bytes: {direction: int}, e.g. {"dispatch": ..., "combine": ...}
     route_prediction_recall: {distance (int, layers ahead): recall in [0, 1]}
     expert_cache_hit_rate: float in [0, 1]
+    expert_cache: the step's CacheStats.as_dict(): hits, misses, bytes_moved, prefetches and
+        prefetch_used feed counters; the prefetch-accuracy gauge is prefetch_used / prefetches so far
 """
 
 from __future__ import annotations
@@ -56,6 +58,14 @@ class EngineMetrics:
         self.recall = _gauge("moe_route_prediction_recall",
                              "Recall of predicted expert routes, by layers ahead.", tags, ("distance",))
         self.cache_hit = _gauge("moe_expert_cache_hit_rate", "Expert lookups served by the fast tier.", tags)
+        self.cache_events = _counter("moe_expert_cache_events_total",
+                                     "Expert-cache lookups by result (hit, miss) and experts loaded ahead "
+                                     "(prefetch) or used after being loaded ahead (prefetch_used).", tags, ("event",))
+        self.cache_bytes = _counter("moe_expert_cache_bytes_moved_total",
+                                    "Bytes of experts moved into the fast tier.", tags)
+        self.prefetch_accuracy = _gauge("moe_expert_cache_prefetch_accuracy",
+                                        "Experts loaded ahead that were used before being evicted, over all "
+                                        "loaded ahead so far.", tags)
         self.totals: Tally[str] = Tally()  # counter mirrors, name[/tag] -> total
         self._expert_pending: Tally[tuple[int, int]] = Tally()  # (layer, expert) -> tokens not yet in Ray
         self._steps_since_flush = 0
@@ -115,6 +125,18 @@ class EngineMetrics:
             self._set(self.recall, f"route_prediction_recall/{distance}", recall, {"distance": str(distance)})
         if moe.get("expert_cache_hit_rate") is not None:
             self._set(self.cache_hit, "expert_cache_hit_rate", moe["expert_cache_hit_rate"])
+        if moe.get("expert_cache"):
+            self._expert_cache(moe["expert_cache"])
+
+    def _expert_cache(self, cache: Mapping[str, Any]) -> None:
+        for event, key in (("hit", "hits"), ("miss", "misses"), ("prefetch", "prefetches"),
+                           ("prefetch_used", "prefetch_used")):
+            self._inc(self.cache_events, f"expert_cache/{event}", cache.get(key, 0), {"event": event})
+        self._inc(self.cache_bytes, "expert_cache_bytes_moved", cache.get("bytes_moved", 0))
+        loaded_ahead = self.totals["expert_cache/prefetch"]
+        if loaded_ahead:
+            self._set(self.prefetch_accuracy, "expert_cache_prefetch_accuracy",
+                      self.totals["expert_cache/prefetch_used"] / loaded_ahead)
 
     def _expert_tokens(self, counts: Mapping[int, list[int]] | list[list[int]]) -> None:
         for layer, row in _rows(counts):

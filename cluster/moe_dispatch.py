@@ -7,9 +7,12 @@ lowest c >= 2 experts ("folded" pairs) returns their weighted sum, added in that
 one row: the attention side starts the token's sum from it, with the same bits; for every other
 pair the shard returns the unweighted expert output.
 
-Wire format, attention -> shard: one uint8 message, header int64 [2] = (n tokens, P pairs), then
-(when n > 0) the payload: int32 [P, 3] (row in the n tokens, global expert id, folded) | float32
-[P] gate weights | x rows [n, H]. One message, not a header and then a payload, because a gloo
+Wire format, attention -> shard: one uint8 message, header int64 [3] = (n tokens, P pairs, E hint
+entries), then (when n > 0) the payload: int32 [P, 3] (row in the n tokens, global expert id,
+folded) | float32 [P] gate weights | x rows [n, H]; then (when E > 0, with expert-cache prefetch)
+the hint: int32 [E] tokens pre-gating predicts for each expert of the next MoE layer, so the
+shard's cache can load them while the attention worker computes that layer's attention. One
+message, not a header and then a payload, because a gloo
 send only leaves once its receiver has posted the receive: a payload sized by a header cost the
 shard a second rendezvous (1.56 ms of the 2.54 ms median per-layer latency, measured in
 bench/cluster_engine.py). The shard receives into a buffer sized for the step's largest
@@ -26,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-ABORT = (-1, -1)
-HEADER_BYTES = 16  # int64 (n, P)
+ABORT = (-1, -1)  # (n, P) of a message that ends the step
+HEADER_BYTES = 24  # int64 (n, P, E hint entries)
 
 
 @dataclass(slots=True)
@@ -67,25 +70,29 @@ def split_route(ids: torch.Tensor, weights: torch.Tensor, owner: torch.Tensor,
 
 
 def header_message(n: int, p: int) -> torch.Tensor:
-    """A message without payload: (0, 0) when the shard gets nothing, ABORT to end the step."""
-    return torch.tensor([n, p], dtype=torch.int64).view(torch.uint8)
+    """A message without payload or hint: (0, 0) when the shard gets nothing, ABORT to end the step."""
+    return torch.tensor([n, p, 0], dtype=torch.int64).view(torch.uint8)
 
 
-def pack(x: torch.Tensor, sl: ShardSlice) -> torch.Tensor:
-    """-> the uint8 message for one shard (header only when it gets nothing)."""
+def pack(x: torch.Tensor, sl: ShardSlice, hint: torch.Tensor | None = None) -> torch.Tensor:
+    """-> the uint8 message for one shard; `hint`: int32 [E] next-layer expert counts, or None."""
     n, p = sl.rows.numel(), sl.pair_row.numel()
-    if n == 0:
-        return header_message(0, 0)
-    meta = np.stack([sl.pair_row.numpy(), sl.pair_expert.numpy(), sl.fold.numpy()], 1).astype(np.int32)  # [P, 3]
-    rows = x[sl.rows].contiguous()  # [n, H]
-    return torch.cat([header_message(n, p), torch.from_numpy(meta).view(-1).view(torch.uint8),
-                      sl.pair_weight.view(torch.uint8), rows.view(-1).view(torch.uint8)])
+    e = 0 if hint is None else hint.numel()
+    parts = [torch.tensor([n, p, e], dtype=torch.int64).view(torch.uint8)]
+    if n > 0:
+        meta = np.stack([sl.pair_row.numpy(), sl.pair_expert.numpy(), sl.fold.numpy()], 1).astype(np.int32)  # [P, 3]
+        rows = x[sl.rows].contiguous()  # [n, H]
+        parts += [torch.from_numpy(meta).view(-1).view(torch.uint8), sl.pair_weight.view(torch.uint8),
+                  rows.view(-1).view(torch.uint8)]
+    if hint is not None:
+        parts.append(hint.to(torch.int32).view(torch.uint8))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def read_header(message: torch.Tensor) -> tuple[int, int]:
-    """-> (n tokens, P pairs) of a received message."""
-    n, p = message[:HEADER_BYTES].view(torch.int64).tolist()
-    return n, p
+def read_header(message: torch.Tensor) -> tuple[int, int, int]:
+    """-> (n tokens, P pairs, E hint entries) of a received message."""
+    n, p, e = message[:HEADER_BYTES].view(torch.int64).tolist()
+    return n, p, e
 
 
 def output_rows(sl: ShardSlice) -> int:
@@ -115,13 +122,25 @@ def payload_nbytes(n: int, p: int, hidden: int, dtype: torch.dtype) -> int:
     return p * 4 * 4 + n * hidden * dtype.itemsize
 
 
-def message_nbytes(n: int, p: int, hidden: int, dtype: torch.dtype) -> int:
-    return HEADER_BYTES + (payload_nbytes(n, p, hidden, dtype) if n > 0 else 0)
+def message_nbytes(n: int, p: int, hidden: int, dtype: torch.dtype, hint: int = 0) -> int:
+    return HEADER_BYTES + (payload_nbytes(n, p, hidden, dtype) if n > 0 else 0) + 4 * hint
 
 
-def max_message_nbytes(tokens: int, top_k: int, hidden: int, dtype: torch.dtype) -> int:
-    """The largest message a micro-batch of `tokens` tokens can send one shard."""
-    return message_nbytes(tokens, tokens * top_k, hidden, dtype)
+def max_message_nbytes(tokens: int, top_k: int, hidden: int, dtype: torch.dtype, num_experts: int) -> int:
+    """The largest message a micro-batch of `tokens` tokens can send one shard (hint included)."""
+    return message_nbytes(tokens, tokens * top_k, hidden, dtype, num_experts)
+
+
+def received_nbytes(message: torch.Tensor, hidden: int, dtype: torch.dtype) -> int:
+    """The size of the message at the front of a receive buffer, from its header."""
+    n, p, e = read_header(message)
+    return message_nbytes(max(n, 0), p, hidden, dtype, e)
+
+
+def unpack_hint(message: torch.Tensor, n: int, p: int, e: int, hidden: int, dtype: torch.dtype) -> list[int]:
+    """The next layer's predicted tokens per expert [E] carried by a message with e > 0 hint entries."""
+    end = message_nbytes(n, p, hidden, dtype, e)
+    return message[end - 4 * e: end].view(torch.int32).tolist()
 
 
 def unpack(message: torch.Tensor, n: int, p: int, hidden: int, dtype: torch.dtype):

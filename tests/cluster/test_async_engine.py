@@ -179,6 +179,20 @@ def test_moe_step_stats_feed_expert_metrics():
     assert (snap["running"], snap["waiting"], snap["kv_cache_usage"]) == (2, 1, 0.25)
 
 
+def test_expert_cache_stats_feed_counters_and_prefetch_accuracy():
+    metrics = EngineMetrics("m")
+    metrics.on_step({"running": 1, "moe": {"expert_cache": {"hits": 3, "misses": 1, "bytes_moved": 4096,
+                                                             "prefetches": 0, "prefetch_used": 0}}})
+    assert "expert_cache_prefetch_accuracy" not in metrics.snapshot()  # nothing loaded ahead yet
+    for used in (1, 2):  # 4 loaded ahead in all, 3 of them used: accuracy over the whole run
+        metrics.on_step({"running": 1, "moe": {"expert_cache": {"hits": 2, "misses": 2, "bytes_moved": 1024,
+                                                                 "prefetches": 2, "prefetch_used": used}}})
+    snap = metrics.snapshot()
+    assert (snap["expert_cache/hit"], snap["expert_cache/miss"], snap["expert_cache_bytes_moved"]) == (7, 5, 6144)
+    assert (snap["expert_cache/prefetch"], snap["expert_cache/prefetch_used"]) == (4, 3)
+    assert snap["expert_cache_prefetch_accuracy"] == pytest.approx(0.75)
+
+
 def test_load_imbalance_ignores_empty_layers():
     assert load_imbalance([[0, 0], [3, 1]]) == pytest.approx(1.5)
     assert load_imbalance([[0, 0]]) is None

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cluster.moe_dispatch import (HEADER_BYTES, combine, fold_outputs, max_message_nbytes, message_nbytes, output_rows,
-                                  pack, read_header, split_route, unpack)
+                                  pack, read_header, received_nbytes, split_route, unpack, unpack_hint)
 from experts.expert_bank import ExpertBank
 from experts.shard import ExpertShard
 from kernels.dispatch import select_kernels
@@ -49,13 +49,13 @@ def test_sharded_moe_equals_reference_bitwise(case, owner, dtype):
     folded = 0
     for s, sl in enumerate(split_route(ids, w, owner_t, num_shards)):
         message = pack(x, sl)
-        n, p = read_header(message)
-        assert n == len(set((sl.pair_flat // K).tolist())) and p == int((owner_t[ids] == s).sum())
-        assert message.numel() == message_nbytes(n, p, H, dtype) <= max_message_nbytes(T, K, H, dtype)
+        n, p, e = read_header(message)
+        assert n == len(set((sl.pair_flat // K).tolist())) and p == int((owner_t[ids] == s).sum()) and e == 0
+        assert message.numel() == message_nbytes(n, p, H, dtype) <= max_message_nbytes(T, K, H, dtype, E)
         if n == 0:
             assert message.numel() == HEADER_BYTES
             continue
-        inbox = torch.full((max_message_nbytes(T, K, H, dtype) + 8,), 255, dtype=torch.uint8)
+        inbox = torch.full((max_message_nbytes(T, K, H, dtype, E) + 8,), 255, dtype=torch.uint8)
         inbox[: message.numel()] = message  # a shard's receive buffer holds more than the message
         xs, pair_row, pair_expert, fold, weight = unpack(inbox, n, p, H, dtype)
         assert torch.equal(fold, sl.fold) and torch.equal(weight, w.reshape(-1)[sl.pair_flat])
@@ -68,6 +68,21 @@ def test_sharded_moe_equals_reference_bitwise(case, owner, dtype):
     assert torch.equal(got, expected)
     if len(set(owner)) == 1:
         assert folded == T * (K - 1)  # one shard holds everything: one row per token
+
+
+@pytest.mark.parametrize("owner", [[0] * 4 + [1] * 4, [1] * 8])  # shard 0 gets tokens; shard 0 gets none
+def test_a_message_carries_the_next_layers_hint_after_its_tokens(case, owner):
+    _, x, ids, w = case
+    sl = list(split_route(ids, w, torch.tensor(owner), 2))[0]
+    hint = torch.bincount(ids.reshape(-1).flip(0), minlength=E)  # any [E] counts
+    message = pack(x, sl, hint)
+    n, p, e = read_header(message)
+    assert e == E and message.numel() == received_nbytes(message, H, torch.float32) == message_nbytes(n, p, H, torch.float32, E)
+    inbox = torch.zeros(max_message_nbytes(T, K, H, torch.float32, E) + 8, dtype=torch.uint8)
+    inbox[: message.numel()] = message
+    assert unpack_hint(inbox, n, p, e, H, torch.float32) == hint.tolist()
+    if n:
+        assert torch.equal(unpack(inbox, n, p, H, torch.float32)[0], x[sl.rows])  # the tokens are untouched
 
 
 def test_each_token_is_sent_once_per_shard(case):

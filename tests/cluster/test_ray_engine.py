@@ -83,7 +83,7 @@ def test_cross_node_bytes_match_hand_computation(ray_cluster, tiny_model, tmp_pa
                 if top.node_of[top.num_attention + s] == top.node_of[0]:
                     continue  # "any": this shard shares the attention worker's node
                 held = sorted(e for e, o in enumerate(engine.model.owner[layer]) if o == s)
-                dispatch += 16 + 2 * t * 16 + t * h * 4  # header + 2 pairs (row, id, fold, weight) + rows
+                dispatch += 24 + 2 * t * 16 + t * h * 4  # header + 2 pairs (row, id, fold, weight) + rows
                 # a shard holding every token's two lowest experts returns their sum: one row a token
                 combine += (t if held == [0, 1] else 2 * t) * h * 4
                 messages += 2  # the tokens in one message, the outputs in one
@@ -170,21 +170,24 @@ nodes:
     assert time.monotonic() - start < 60  # refused up front, not after the actors' start timeout
 
 
-def test_expert_shards_with_a_cache_keep_the_tokens_and_survive_a_move(ray_cluster, tiny_model):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_expert_shards_with_a_cache_keep_the_tokens_and_survive_a_move(ray_cluster, tiny_model, prefetch):
     """Each shard keeps half of its experts resident: the in-process tokens, the shards' hit rates in the
-    step stats, and a re-placement that the caches follow."""
+    step stats, and a re-placement that the caches follow; with prefetch, the attention workers' pre-gating
+    hints reach the shards, which load predicted experts ahead."""
     model = str(tiny_model("mixtral"))
     [expected] = _run(EngineConfig(model=model), SAMPLED)
     engine = LLMEngine(EngineConfig(model=model, engine="ray", cluster="local", expert_cache_fraction=0.5,
-                                    expert_cache_policy="lru"))
+                                    expert_cache_policy="lru", expert_cache_prefetch=prefetch))
     try:
         ids = [engine.add_request(p, SAMPLED) for p in PROMPTS]
-        final, looked_up, hits, steps = {}, 0, 0, 0
+        final, looked_up, hits, steps, prefetched, used = {}, 0, 0, 0, 0, 0
         while engine.has_unfinished():
             final.update({o.request_id: o for o in engine.step() if o.finished})
             steps += 1
             cache = engine.model.step_stats()["expert_cache"]
             looked_up, hits = looked_up + cache["hits"] + cache["misses"], hits + cache["hits"]
+            prefetched, used = prefetched + cache["prefetches"], used + cache["prefetch_used"]
             assert cache["loads"] + cache["cpu_computed"] == cache["misses"]
             if steps == 4:  # mid-generation: every expert changes shard, the caches start over
                 m = engine.model
@@ -192,6 +195,7 @@ def test_expert_shards_with_a_cache_keep_the_tokens_and_survive_a_move(ray_clust
         assert steps > 4
         assert [final[i].token_ids for i in ids] == expected
         assert 0 < hits < looked_up
+        assert (prefetched > 0) == prefetch and (used > 0) == prefetch  # hints arrive, and some were right
     finally:
         engine.shutdown()
 
