@@ -206,8 +206,9 @@ class CachedExperts:
         """Load `layer`'s experts ahead of it, by how much each would cut the layer's expected time
         (expected[e]: predicted uses of expert e by the step's tokens, at least MIN_PREFETCH_USES),
         at most one layer's slots; with CUDA the copies run beside the computation."""
-        lay, now, protect = self.layers[layer], self._clock, set()
+        lay, now = self.layers[layer], self._clock
         gain = {e: self._miss_cost(u) for e, u in enumerate(expected) if u >= MIN_PREFETCH_USES and e in lay.owned}
+        protect = set(gain) & set(lay.resident)  # a prediction never evicts another predicted expert
         for e in sorted(gain, key=lambda e: -gain[e])[:len(lay.bank.buffer)]:
             if gain[e] <= 0:
                 break
