@@ -191,3 +191,30 @@ def test_a_shards_cache_returns_the_same_pair_outputs_as_its_resident_experts(ti
     with pytest.raises(ValueError, match="not on this shard"):
         cache.pair_outputs(spec.moe_layers[0], x, torch.tensor([0]), torch.tensor([0]))
 
+
+
+LOADS_PAY = ExpertCostModel(expert_bytes=1, transfer_s=5.0, fast=LinearTime(0.0, 0.0), slow=LinearTime(1.0, 1.0),
+                            overlap=False)  # a miss of t tokens costs min(5, 1 + t): a prefetch saves that
+
+
+def test_prefetch_evicts_only_experts_the_prediction_does_not_expect(tiny_model):
+    """A full layer holding one predicted and one unpredicted expert: a newly predicted expert takes
+    the unpredicted one's row, whatever the policy would otherwise have chosen."""
+    from kernels.dispatch import select_kernels
+
+    model = tiny_model("olmoe")
+    spec, ckpt = load_spec(model), Checkpoint(model)
+    cache = CachedExperts(ckpt, spec, torch.float32, torch.device("cpu"), select_kernels("cpu", "torch"),
+                          ExpertCacheConfig(2 / spec.num_experts, policy="lru", cost_model=LOADS_PAY, schedule="load"))
+    layer = spec.moe_layers[0]
+    lay = cache.layers[layer]
+    assert len(lay.bank.buffer) == 2
+    for e in (0, 1):  # expert 0 used first: LRU's victim would be 0
+        cache.pair_outputs(layer, torch.randn(1, spec.hidden_size), torch.tensor([0]), torch.tensor([e]))
+    assert set(lay.resident) == {0, 1}
+    expected = [0.0] * spec.num_experts
+    expected[0], expected[2] = 1.0, 3.0  # expert 0 is predicted again (after 2, which gains more); 1 is not
+    moved = cache.stats.bytes_moved
+    cache.prefetch(layer, expected)
+    assert set(lay.resident) == {0, 2} and lay.prefetched == {2}  # 0 was never evicted and re-loaded
+    assert cache.stats.bytes_moved - moved == lay.bank.buffer[0].numel() * 4
