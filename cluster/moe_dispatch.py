@@ -12,10 +12,9 @@ entries), then (when n > 0) the payload: int32 [P, 3] (row in the n tokens, glob
 folded) | float32 [P] gate weights | x rows [n, H]; then (when E > 0, with expert-cache prefetch)
 the hint: int32 [E] tokens pre-gating predicts for each expert of the next MoE layer, so the
 shard's cache can load them while the attention worker computes that layer's attention. One
-message, not a header and then a payload, because a gloo
-send only leaves once its receiver has posted the receive: a payload sized by a header cost the
-shard a second rendezvous (1.56 ms of the 2.54 ms median per-layer latency, measured in
-bench/cluster_engine.py). The shard receives into a buffer sized for the step's largest
+message, not a header and then a payload: the shard could post the payload's receive only once
+the header was in, and waiting for the payload after the header took 1.56 ms of the 2.54 ms median
+per-layer latency (measured in bench/cluster_engine.py). The shard receives into a buffer sized for the step's largest
 micro-batch (`max_message_nbytes`); gloo accepts a shorter message. Shard -> attention:
 [P_u + F, H] in the hidden dtype: the outputs of the P_u unfolded pairs in pair order, then one row
 per folded token in ascending row order. A header of (-1, -1) aborts the step.
