@@ -14,10 +14,11 @@ the hint: int32 [E] tokens pre-gating predicts for each expert of the next MoE l
 shard's cache can load them while the attention worker computes that layer's attention. One
 message, not a header and then a payload: the shard could post the payload's receive only once
 the header was in, and waiting for the payload after the header took 1.56 ms of the 2.54 ms median
-per-layer latency (measured in bench/cluster_engine.py). The shard receives into a buffer sized for the step's largest
-micro-batch (`max_message_nbytes`); gloo accepts a shorter message. Shard -> attention:
-[P_u + F, H] in the hidden dtype: the outputs of the P_u unfolded pairs in pair order, then one row
-per folded token in ascending row order. A header of (-1, -1) aborts the step.
+per-layer latency (measured in bench/cluster_engine.py). The shard receives into a buffer sized
+for the step's largest micro-batch (`max_message_nbytes`); gloo accepts a shorter message.
+Shard -> attention: [P_u + F, H] in the hidden dtype: the outputs of the P_u unfolded pairs in pair
+order, then one row per folded token in ascending row order. A header with (n, P) = (-1, -1)
+aborts the step.
 """
 
 from __future__ import annotations
