@@ -54,7 +54,8 @@ def split_route(ids: torch.Tensor, weights: torch.Tensor, owner: torch.Tensor,
     num_tokens, top_k = ids.shape
     ids_np = ids.cpu().numpy()
     flat = ids_np.reshape(-1)  # [T*K]
-    rank = np.argsort(np.argsort(ids_np, axis=1, kind="stable"), axis=1, kind="stable").reshape(-1)  # place in ascending id
+    order = np.argsort(ids_np, axis=1, kind="stable")
+    rank = np.argsort(order, axis=1, kind="stable").reshape(-1)  # [T*K] each pair's place in ascending id
     shard = owner.cpu().numpy()[flat]  # [T*K]
     weight = weights.reshape(-1).float().cpu().numpy()
     for s in range(num_shards):

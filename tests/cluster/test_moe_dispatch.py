@@ -77,7 +77,8 @@ def test_a_message_carries_the_next_layers_hint_after_its_tokens(case, owner):
     hint = torch.bincount(ids.reshape(-1).flip(0), minlength=E)  # any [E] counts
     message = pack(x, sl, hint)
     n, p, e = read_header(message)
-    assert e == E and message.numel() == received_nbytes(message, H, torch.float32) == message_nbytes(n, p, H, torch.float32, E)
+    assert e == E
+    assert message.numel() == received_nbytes(message, H, torch.float32) == message_nbytes(n, p, H, torch.float32, E)
     inbox = torch.zeros(max_message_nbytes(T, K, H, torch.float32, E) + 8, dtype=torch.uint8)
     inbox[: message.numel()] = message
     assert unpack_hint(inbox, n, p, e, H, torch.float32) == hint.tolist()
