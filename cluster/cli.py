@@ -217,15 +217,18 @@ def _print_batch(engine, prompts: list[str], params) -> int:
             failed += 1
         else:
             print(f"[{i}: {len(out.token_ids)} tokens, finish_reason={out.finish_reason}]", file=sys.stderr)
-    _print_recall(engine)
+    _print_stats(engine)
     return 1 if failed else 0
 
 
-def _print_recall(engine) -> None:
+def _print_stats(engine) -> None:
+    """What the route predictors and the expert cache did over the run, when they were on."""
     if engine.route_meter is not None:
         import json
 
         print(f"[route prediction recall: {json.dumps(engine.route_meter.report())}]", file=sys.stderr)
+    if engine.cache_totals is not None:
+        print(f"[{engine.cache_totals.describe()}]", file=sys.stderr)
 
 
 def _print_stream(engine, prompt: str, params) -> int:
@@ -238,7 +241,7 @@ def _print_stream(engine, prompt: str, params) -> int:
         print(f"moe-serve: error: {final.error}", file=sys.stderr)
         return 1
     print(f"[{len(final.token_ids)} tokens, finish_reason={final.finish_reason}]", file=sys.stderr)
-    _print_recall(engine)
+    _print_stats(engine)
     return 0
 
 

@@ -18,6 +18,7 @@ from cluster.sampler import new_generator, sample, token_logprobs
 from cluster.sampling_params import SamplingParams
 from cluster.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from cluster.sequence import Sequence
+from experts.expert_cache import CacheStats
 from experts.tokenizer import load_tokenizer
 from kernels.dispatch import select_kernels
 from router.live import LiveRouteMeter
@@ -51,6 +52,7 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._failed_steps = 0  # consecutive steps the cluster recovered from
         self.last_step_stats: dict | None = None  # the model's MoE statistics of the last step
+        self.cache_totals: CacheStats | None = None  # the expert cache's counters over the engine's life
         self.recorder = TraceRecorder(config.record_trace) if config.record_trace else None
         self.route_meter = (LiveRouteMeter(self.spec.moe_layers, self.spec.num_experts, self.spec.top_k)
                             if config.route_prediction else None)
@@ -118,6 +120,9 @@ class LLMEngine:
     def _execute(self, out: SchedulerOutput) -> dict[int, int]:
         logits, seq_ids = self.model.execute(out)
         self.last_step_stats = self.model.step_stats()
+        if self.last_step_stats.get("expert_cache"):
+            so_far = [] if self.cache_totals is None else [self.cache_totals.as_dict()]
+            self.cache_totals = CacheStats.summed([*so_far, self.last_step_stats["expert_cache"]])
         if self.recorder is not None or self.route_meter is not None:
             self._observe_routes(out)
         reqs = [self._by_seq[sid] for sid in seq_ids]

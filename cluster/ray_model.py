@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import ray
 import torch
@@ -28,7 +28,6 @@ from experts.config import ModelSpec
 from experts.expert_cache import CacheStats
 
 log = logging.getLogger(__name__)
-COUNTS = tuple(f.name for f in fields(CacheStats))  # every counter of a shard's expert-cache stats
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +187,7 @@ class RayModel:
                                       "combine": sum(t["cross_bytes_sent"] for t in step["shard_traffic"])}}
         caches = [t["expert_cache"] for t in step["shard_traffic"] if "expert_cache" in t]
         if caches:  # the shards' expert caches, summed
-            total = CacheStats(**{f: sum(c[f] for c in caches) for f in COUNTS}).as_dict()
+            total = CacheStats.summed(caches).as_dict()
             stats["expert_cache"] = total
             if total["hit_rate"] is not None:
                 stats["expert_cache_hit_rate"] = total["hit_rate"]

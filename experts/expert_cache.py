@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -66,6 +66,22 @@ class CacheStats:
     bytes_moved: int = 0
     prefetches: int = 0  # experts loaded ahead of their layer
     prefetch_used: int = 0  # of those, used before being evicted
+
+    @classmethod
+    def summed(cls, stats: Iterable[Mapping[str, Any]]) -> "CacheStats":
+        """The counters of several as_dict() results added up (shards of one step, steps of a run)."""
+        stats = list(stats)
+        return cls(**{f.name: sum(int(d.get(f.name, 0)) for d in stats) for f in fields(cls)})
+
+    def describe(self) -> str:
+        d = self.as_dict()
+        rate = "-" if d["hit_rate"] is None else f"{d['hit_rate']:.1%}"
+        line = (f"expert cache: hit rate {rate} ({self.hits} of {self.hits + self.misses} lookups), "
+                f"{self.loads} loaded, {self.cpu_computed} computed where they lie, "
+                f"{self.bytes_moved / 2**20:.1f} MiB moved")
+        if self.prefetches:
+            line += f"; prefetch: {self.prefetches} loaded ahead, {d['prefetch_accuracy']:.1%} of them used"
+        return line
 
     def as_dict(self) -> dict:
         looked_up = self.hits + self.misses

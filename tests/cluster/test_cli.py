@@ -65,3 +65,17 @@ def test_several_prompts_run_as_one_batch_and_print_in_order(tmp_path):
     from router.traces import read_trace
 
     assert len({r.request for r in read_trace(tmp_path / "t.jsonl")}) == 3  # one request per prompt
+
+
+def test_generate_with_an_expert_cache_prints_what_the_cache_did():
+    """The run's totals: the same counters as an engine running the same requests with the same cache."""
+    prompts = ["def add(a, b):", "class A:"]
+    res = cli("generate", *[a for p in prompts for a in ("--prompt", p)], "--max-tokens", "8", "--temperature", "0",
+              "--expert-cache", "0.5", "--expert-cache-policy", "lru", "--expert-cache-schedule", "load")
+    assert res.returncode == 0, res.stderr
+    engine = LLMEngine(EngineConfig(model=str(ensure_demo_model()), expert_cache_fraction=0.5,
+                                    expert_cache_policy="lru", expert_cache_schedule="load"))
+    engine.generate(prompts, SamplingParams(max_tokens=8, temperature=0.0))
+    stats = engine.model.experts.stats
+    assert engine.cache_totals == stats and stats.misses > 0
+    assert f"[{stats.describe()}]" in res.stderr.splitlines()
