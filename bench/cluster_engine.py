@@ -8,9 +8,11 @@ runs 1 attention worker (cpu-highmem) and 2 expert shards (gpu, cpu); measured i
 - decode tokens/s at batch 8 of the cluster engine over the in-process engine: with the engine's
   defaults (`vs_inprocess_b8`: ping-pong on, but a batch is split only when each micro-batch gets
   >= min_microbatch_tokens, which a batch of 8 decodes does not), with ping-pong off, and with
-  ping-pong forced (min_microbatch_tokens=1), and the forced pipelining's speedup;
+  ping-pong forced (min_microbatch_tokens=1), and the forced pipelining's speedup; each cluster run
+  alternates with an in-process run (`--repeats` pairs per variant) and a ratio is the median of
+  the paired ratios (`vs_inprocess_b8_range`: their range), because a shared VM's speed drifts;
 - cross-node bytes per generated token (dispatch, combine) from the data plane's counters.
-Prints one JSON object. Usage: python bench/cluster_engine.py [--batch 8] [--new-tokens 24]
+Prints one JSON object. Usage: python bench/cluster_engine.py [--batch 8] [--new-tokens 24] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=24)
+    ap.add_argument("--repeats", type=int, default=3, help="alternating cluster / in-process runs per variant")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="in-process engine threads")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -87,25 +90,25 @@ def main() -> int:
 
     inproc = LLMEngine(EngineConfig(**base))
     decode(inproc, args.batch, 4)  # warm-up
-    inproc_tps = decode(inproc, args.batch, args.new_tokens)
-    del inproc
 
     cluster = start_cluster()
     variants = {"default": {}, "no_pipelining": {"microbatches": 1}, "forced_pipelining": {"min_microbatch_tokens": 1}}
     try:
-        results = {name: run_variant(base, extra, args) for name, extra in variants.items()}
+        results = {name: run_variant(base, extra, args, inproc) for name, extra in variants.items()}
     finally:
         ray.shutdown()
         cluster.shutdown()
     default, forced, off = results["default"], results["forced_pipelining"], results["no_pipelining"]
+    inproc_tps = statistics.median(t for r in results.values() for t in r["inprocess"])
     print(json.dumps({
         "model": model, "dtype": args.dtype, "batch": args.batch, "new_tokens": args.new_tokens,
         "layer_latency_ms_p50": round(statistics.median(off["comm"]), 3),
         "layer_round_trip_ms_p50": round(statistics.median(off["trips"]), 3),
-        "vs_inprocess_b8": round(default["tokens_per_s"] / inproc_tps, 3),
-        "vs_inprocess_b8_no_pipelining": round(off["tokens_per_s"] / inproc_tps, 3),
-        "vs_inprocess_b8_forced_pipelining": round(forced["tokens_per_s"] / inproc_tps, 3),
-        "pipelining_speedup_forced": round(forced["tokens_per_s"] / off["tokens_per_s"], 3),
+        "vs_inprocess_b8": round(default["vs_inprocess"], 3),
+        "vs_inprocess_b8_range": [round(r, 3) for r in default["vs_inprocess_range"]],
+        "vs_inprocess_b8_no_pipelining": round(off["vs_inprocess"], 3),
+        "vs_inprocess_b8_forced_pipelining": round(forced["vs_inprocess"], 3),
+        "pipelining_speedup_forced": round(forced["vs_inprocess"] / off["vs_inprocess"], 3),
         "default_splits_batch": default["split"],
         "tokens_per_s": {"inprocess": round(inproc_tps, 2),
                          **{k: round(v["tokens_per_s"], 2) for k, v in results.items()}},
@@ -115,12 +118,14 @@ def main() -> int:
     return 0
 
 
-def run_variant(base: dict, extra: dict, args) -> dict:
-    """Decode tokens/s, per-layer latencies and bytes per token of the cluster engine with `extra` settings."""
+def run_variant(base: dict, extra: dict, args, inproc: LLMEngine) -> dict:
+    """Decode tokens/s, per-layer latencies and bytes per token of the cluster engine with `extra`
+    settings; its runs alternate with the in-process engine's (`--repeats` pairs), and the ratio is the
+    median of the paired ratios, so that the VM's drifting speed stays out of it."""
     engine = LLMEngine(EngineConfig(**base, engine="ray", cluster="local", **extra))
     try:
         decode(engine, args.batch, 16)  # warm-up: first calls, allocations, connections
-        trips, comm = [], []
+        trips, comm, ours, theirs = [], [], [], []
         traffic0 = (engine.model.traffic.dispatch_bytes, engine.model.traffic.combine_bytes)
 
         def record(model=engine.model):
@@ -128,11 +133,15 @@ def run_variant(base: dict, extra: dict, args) -> dict:
             trips.extend(t)
             comm.extend(c)
 
-        tps = decode(engine, args.batch, args.new_tokens, record)
-        tokens = args.batch * args.new_tokens
+        for _ in range(args.repeats):
+            theirs.append(decode(inproc, args.batch, args.new_tokens))
+            ours.append(decode(engine, args.batch, args.new_tokens, record))
+        tokens = args.repeats * args.batch * args.new_tokens
         t = engine.model.traffic
         split = any(len(v) > 1 for v in engine.model.last_step["round_trip_ms"][0].values())
-        return {"tokens_per_s": tps, "trips": trips, "comm": comm, "split": split,
+        ratios = [a / b for a, b in zip(ours, theirs)]
+        return {"tokens_per_s": statistics.median(ours), "inprocess": theirs, "vs_inprocess": statistics.median(ratios),
+                "vs_inprocess_range": [min(ratios), max(ratios)], "trips": trips, "comm": comm, "split": split,
                 "dispatch_per_token": (t.dispatch_bytes - traffic0[0]) / tokens,
                 "combine_per_token": (t.combine_bytes - traffic0[1]) / tokens}
     finally:
