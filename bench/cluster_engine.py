@@ -82,6 +82,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--repeats", type=int, default=3, help="alternating cluster / in-process runs per variant")
+    ap.add_argument("--transport", default="tcp", choices=("tcp", "gloo"), help="the cluster's data plane")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="in-process engine threads")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -102,6 +103,7 @@ def main() -> int:
     inproc_tps = statistics.median(t for r in results.values() for t in r["inprocess"])
     print(json.dumps({
         "model": model, "dtype": args.dtype, "batch": args.batch, "new_tokens": args.new_tokens,
+        "transport": args.transport,
         "layer_latency_ms_p50": round(statistics.median(off["comm"]), 3),
         "layer_round_trip_ms_p50": round(statistics.median(off["trips"]), 3),
         "vs_inprocess_b8": round(default["vs_inprocess"], 3),
@@ -122,7 +124,7 @@ def run_variant(base: dict, extra: dict, args, inproc: LLMEngine) -> dict:
     """Decode tokens/s, per-layer latencies and bytes per token of the cluster engine with `extra`
     settings; its runs alternate with the in-process engine's (`--repeats` pairs), and the ratio is the
     median of the paired ratios, so that the VM's drifting speed stays out of it."""
-    engine = LLMEngine(EngineConfig(**base, engine="ray", cluster="local", **extra))
+    engine = LLMEngine(EngineConfig(**base, engine="ray", cluster="local", transport=args.transport, **extra))
     try:
         decode(engine, args.batch, 16)  # warm-up: first calls, allocations, connections
         trips, comm, ours, theirs = [], [], [], []

@@ -4,7 +4,8 @@ AttentionActor: embeddings, attention + KV cache, norms, routers, shared/dense M
 MoE layer it dispatches each micro-batch's tokens to the shards over the data plane and combines
 their outputs. ExpertShard actors serve one engine step per Ray call: for every MoE layer and
 micro-batch they receive tokens from each attention worker, run their experts, and send back.
-Ray carries one call per actor per step; hidden states go over cluster/transport.py only.
+Ray carries one call per actor per step; hidden states go over the data plane only
+(cluster/socket_transport.py, or gloo in cluster/transport.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from cluster.attention_worker import AttentionWorker
 from cluster.batch import StepBatch
 from cluster.moe_dispatch import (ABORT, ShardSlice, combine, fold_outputs, header_message, max_message_nbytes,
                                   output_rows, pack, read_header, received_nbytes, split_route, unpack, unpack_hint)
+from cluster.socket_transport import SocketTransport
 from cluster.transport import Transport, free_endpoint, wait
 from experts.checkpoint import Checkpoint
 from experts.config import load_spec
@@ -44,6 +46,7 @@ class ActorConfig:
     kernel_backend: str = "auto"
     num_threads: int = 1
     transport_timeout_s: float = 30.0
+    transport: str = "tcp"  # "tcp" (SocketTransport) or "gloo" (Transport)
     expert_cache: ExpertCacheConfig | None = None  # expert shards keep only a fraction of their experts resident
 
     def __post_init__(self) -> None:
@@ -101,7 +104,10 @@ class _Actor:
 
     def connect(self, rank: int, topology: Topology) -> None:
         self.topology = topology
-        self.transport = Transport(rank, list(topology.node_of), self.cfg.transport_timeout_s)
+        if self.transport is not None:
+            self.transport.close()
+        kind = SocketTransport if self.cfg.transport == "tcp" else Transport
+        self.transport = kind(rank, list(topology.node_of), self.cfg.transport_timeout_s)
         self.transport.connect(topology.master)
 
     def disconnect(self) -> None:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cluster.config import BACKENDS, DTYPES, ENGINES
+from cluster.config import BACKENDS, DTYPES, ENGINES, TRANSPORTS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +109,7 @@ def _add_up(sub) -> None:
     up.add_argument("--engine", default="inprocess", choices=ENGINES,
                     help="inprocess: the replica runs the model; ray: attention workers and expert shards")
     up.add_argument("--cluster", help="(ray) cluster description file or built-in name")
+    up.add_argument("--transport", choices=TRANSPORTS, help="(ray) the data plane between actors (default: tcp)")
     up.add_argument("--dtype", choices=DTYPES)
     up.add_argument("--max-model-len", type=int)
     up.add_argument("--kv-cache-tokens", type=int)
@@ -175,6 +176,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="(ray) re-plan expert placement from live routing every STEPS engine steps")
     p.add_argument("--microbatches", type=int, default=2, choices=(1, 2),
                    help="(ray) ping-pong micro-batches per attention worker (1 = off)")
+    p.add_argument("--transport", default="tcp", choices=TRANSPORTS,
+                   help="(ray) the data plane between actors: tcp (sockets driven by the waiting thread) or gloo")
 
 
 def _model_dir(args: argparse.Namespace) -> str:
@@ -195,7 +198,7 @@ def _generate(args: argparse.Namespace) -> int:
         model=_model_dir(args), dtype=args.dtype, device=args.device, kernel_backend=args.kernel_backend,
         max_model_len=args.max_model_len, kv_cache_tokens=args.kv_cache_tokens, show_progress=True,
         engine=args.engine, cluster=args.cluster, address=args.address, num_expert_shards=args.expert_shards,
-        microbatches=args.microbatches, replan_every_steps=args.replan_every,
+        microbatches=args.microbatches, replan_every_steps=args.replan_every, transport=args.transport,
         record_trace=str(args.record_trace) if args.record_trace else None,
         expert_cache_fraction=args.expert_cache, expert_cache_policy=args.expert_cache_policy,
         expert_cache_prefetch=args.expert_cache_prefetch, expert_cache_schedule=args.expert_cache_schedule,
@@ -263,7 +266,7 @@ def _up(args: argparse.Namespace) -> int:
                 "max_num_seqs": args.max_num_seqs, "expert_cache_fraction": args.expert_cache,
                 "expert_cache_policy": args.expert_cache_policy, "route_prediction": args.route_prediction or None,
                 "expert_cache_prefetch": args.expert_cache_prefetch or None,
-                "expert_cache_schedule": args.expert_cache_schedule}
+                "expert_cache_schedule": args.expert_cache_schedule, "transport": args.transport}
     return run_up(args.model, args.address, args.http_port, args.grpc_port, args.engine, args.cluster,
                   host=args.host, app_args={k: v for k, v in app_args.items() if v is not None})
 

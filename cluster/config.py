@@ -7,6 +7,7 @@ from dataclasses import dataclass
 DTYPES = ("float32", "bfloat16")
 BACKENDS = ("auto", "torch", "triton")
 ENGINES = ("inprocess", "ray")
+TRANSPORTS = ("tcp", "gloo")  # the cluster's data plane (cluster/socket_transport.py, cluster/transport.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,7 @@ class EngineConfig:
     replan_every_steps: int | None = None  # re-plan expert placement from live routing every N steps
     actor_threads: int = 1  # torch threads (and Ray CPUs) per actor
     transport_timeout_s: float = 30.0  # a data-plane peer silent this long is declared failed
+    transport: str = "tcp"  # the data plane: "tcp" (sockets driven by the waiting thread) or "gloo"
     max_step_retries: int = 2  # consecutive failed steps recovered before requests end with an error
 
     def __post_init__(self) -> None:
@@ -47,6 +49,8 @@ class EngineConfig:
             raise ValueError(f"kernel_backend must be one of {', '.join(BACKENDS)}, got {self.kernel_backend!r}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
         if self.microbatches not in (1, 2):
             raise ValueError(f"microbatches must be 1 or 2, got {self.microbatches}")
         if self.replan_every_steps is not None and (self.replan_every_steps <= 0 or self.engine != "ray"):

@@ -36,7 +36,8 @@ def start_ray_model(config: EngineConfig) -> RayModel:
         raise ValueError(f"{cluster.source}: the Ray cluster cannot host this plan: {'; '.join(problems)}")
     actor = ActorConfig(model=str(Path(config.model).resolve()), dtype=config.dtype, device=config.device,
                         kernel_backend=config.kernel_backend, num_threads=config.actor_threads,
-                        transport_timeout_s=config.transport_timeout_s, expert_cache=expert_cache_config(config))
+                        transport_timeout_s=config.transport_timeout_s, transport=config.transport,
+                        expert_cache=expert_cache_config(config))
     return RayModel(spec, RayModelConfig(
         actor=actor, plan=_UnlabeledAware(placement), num_kv_slots=config.num_blocks * config.block_size,
         block_size=config.block_size, microbatches=config.microbatches,

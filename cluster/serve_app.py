@@ -50,6 +50,7 @@ class AppArgs(BaseModel):
     served_model_name: str | None = None  # default: the directory's name, or "moe-serve-demo"
     engine: Literal["inprocess", "ray"] = "inprocess"
     cluster: str | None = None  # cluster description for engine="ray"
+    transport: Literal["tcp", "gloo"] | None = None  # engine="ray": the data plane
     dtype: Literal["float32", "bfloat16"] | None = None
     device: str | None = None
     max_model_len: int | None = Field(None, ge=1)

@@ -115,5 +115,7 @@ def wait(work) -> None:
     """Wait for a send/receive, turning gloo's timeout or broken-pipe errors into TransportError."""
     try:
         work.wait()
+    except TransportError:
+        raise
     except RuntimeError as exc:
         raise TransportError(f"data plane: {exc}") from exc

@@ -28,12 +28,13 @@ def _run(config: EngineConfig, *params: SamplingParams, prompts=PROMPTS) -> list
         engine.shutdown()
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
-def test_tokens_match_inprocess(ray_cluster, tiny_model, family):
+@pytest.mark.parametrize("family, transport", [("mixtral", "tcp"), ("qwen2_moe", "tcp"), ("qwen3_moe", "tcp"),
+                                               ("olmoe", "tcp"), ("olmoe", "gloo")])
+def test_tokens_match_inprocess(ray_cluster, tiny_model, family, transport):
     model = str(tiny_model(family))
     expected = _run(EngineConfig(model=model), GREEDY, SAMPLED)
     # min_microbatch_tokens=1: every step with two or more requests runs as ping-pong micro-batches.
-    assert _run(EngineConfig(model=model, engine="ray", cluster="local", min_microbatch_tokens=1),
+    assert _run(EngineConfig(model=model, engine="ray", cluster="local", min_microbatch_tokens=1, transport=transport),
                 GREEDY, SAMPLED) == expected
 
 
@@ -64,14 +65,16 @@ nodes:
     return str(path)
 
 
-@pytest.mark.parametrize("colocated, microbatches", [(False, 1), (True, 1), (False, 2)])
-def test_cross_node_bytes_match_hand_computation(ray_cluster, tiny_model, tmp_path, colocated, microbatches):
+@pytest.mark.parametrize("colocated, microbatches, transport", [(False, 1, "tcp"), (True, 1, "tcp"), (False, 2, "tcp"),
+                                                               (False, 1, "gloo")])
+def test_cross_node_bytes_match_hand_computation(ray_cluster, tiny_model, tmp_path, colocated, microbatches,
+                                                 transport):
     """4 experts, top-4, 2 shards of 2 experts: every token goes to both shards with 2 pairs each.
     With ping-pong on, 7 tokens are below the split threshold: the step still runs as one micro-batch."""
     model = tiny_model("olmoe", num_experts=4, num_experts_per_tok=4)
     role = "any" if colocated else "attention"  # "any": one shard shares the attention node
     config = EngineConfig(model=str(model), engine="ray", cluster=_cluster_file(tmp_path, role),
-                          num_expert_shards=2, microbatches=microbatches)
+                          num_expert_shards=2, microbatches=microbatches, transport=transport)
     engine = LLMEngine(config)
     try:
         t = 7
@@ -97,13 +100,14 @@ def test_cross_node_bytes_match_hand_computation(ray_cluster, tiny_model, tmp_pa
         engine.shutdown()
 
 
+@pytest.mark.parametrize("transport", ["tcp", "gloo"])
 @pytest.mark.parametrize("victim", ["shard", "attention"])
-def test_killed_actor_is_replaced_and_requests_complete(ray_cluster, tiny_model, victim):
+def test_killed_actor_is_replaced_and_requests_complete(ray_cluster, tiny_model, victim, transport):
     model = str(tiny_model("qwen3_moe"))
     params = SamplingParams(max_tokens=16, temperature=0.0)
     [expected] = _run(EngineConfig(model=model), params)
     engine = LLMEngine(EngineConfig(model=model, engine="ray", cluster="local", transport_timeout_s=10,
-                                    min_microbatch_tokens=1))
+                                    min_microbatch_tokens=1, transport=transport))
     try:
         ids = [engine.add_request(p, params) for p in PROMPTS]
         final = {}
