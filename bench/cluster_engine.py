@@ -13,6 +13,7 @@ runs 1 attention worker (cpu-highmem) and 2 expert shards (gpu, cpu); measured i
   the paired ratios (`vs_inprocess_b8_range`: their range), because a shared VM's speed drifts;
 - cross-node bytes per generated token (dispatch, combine) from the data plane's counters.
 Prints one JSON object. Usage: python bench/cluster_engine.py [--batch 8] [--new-tokens 24] [--repeats 3]
+[--transport tcp|gloo]
 """
 
 from __future__ import annotations
