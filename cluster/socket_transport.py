@@ -7,7 +7,9 @@ and written by the waiting thread itself (measured on the 2-core development VM)
 written at once as far as the socket takes it, and whatever is left, and every posted receive,
 progresses while the thread waits for any operation (`select` over the peers), so two peers that
 send to each other at the same time cannot block each other as long as each has posted the
-receive for the other's message first, which the data plane always does.
+receive for the other's message first, which the data plane always does. The flip side: a
+message larger than the socket buffers (SOCKET_BUFFER; a large prefill chunk) finishes leaving
+only while its sender waits, not while it computes, as it would with gloo's I/O threads.
 
 Framing: an 8-byte little-endian length, then the bytes. Messages on a pair arrive in the order
 sent and fill the receives posted for that peer in the order posted, as with gloo. Every rank
