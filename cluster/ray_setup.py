@@ -52,9 +52,16 @@ def connect(address: str | None) -> None:
     if address is not None or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, logging_level="WARNING")
         return
+    start_local()
+
+
+def start_local(**options) -> None:
+    """A new single-node Ray cluster on this machine, labelled kind "local", with at least 8 logical
+    CPUs: every actor reserves one (the attention workers, the expert shards, a Serve replica), and a
+    2-core machine would otherwise leave some of them pending forever."""
     log.info("starting a local Ray cluster")
-    ray.init(labels={DEFAULT_LABEL_KEY: LOCAL_KIND}, num_cpus=max(os.cpu_count() or 1, 8),
-             include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", labels={DEFAULT_LABEL_KEY: LOCAL_KIND}, num_cpus=max(os.cpu_count() or 1, 8),
+             logging_level="WARNING", **{"include_dashboard": False, **options})
 
 
 def resolve_cluster(name_or_path: str) -> ClusterSpec:

@@ -22,12 +22,16 @@ def run_up(model: str | None, address: str | None, http_port: int, grpc_port: in
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
 
+    from cluster.ray_setup import start_local
     from cluster.serve_app import AppArgs, build_app
 
     args = {**(app_args or {}), "model": model, "engine": engine, "cluster": cluster}
     args = {k: v for k, v in args.items() if v is not None}
     app = build_app(args)  # bad args fail here, before anything starts
-    ray.init(address=address or "local", logging_level="WARNING")
+    if address is None:
+        start_local(include_dashboard=None)  # the dashboard's metrics endpoint is announced in the banner
+    else:
+        ray.init(address=address, logging_level="WARNING")
     try:
         serve.start(http_options=HTTPOptions(host=host, port=http_port),
                     grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]))

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import httpx
+import pytest
 
 from tests.serve.conftest import free_port
 
@@ -42,13 +43,15 @@ def cli_process(*args: str, env: dict | None = None) -> Iterator[subprocess.Pope
             proc.wait()
 
 
-def test_up_serves_http_and_stops_cleanly_on_ctrl_c(tiny_model):
+@pytest.mark.parametrize("engine", ["inprocess", "ray"])
+def test_up_serves_http_and_stops_cleanly_on_ctrl_c(tiny_model, engine):
+    """With engine ray the replica starts attention and shard actors beside itself on the local cluster."""
     http_port, grpc_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     seen: list[str] = []
     with cli_process("up", "--model", str(tiny_model("olmoe")), "--served-model-name", "tiny", "--http-port",
                      str(http_port), "--grpc-port", str(grpc_port), "--max-model-len", "256", "--expert-cache", "0.5",
-                     "--expert-cache-prefetch", "--route-prediction", env=env) as proc:
+                     "--expert-cache-prefetch", "--route-prediction", "--engine", engine, env=env) as proc:
         assert wait_for_line(proc, "Press Ctrl-C", seen), "".join(seen)
         banner = "".join(seen)
         assert f"http://127.0.0.1:{http_port}/v1" in banner and f"127.0.0.1:{grpc_port}" in banner
