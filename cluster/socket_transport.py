@@ -5,7 +5,7 @@ threads on both sides; on a small VM each of those wake-ups costs a context swit
 round trip between two idle processes took 0.32 ms over gloo against 0.08 ms over a socket read
 and written by the waiting thread itself (measured on the 2-core development VM). Here a send is
 written at once as far as the socket takes it, and whatever is left, and every posted receive,
-progresses while the thread waits for any operation (`select` over the peers), so two peers that
+progresses while the thread waits for any operation (`poll` over the peers), so two peers that
 send to each other at the same time cannot block each other as long as each has posted the
 receive for the other's message first, which the data plane always does. The flip side: a
 message larger than the socket buffers (SOCKET_BUFFER; a large prefill chunk) finishes leaving
@@ -208,16 +208,17 @@ class SocketTransport(Transport):
                 raise TransportError(f"data plane: rank {self.rank} waited {self.timeout_s:g} s for a peer")
             if not self.peers:
                 raise TransportError("data plane: the transport is closed")
-            readers = [p.sock for p in self.peers.values() if p.recvs]
-            writers = [p.sock for p in self.peers.values() if p.sends]
-            try:
-                readable, writable, _ = select.select(readers, writers, [], left)
-            except (OSError, ValueError) as exc:  # a socket closed under us
-                raise TransportError(f"data plane: {exc}") from exc
-            for sock in writable:
-                self._by_fd[sock.fileno()].write()
-            for sock in readable:
-                self._by_fd[sock.fileno()].read()
+            poller = select.poll()  # not select(): an actor process may hold descriptors above 1024
+            for fd, peer in self._by_fd.items():
+                events = (select.POLLIN if peer.recvs else 0) | (select.POLLOUT if peer.sends else 0)
+                if events:
+                    poller.register(fd, events)
+            for fd, events in poller.poll(left * 1e3):
+                peer = self._by_fd[fd]
+                if events & select.POLLOUT:
+                    peer.write()
+                if events & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                    peer.read()  # a hang-up or error shows as a failed or empty read
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> bytes:
