@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 from cluster.config import BACKENDS, DTYPES, ENGINES, TRANSPORTS
+from experts.cache_policy import ONLINE_POLICIES
+from experts.cost_model import SCHEDULES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,9 +118,9 @@ def _add_up(sub) -> None:
     up.add_argument("--max-num-seqs", type=int)
     up.add_argument("--expert-cache", type=float, metavar="FRACTION",
                     help="keep only this fraction of each layer's experts resident (ray: of each shard's)")
-    up.add_argument("--expert-cache-policy", choices=("lru", "lfu", "score"))
+    up.add_argument("--expert-cache-policy", choices=ONLINE_POLICIES)
     up.add_argument("--expert-cache-prefetch", action="store_true", help="pre-gating prefetch into the expert cache")
-    up.add_argument("--expert-cache-schedule", choices=("auto", "load", "cpu"),
+    up.add_argument("--expert-cache-schedule", choices=SCHEDULES,
                     help="where missing experts compute: auto (the calibrated cost model), load "
                          "(every miss), cpu (every miss where it lies)")
     up.add_argument("--route-prediction", action="store_true",
@@ -160,10 +162,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-cache", type=float, metavar="FRACTION",
                    help="keep only this fraction of each layer's experts resident, moving the rest in from the slow "
                         "tier on demand (with --engine ray: of each expert shard's experts)")
-    p.add_argument("--expert-cache-policy", default="score", choices=("lru", "lfu", "score"))
+    p.add_argument("--expert-cache-policy", default="score", choices=ONLINE_POLICIES)
     p.add_argument("--expert-cache-prefetch", action="store_true",
                    help="load the experts pre-gating predicts for the next layer ahead of it")
-    p.add_argument("--expert-cache-schedule", default="auto", choices=("auto", "load", "cpu"),
+    p.add_argument("--expert-cache-schedule", default="auto", choices=SCHEDULES,
                    help="where missing experts compute: auto (the calibrated cost model decides per expert), "
                         "load (every miss is loaded), cpu (every miss is computed where it lies)")
     p.add_argument("--engine", default="inprocess", choices=ENGINES,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from experts.cache_policy import ONLINE_POLICIES  # both torch-free
+from experts.cost_model import SCHEDULES
+
 DTYPES = ("float32", "bfloat16")
 BACKENDS = ("auto", "torch", "triton")
 ENGINES = ("inprocess", "ray")
@@ -66,10 +69,12 @@ class EngineConfig:
         if self.expert_cache_fraction is not None:
             if not 0.0 < self.expert_cache_fraction <= 1.0:
                 raise ValueError(f"expert_cache_fraction must be in (0, 1], got {self.expert_cache_fraction}")
-        if self.expert_cache_policy not in ("lru", "lfu", "score"):
-            raise ValueError(f"expert_cache_policy must be lru, lfu or score, got {self.expert_cache_policy!r}")
-        if self.expert_cache_schedule not in ("auto", "load", "cpu"):
-            raise ValueError(f"expert_cache_schedule must be auto, load or cpu, got {self.expert_cache_schedule!r}")
+        if self.expert_cache_policy not in ONLINE_POLICIES:
+            raise ValueError(f"expert_cache_policy must be one of {', '.join(ONLINE_POLICIES)}, "
+                             f"got {self.expert_cache_policy!r}")
+        if self.expert_cache_schedule not in SCHEDULES:
+            raise ValueError(f"expert_cache_schedule must be one of {', '.join(SCHEDULES)}, "
+                             f"got {self.expert_cache_schedule!r}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be > 0, got {self.max_model_len}")
 

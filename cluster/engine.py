@@ -121,8 +121,8 @@ class LLMEngine:
         logits, seq_ids = self.model.execute(out)
         self.last_step_stats = self.model.step_stats()
         if self.last_step_stats.get("expert_cache"):
-            so_far = [] if self.cache_totals is None else [self.cache_totals.as_dict()]
-            self.cache_totals = CacheStats.summed([*so_far, self.last_step_stats["expert_cache"]])
+            self.cache_totals = self.cache_totals or CacheStats()
+            self.cache_totals.add(self.last_step_stats["expert_cache"])
         if self.recorder is not None or self.route_meter is not None:
             self._observe_routes(out)
         reqs = [self._by_seq[sid] for sid in seq_ids]

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Mapping, Sequence
 
+SCHEDULES = ("auto", "load", "cpu")  # an expert cache's choice per miss: the cost model, always load, always CPU
+
 TIE_TOLERANCE = 0.05  # options within 5% count as a tie, and a tie loads: a loaded expert stays cached,
 # which the layer's own time does not count (and timing noise should not flip)
 

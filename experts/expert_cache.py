@@ -25,14 +25,13 @@ from experts.cache_policy import ONLINE_POLICIES, online_policy
 from experts.calibrate import calibrate
 from experts.checkpoint import Checkpoint
 from experts.config import ModelSpec
-from experts.cost_model import ExpertCostModel, plan_layer
+from experts.cost_model import SCHEDULES, ExpertCostModel, plan_layer
 from experts.expert_bank import ExpertBank
 from experts.slow_tier import SlowTier, slow_tier_for
 from kernels.dispatch import KernelOps
 from kernels.fused_moe import expert_pair_outputs_ref
 
 log = logging.getLogger(__name__)
-SCHEDULES = ("auto", "load", "cpu")
 MIN_PREFETCH_USES = 1.0  # predicted uses by the step's tokens below which an expert is not loaded ahead
 
 
@@ -67,11 +66,18 @@ class CacheStats:
     prefetches: int = 0  # experts loaded ahead of their layer
     prefetch_used: int = 0  # of those, used before being evicted
 
+    def add(self, counts: Mapping[str, Any]) -> None:
+        """Add the counters in `counts` (an as_dict() result, or some of the field names)."""
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + int(counts.get(f.name, 0)))
+
     @classmethod
     def summed(cls, stats: Iterable[Mapping[str, Any]]) -> "CacheStats":
-        """The counters of several as_dict() results added up (shards of one step, steps of a run)."""
-        stats = list(stats)
-        return cls(**{f.name: sum(int(d.get(f.name, 0)) for d in stats) for f in fields(cls)})
+        """The counters of several as_dict() results added up (the shards of one step)."""
+        total = cls()
+        for counts in stats:
+            total.add(counts)
+        return total
 
     def describe(self) -> str:
         d = self.as_dict()
@@ -272,9 +278,8 @@ class CachedExperts:
         return torch.cuda.stream(self.copy_stream)
 
     def _count(self, **added: int) -> None:
-        for stats in (self.stats, self.step_stats):
-            for name, value in added.items():
-                setattr(stats, name, getattr(stats, name) + value)
+        self.stats.add(added)
+        self.step_stats.add(added)
 
     def take_step_stats(self) -> dict:
         out, self.step_stats = self.step_stats.as_dict(), CacheStats()

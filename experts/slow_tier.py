@@ -44,10 +44,19 @@ class SlowTier(Protocol):
         """The experts (layer -> ids) the cache above serves from now on."""
 
 
-def _only(ids: torch.Tensor, experts: list[int], rows: torch.Tensor) -> torch.Tensor:
-    """ids [T, K] -> rows [T, K] of the chosen experts, -1 elsewhere; rows: [E] expert -> row."""
-    keep = torch.isin(ids, torch.tensor(experts, dtype=ids.dtype))
-    return torch.where(keep, rows[ids.clamp(min=0)], -1)
+def _weighted(bank: ExpertBank, experts: list[int], x: torch.Tensor, ids: torch.Tensor,
+              weights: torch.Tensor) -> torch.Tensor:
+    """SlowTier.compute on a CPU bank holding `experts`: only their weighted outputs, on x's device."""
+    ids_cpu = ids.to(CPU)
+    keep = torch.isin(ids_cpu, torch.tensor(experts, dtype=ids_cpu.dtype))
+    rows = torch.where(keep, bank.slot_of[ids_cpu.clamp(min=0)], -1)  # [T, K] bank rows, -1 elsewhere
+    return fused_moe_batched(x.to(CPU), bank.w_gate_up, bank.w_down, rows, weights.to(CPU)).to(x.device)
+
+
+def _pairs(bank: ExpertBank, x: torch.Tensor, pair_row: torch.Tensor, pair_expert: torch.Tensor) -> torch.Tensor:
+    """SlowTier.pair_outputs on a CPU bank holding every expert of `pair_expert`, on x's device."""
+    return expert_pair_outputs_ref(x.to(CPU), bank.w_gate_up, bank.w_down, pair_row.to(CPU),
+                                   bank.slot_of[pair_expert.to(CPU)]).to(x.device)
 
 
 class CheckpointTier:
@@ -62,18 +71,13 @@ class CheckpointTier:
 
     def compute(self, layer: int, experts: list[int], x: torch.Tensor, ids: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
-        temp = load_experts(self.ckpt, self.spec, layer, experts, self.dtype, CPU)
-        ids_cpu = ids.to(CPU)
-        out = fused_moe_batched(x.to(CPU), temp.w_gate_up, temp.w_down, _only(ids_cpu, experts, temp.slot_of),
-                                weights.to(CPU))
-        return out.to(x.device)
+        return _weighted(load_experts(self.ckpt, self.spec, layer, experts, self.dtype, CPU), experts, x, ids,
+                         weights)
 
     def pair_outputs(self, layer: int, x: torch.Tensor, pair_row: torch.Tensor,
                      pair_expert: torch.Tensor) -> torch.Tensor:
-        pair_expert = pair_expert.to(CPU)
-        temp = load_experts(self.ckpt, self.spec, layer, sorted(set(pair_expert.tolist())), self.dtype, CPU)
-        return expert_pair_outputs_ref(x.to(CPU), temp.w_gate_up, temp.w_down, pair_row.to(CPU),
-                                       temp.slot_of[pair_expert]).to(x.device)
+        needed = sorted(set(pair_expert.tolist()))
+        return _pairs(load_experts(self.ckpt, self.spec, layer, needed, self.dtype, CPU), x, pair_row, pair_expert)
 
     def set_owned(self, owned: dict[int, tuple[int, ...]]) -> None:
         pass  # every expert is in the checkpoint
@@ -112,17 +116,11 @@ class HostTier:
 
     def compute(self, layer: int, experts: list[int], x: torch.Tensor, ids: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
-        bank = self.banks[layer]
-        ids_cpu = ids.to(CPU)
-        out = fused_moe_batched(x.to(CPU), bank.w_gate_up, bank.w_down, _only(ids_cpu, experts, bank.slot_of),
-                                weights.to(CPU))
-        return out.to(x.device, non_blocking=True)
+        return _weighted(self.banks[layer], experts, x, ids, weights)
 
     def pair_outputs(self, layer: int, x: torch.Tensor, pair_row: torch.Tensor,
                      pair_expert: torch.Tensor) -> torch.Tensor:
-        bank = self.banks[layer]
-        return expert_pair_outputs_ref(x.to(CPU), bank.w_gate_up, bank.w_down, pair_row.to(CPU),
-                                       bank.slot_of[pair_expert.to(CPU)]).to(x.device)
+        return _pairs(self.banks[layer], x, pair_row, pair_expert)
 
 
 def slow_tier_for(ckpt: Checkpoint, spec: ModelSpec, dtype: torch.dtype, device: torch.device,
