@@ -3,7 +3,8 @@
 The fast tier holds `capacity` experts (a fraction of all layers' experts). Tokens are decoded in
 steps (one token of every request per step, in position order); at each MoE layer a step needs
 the union of its tokens' experts. A needed expert in the fast tier is a hit; otherwise a demand
-miss loads it (evicting the policy's victim) unless the policy does not admit it (static), in
+miss loads it (evicting the policy's victim, never another expert the same step and layer needs:
+the router has chosen them all before the layer runs, as in the engine's cache) unless the policy does not admit it (static), in
 which case it is computed where it lies. With prefetch, once layer l is routed the route predictor
 (inter-layer affinity x the token's previous route) scores layer l+1's experts for the step's
 tokens, and the likeliest missing ones are loaded ahead, best first, while the link has time left
@@ -76,7 +77,8 @@ class ExpertCache:
     prefetched: set[Key] = field(default_factory=set)  # loaded ahead and not used since
     tally: Tally = field(default_factory=Tally)
 
-    def use(self, key: Key, now: int, weight: float) -> None:
+    def use(self, key: Key, now: int, weight: float, protect: set[Key]) -> None:
+        """`protect`: the other experts the same step and layer needs (a load never evicts them)."""
         self.tally.accesses += 1
         if key in self.resident:
             self.tally.hits += 1
@@ -84,7 +86,7 @@ class ExpertCache:
                 self.prefetched.discard(key)
                 self.tally.prefetch_used += 1
         else:
-            if self.policy.admits(key) and self._make_room(now, protect=set(), incoming=key):
+            if self.policy.admits(key) and self._make_room(now, protect, incoming=key):
                 self.resident.add(key)
                 self.tally.demand_loads += 1
         self.policy.touch(key, now, weight)
@@ -140,8 +142,9 @@ def run_policy(plan: ReplayPlan, policy: CachePolicy, predictions: list | None) 
             resident = {e for e in step.counts[layer] if (layer, e) in cache.resident}
             schedule = plan_layer(step.counts[layer], resident, plan.cost)
             cache.tally.time_s += plan.dense_layer_s + schedule.time_s
+            needed = {(layer, e) for e in step.needs[layer]}
             for e, weight in sorted(step.needs[layer].items()):
-                cache.use((layer, e), plan.clock(s, layer, e), weight)
+                cache.use((layer, e), plan.clock(s, layer, e), weight, needed)
             if predictions is not None and predictions[s][layer] is not None:
                 link_idle = plan.dense_layer_s + schedule.time_s - len(schedule.load) * plan.cost.transfer_s
                 credit = min(credit + max(0.0, link_idle), plan.cost.transfer_s)

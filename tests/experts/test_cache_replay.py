@@ -149,3 +149,15 @@ def test_replay_uses_a_cost_model_calibrated_on_this_node(tmp_path, tiny_model):
     model_file.write_text('{"expert_bytes": 5}')
     res = cli("replay", "--trace", str(trace_file), "--cache-capacity", "0.5", "--cost-model", str(model_file))
     assert res.returncode == 2 and "moe-serve calibrate" in res.stderr
+
+
+def test_a_load_never_evicts_an_expert_the_same_step_still_needs():
+    """Steps alternate {2, 3} and {0, 2} on one layer with two slots: expert 2 is LRU's oldest when
+    the other expert's miss needs room, but the router has already asked for it, so it stays."""
+    records = trace({"r": [[(2, 3)] if pos % 2 == 0 else [(0, 2)] for pos in range(40)]})
+    report = replay_cache(records, 0.5)
+    assert report["capacity_experts"] == 2
+    for name in ("lru", "lfu"):
+        assert report["policies"][name]["hit_rate"] == 0.5, name  # expert 2 hits every step, the other never
+    assert report["policies"]["score"]["hit_rate"] >= 0.5
+    assert report["policies"]["belady"]["hit_rate"] == 0.75  # it also keeps 3 and computes 0 where it lies
