@@ -15,13 +15,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cluster.affinity import AffinityTally
 from cluster.attention_worker import AttentionWorker
 from cluster.batch import StepBatch
 from cluster.moe_dispatch import (ABORT, ShardSlice, combine, fold_outputs, header_message, max_message_nbytes,
-                                  output_rows, pack, read_header, received_nbytes, split_route, unpack, unpack_hint)
+                                  pack_parts, read_header, received_nbytes, split_route, unpack, unpack_hint)
 from cluster.socket_transport import SocketTransport
 from cluster.transport import Transport, free_endpoint, wait
 from experts.checkpoint import Checkpoint
@@ -121,13 +122,13 @@ class AttentionActor(_Actor):
         dense = load_dense(self.ckpt, self.spec, self.dtype, self.device)
         self.worker = AttentionWorker(self.spec, dense, num_kv_slots, self.dtype, self.device, self.ops)
         self.gate = Gate(self.spec, [lw.router for lw in dense.layers], self.ops)
-        self._owner: dict[int, torch.Tensor] = {}
+        self._owner: dict[int, np.ndarray] = {}
         self._affinity = AffinityTally(self.spec.num_experts)
         self._prefetch = cfg.expert_cache is not None and cfg.expert_cache.prefetch  # hint the shards' caches
 
     def connect(self, rank: int, topology: Topology) -> None:
         super().connect(rank, topology)
-        self._owner = {layer: torch.tensor(o, dtype=torch.int64) for layer, o in topology.owner.items()}
+        self._owner = {layer: np.array(o, dtype=np.int64) for layer, o in topology.owner.items()}
 
     def take_affinity(self) -> tuple[dict, dict]:
         """(co-activation, transitions) counted since the last call, as numpy [E, E] per MoE layer."""
@@ -135,7 +136,7 @@ class AttentionActor(_Actor):
 
     def set_owner(self, owner: dict[int, tuple[int, ...]]) -> None:
         """Experts moved between shards: route each layer's tokens by the new owner table."""
-        self._owner = {layer: torch.tensor(o, dtype=torch.int64) for layer, o in owner.items()}
+        self._owner = {layer: np.array(o, dtype=np.int64) for layer, o in owner.items()}
 
     @torch.inference_mode()
     def step(self, batches: list[StepBatch], record_routes: bool = False, pregate: bool = False) -> StepResult:
@@ -193,11 +194,11 @@ class AttentionActor(_Actor):
         pending = []
         for s, sl in enumerate(split_route(ids, weights, self._owner[layer], top.num_shards)):
             dst = top.num_attention + s
-            message, works, out = pack(x, sl, hint), [], None
-            if sl.rows.numel() > 0:  # the receive of its outputs is posted before the tokens leave
-                out = torch.empty(output_rows(sl), x.shape[1], dtype=x.dtype)
+            message, works, out = pack_parts(x, sl, hint), [], None
+            if sl.rows_np.size > 0:  # the receive of its outputs is posted before the tokens leave
+                out = torch.empty(sl.out_rows, x.shape[1], dtype=x.dtype)
                 works.append(self.transport.irecv(out, dst, layer))
-            works.append(self.transport.isend(message, dst, layer))
+            works.append(self.transport.isend_parts(message, dst, layer))
             pending.append((sl, out, works, message))  # tensors stay alive until waited
         return pending
 

@@ -33,41 +33,72 @@ ABORT = (-1, -1)  # (n, P) of a message that ends the step
 HEADER_BYTES = 24  # int64 (n, P, E hint entries)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class ShardSlice:
-    """The part of one layer's routing that one shard serves."""
+    """The part of one layer's routing that one shard serves: numpy views of the route's split,
+    as torch tensors on demand."""
 
-    rows: torch.Tensor  # [n] int64 token indices (ascending) sent to the shard
-    pair_row: torch.Tensor  # [P] int64 index into rows of each (token, expert) pair
-    pair_expert: torch.Tensor  # [P] int64 global expert id of each pair
-    pair_flat: torch.Tensor  # [P] int64 flat slot t * K + j of each pair in the [T, K] route
-    pair_weight: torch.Tensor  # [P] float32 gate weight of each pair
-    fold: torch.Tensor  # [P] bool: the pair is one of its token's lowest c >= 2 experts, all held here
+    rows_np: np.ndarray  # [n] int64 token indices (ascending) sent to the shard
+    meta: np.ndarray  # [P, 3] int32 (pair_row, expert, fold): the pair table as it goes on the wire
+    flat_np: np.ndarray  # [P] int64 flat slot t * K + j of each pair in the [T, K] route
+    weight_np: np.ndarray  # [P] float32 gate weight of each pair
+    out_rows: int  # rows the shard returns: unfolded pairs plus one per folded token
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return torch.from_numpy(self.rows_np)
+
+    @property
+    def pair_row(self) -> torch.Tensor:  # [P] int64 index into rows of each (token, expert) pair
+        return torch.from_numpy(self.meta[:, 0].astype(np.int64))
+
+    @property
+    def pair_expert(self) -> torch.Tensor:  # [P] int64 global expert id of each pair
+        return torch.from_numpy(self.meta[:, 1].astype(np.int64))
+
+    @property
+    def pair_flat(self) -> torch.Tensor:
+        return torch.from_numpy(self.flat_np)
+
+    @property
+    def pair_weight(self) -> torch.Tensor:
+        return torch.from_numpy(self.weight_np)
+
+    @property
+    def fold(self) -> torch.Tensor:  # [P] bool: one of its token's lowest c >= 2 experts, all held here
+        return torch.from_numpy(self.meta[:, 2].astype(bool))
 
 
-def split_route(ids: torch.Tensor, weights: torch.Tensor, owner: torch.Tensor,
+def split_route(ids: torch.Tensor, weights: torch.Tensor, owner: np.ndarray | torch.Tensor,
                 num_shards: int) -> Iterator[ShardSlice]:
-    """ids, weights: [T, K]; owner: [E] shard index of each expert -> one slice per shard, in shard
-    order, each made when asked for (so the first shard's tokens can leave before the last's slice
-    is cut). The index work runs in numpy: on decode-sized routes it is 3x faster than the same
-    steps as torch ops (0.08 against 0.26 ms for 8 tokens, top-4, 2 shards)."""
+    """ids, weights: [T, K] (CPU); owner: [E] shard index of each expert -> one slice per shard, in shard
+    order. Every shard's pairs come out of one pass over the route, sorted by shard (stably, so
+    each shard's pairs stay grouped by token); a slice is views of that pass. Few, whole-route
+    numpy steps, because between two layers' dispatches the attention computation evicts the
+    caches and each extra step pays for that: cutting both shards' slices and packing them took
+    0.23 ms on a cold cache against 0.41 ms for one pass per shard (8 tokens, top-4, 2 shards)."""
     num_tokens, top_k = ids.shape
     ids_np = ids.cpu().numpy()
     flat = ids_np.reshape(-1)  # [T*K]
-    order = np.argsort(ids_np, axis=1, kind="stable")
-    rank = np.argsort(order, axis=1, kind="stable").reshape(-1)  # [T*K] each pair's place in ascending id
-    shard = owner.cpu().numpy()[flat]  # [T*K]
-    weight = weights.reshape(-1).float().cpu().numpy()
+    rank = (ids_np[:, :, None] > ids_np[:, None, :]).sum(2).reshape(-1)  # [T*K] place in ascending id
+    shard = np.asarray(owner)[flat]  # [T*K]
+    order = np.argsort(shard, kind="stable")  # by shard, then by flat slot
+    token = np.arange(flat.size) // top_k
+    cell = token * num_shards + shard  # (token, shard) of each pair
+    held = np.bincount(cell, minlength=num_tokens * num_shards)  # pairs of each token on each shard
+    ranks = np.bincount(cell, weights=np.left_shift(1, rank), minlength=num_tokens * num_shards)
+    folds = (held >= 2) & (ranks == np.left_shift(1, held) - 1)  # holds exactly the token's lowest experts
+    has = (held > 0).reshape(num_tokens, num_shards)
+    row = (np.cumsum(has, axis=0) - 1).reshape(-1)[cell]  # [T*K] the pair's token's row on its shard
+    meta = np.empty((flat.size, 3), dtype=np.int32)
+    meta[:, 0], meta[:, 1], meta[:, 2] = row[order], flat[order], folds[cell][order]
+    weight = weights.reshape(-1).float().cpu().numpy()[order]
+    bounds = np.searchsorted(shard[order], np.arange(num_shards + 1))
+    folded_tokens = folds.reshape(num_tokens, num_shards).sum(0)
     for s in range(num_shards):
-        pair_flat = np.flatnonzero(shard == s)  # ascending: grouped by token
-        tokens = pair_flat // top_k
-        held = np.bincount(tokens, minlength=num_tokens)  # [T] pairs of each token here
-        top = np.zeros(num_tokens, dtype=np.int64)
-        np.maximum.at(top, tokens, rank[pair_flat])
-        folds = (held >= 2) & (top == held - 1)  # [T] holds exactly the token's lowest experts
-        rows = np.flatnonzero(held)
-        yield ShardSlice(*(torch.from_numpy(a) for a in (rows, np.searchsorted(rows, tokens), flat[pair_flat],
-                                                          pair_flat, weight[pair_flat], folds[tokens])))
+        a, b = bounds[s], bounds[s + 1]
+        yield ShardSlice(np.flatnonzero(has[:, s]), meta[a:b], order[a:b], weight[a:b],
+                         int(b - a - meta[a:b, 2].sum() + folded_tokens[s]))
 
 
 def header_message(n: int, p: int) -> torch.Tensor:
@@ -75,31 +106,29 @@ def header_message(n: int, p: int) -> torch.Tensor:
     return torch.tensor([n, p, 0], dtype=torch.int64).view(torch.uint8)
 
 
-def pack(x: torch.Tensor, sl: ShardSlice, hint: torch.Tensor | None = None) -> torch.Tensor:
-    """-> the uint8 message for one shard; `hint`: int32 [E] next-layer expert counts, or None."""
-    n, p = sl.rows.numel(), sl.pair_row.numel()
+def pack_parts(x: torch.Tensor, sl: ShardSlice, hint: torch.Tensor | None = None) -> list[np.ndarray]:
+    """-> the message for one shard as byte arrays to send one after the other (a transport that
+    can gathers them without a copy); `hint`: int32 [E] next-layer expert counts, or None."""
+    n, p = sl.rows_np.size, sl.meta.shape[0]
     e = 0 if hint is None else hint.numel()
-    parts = [torch.tensor([n, p, e], dtype=torch.int64).view(torch.uint8)]
+    parts = [np.array([n, p, e], dtype=np.int64).view(np.uint8)]
     if n > 0:
-        meta = np.stack([sl.pair_row.numpy(), sl.pair_expert.numpy(), sl.fold.numpy()], 1).astype(np.int32)  # [P, 3]
-        rows = x[sl.rows].contiguous()  # [n, H]
-        parts += [torch.from_numpy(meta).view(-1).view(torch.uint8), sl.pair_weight.view(torch.uint8),
-                  rows.view(-1).view(torch.uint8)]
+        rows = x.contiguous().view(torch.uint8).numpy()[sl.rows_np]  # [n, H * itemsize], any dtype
+        parts += [sl.meta.view(np.uint8).reshape(-1), sl.weight_np.view(np.uint8), rows.reshape(-1)]
     if hint is not None:
-        parts.append(hint.to(torch.int32).view(torch.uint8))
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+        parts.append(hint.to(torch.int32).numpy().view(np.uint8))
+    return parts
+
+
+def pack(x: torch.Tensor, sl: ShardSlice, hint: torch.Tensor | None = None) -> torch.Tensor:
+    """-> the uint8 message for one shard, in one tensor."""
+    return torch.from_numpy(np.concatenate(pack_parts(x, sl, hint)))
 
 
 def read_header(message: torch.Tensor) -> tuple[int, int, int]:
     """-> (n tokens, P pairs, E hint entries) of a received message."""
     n, p, e = message[:HEADER_BYTES].view(torch.int64).tolist()
     return n, p, e
-
-
-def output_rows(sl: ShardSlice) -> int:
-    """Rows a shard returns for this slice: unfolded pairs plus one per folded token."""
-    fold = sl.fold.numpy()
-    return int((~fold).sum()) + len(np.unique(sl.pair_row.numpy()[fold]))
 
 
 def fold_outputs(out: torch.Tensor, pair_row: torch.Tensor, pair_expert: torch.Tensor, fold: torch.Tensor,
@@ -163,11 +192,11 @@ def combine(outputs: list[tuple[ShardSlice, torch.Tensor]], ids: torch.Tensor,
     y = torch.zeros(t * k, hidden, dtype=dtype)  # [T*K, H]
     partial: list[tuple[torch.Tensor, torch.Tensor]] = []  # (token indices, their folded rows)
     for sl, out in outputs:
-        unfolded = ~sl.fold
-        count = int(unfolded.sum())
-        y[sl.pair_flat[unfolded]] = out[:count]
-        if count < out.shape[0]:
-            partial.append((sl.rows[torch.unique_consecutive(sl.pair_row[sl.fold])], out[count:]))
+        fold = sl.meta[:, 2].astype(bool)
+        count = fold.size - int(fold.sum())
+        y[torch.from_numpy(sl.flat_np[~fold])] = out[:count]
+        if count < out.shape[0]:  # pairs come grouped by token: one folded row per distinct pair_row
+            partial.append((torch.from_numpy(sl.rows_np[np.unique(sl.meta[fold, 0])]), out[count:]))
     order = torch.argsort(ids, dim=1, stable=True)  # [T, K] ascending expert id
     parts = (y.view(t, k, hidden) * weights[..., None]).to(dtype)  # [T, K, H]
     parts = torch.take_along_dim(parts, order[..., None], dim=1)

@@ -29,6 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -46,20 +47,22 @@ def _bytes(t: torch.Tensor) -> memoryview:
 
 
 class _Send:
-    def __init__(self, t: torch.Tensor) -> None:
-        self.tensor = t  # kept alive until written
-        data = _bytes(t)
-        self.parts = [memoryview(LENGTH.pack(len(data))), data]
+    def __init__(self, data: list[memoryview], keep: object) -> None:
+        self.keep = keep  # the memory behind `data`, alive until written
+        self.nbytes = sum(len(d) for d in data)
+        self.parts = [memoryview(LENGTH.pack(self.nbytes)), *(d for d in data if len(d))]
         self.done = False
 
     def write(self, sock: socket.socket) -> bool:
-        """Write as much as the socket takes; True once all is written."""
+        """Write as much as the socket takes (all parts in one gathering call); True once all is written."""
         while self.parts:
-            n = sock.send(self.parts[0])
-            if n < len(self.parts[0]):
+            n = sock.sendmsg(self.parts)
+            while self.parts and n >= len(self.parts[0]):
+                n -= len(self.parts.pop(0))
+            if self.parts and n:
                 self.parts[0] = self.parts[0][n:]
+            if self.parts:
                 return False
-            self.parts.pop(0)
         self.done = True
         return True
 
@@ -177,8 +180,16 @@ class SocketTransport(Transport):
         return self.peers[rank]
 
     def isend(self, t: torch.Tensor, dst: int, layer: int | None = None) -> _Work:
-        self._count(t, dst, True, layer)
-        peer, op = self._peer(dst), _Send(t.contiguous())
+        t = t.contiguous()
+        return self._send([_bytes(t)], t, dst, layer)
+
+    def isend_parts(self, parts: list[np.ndarray], dst: int, layer: int | None = None) -> _Work:
+        """Send byte arrays as one message, gathered from where they lie (no joining copy)."""
+        return self._send([memoryview(np.ascontiguousarray(p)).cast("B") for p in parts], parts, dst, layer)
+
+    def _send(self, data: list[memoryview], keep: object, dst: int, layer: int | None) -> _Work:
+        peer, op = self._peer(dst), _Send(data, keep)
+        self._count_bytes(op.nbytes, dst, True, layer)
         peer.sends.append(op)
         peer.write()  # as far as the socket takes it now; the rest while someone waits
         return _Work(self, op)

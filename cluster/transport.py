@@ -12,6 +12,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -93,6 +94,10 @@ class Transport:
     def isend(self, t: torch.Tensor, dst: int, layer: int | None = None):
         self._count(t, dst, True, layer)
         return dist.isend(t.contiguous(), dst)
+
+    def isend_parts(self, parts: list[np.ndarray], dst: int, layer: int | None = None):
+        """Send byte arrays as one message (here joined into one tensor first)."""
+        return self.isend(torch.from_numpy(np.concatenate(parts)), dst, layer)
 
     def irecv(self, t: torch.Tensor, src: int, layer: int | None = None):
         self._count(t, src, False, layer)

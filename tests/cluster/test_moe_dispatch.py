@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.moe_dispatch import (HEADER_BYTES, combine, fold_outputs, max_message_nbytes, message_nbytes, output_rows,
+from cluster.moe_dispatch import (HEADER_BYTES, combine, fold_outputs, max_message_nbytes, message_nbytes,
                                   pack, read_header, received_nbytes, split_route, unpack, unpack_hint)
 from experts.expert_bank import ExpertBank
 from experts.shard import ExpertShard
@@ -61,7 +61,7 @@ def test_sharded_moe_equals_reference_bitwise(case, owner, dtype):
         assert torch.equal(fold, sl.fold) and torch.equal(weight, w.reshape(-1)[sl.pair_flat])
         shard = ExpertShard({0: _bank([e for e in range(E) if owner[e] == s], weights, dtype)}, ops)
         out = fold_outputs(shard.pair_outputs(0, xs, pair_row, pair_expert), pair_row, pair_expert, fold, weight)
-        assert out.shape[0] == output_rows(sl) <= p
+        assert out.shape[0] == sl.out_rows <= p
         folded += p - out.shape[0]
         outputs.append((sl, out))
     got = combine(outputs, ids, w, dtype)

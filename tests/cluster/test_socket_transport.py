@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,6 +69,29 @@ def test_messages_of_every_size_arrive_in_order_with_their_bytes_counted():
     sa, sb = a.take_stats(), b.take_stats()
     assert (sa.cross_bytes_sent, sb.cross_bytes_recv, sa.messages, sb.messages) == (total, total, 6, 6)
     assert sa.per_layer == {3: [sum(sizes), 0, 5]}
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_a_message_sent_in_parts_arrives_as_their_concatenation(big):
+    """isend_parts gathers arrays from where they lie (one sendmsg); 6 MiB parts need several calls
+    that stop inside a part and inside the list, and both sides to progress."""
+    a, b = _group(2)
+    rng = np.random.default_rng(0)
+    sizes = (24, 0, 6 << 20, 5, 6 << 20) if big else (24, 0, 100, 5)
+    parts = [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
+    parts[0] = parts[0].reshape(3, 8)  # a 2-D part goes row by row
+    expected = np.concatenate([p.reshape(-1) for p in parts])
+    inbox = torch.empty(expected.size + 64, dtype=torch.uint8)  # larger than the message, as a shard's
+
+    def sender():
+        wait(a.isend_parts(parts, 1, layer=2))
+
+    def receiver():
+        b.recv_message(inbox, 0, 2, lambda m: expected.size)
+
+    _run(sender, receiver)
+    assert np.array_equal(inbox[: expected.size].numpy(), expected)
+    assert a.take_stats().per_layer == {2: [expected.size, 0, 1]} and b.take_stats().bytes_recv == expected.size
 
 
 def test_two_ranks_sending_large_messages_to_each_other_do_not_block():
