@@ -154,6 +154,7 @@ class AttentionActor(_Actor):
         self._routes: list[dict] = [{} for _ in batches]
         self._guesses: list[dict] = [{} for _ in batches]
         self._affinity.new_step(len(batches))
+        batches = [b.to(self.device) for b in batches]  # the driver builds them in host memory
         try:
             hs = [self.worker.embed(b) for b in batches]
             for layer in range(self.spec.num_layers):
@@ -165,7 +166,7 @@ class AttentionActor(_Actor):
             self._abort_shards()
             self.transport.close()  # peers see the broken group at once, not at their timeout
             raise
-        logits = torch.cat([self.worker.logits(h, b) for h, b in zip(hs, batches)])
+        logits = torch.cat([self.worker.logits(h, b) for h, b in zip(hs, batches)]).cpu()
         return StepResult(logits, self.transport.take_stats().to_dict(), counts, self._round_trips,
                           self._routes if record_routes else [], self._guesses if pregate else [])
 
@@ -189,7 +190,8 @@ class AttentionActor(_Actor):
                 self._guesses[m][nxt] = guess.tolist()
             if self._prefetch:
                 hint = torch.bincount(guess.reshape(-1), minlength=self.spec.num_experts)
-        return (time.perf_counter(), self._dispatch(layer, x, route.ids, route.weights, hint)), route, dense
+        # The data plane carries host memory: a GPU worker stages its tokens there (no copy on CPU).
+        return (time.perf_counter(), self._dispatch(layer, x.cpu(), route.ids, route.weights, hint)), route, dense
 
     def _dispatch(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                   hint: torch.Tensor | None) -> list:
@@ -216,7 +218,7 @@ class AttentionActor(_Actor):
             if out is not None:
                 outputs.append((sl, out))
         self._round_trips.setdefault(layer, []).append(1e3 * (time.perf_counter() - start))
-        moe = combine(outputs, route.ids, route.weights, self.dtype)
+        moe = combine(outputs, route.ids.cpu(), route.weights.cpu(), self.dtype).to(self.device)
         return moe if dense is None else moe + dense
 
     def _abort_shards(self) -> None:
@@ -304,11 +306,11 @@ class ShardActor(_Actor):
             hints.append(unpack_hint(message, n, p, e, h, self.dtype))
         if n == 0:
             return True
-        x, pair_row, pair_expert, fold, weight = unpack(message, n, p, h, self.dtype)
+        x, pair_row, pair_expert, fold, weight = (t.to(self.device) for t in unpack(message, n, p, h, self.dtype))
         start = time.perf_counter()
         pairs = (self.cache.pair_outputs(layer, x, pair_row, pair_expert, weight) if self.cache is not None
                  else self.shard.pair_outputs(layer, x, pair_row, pair_expert))
-        out = fold_outputs(pairs, pair_row, pair_expert, fold, weight)
+        out = fold_outputs(pairs, pair_row, pair_expert, fold, weight).cpu()  # the data plane carries host memory
         self._compute_ms[layer] = self._compute_ms.get(layer, 0.0) + 1e3 * (time.perf_counter() - start)
         sends.append((self.transport.isend(out, src, layer), out))
         return True

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -24,6 +24,14 @@ class StepBatch:
     max_q: int
     logit_rows: torch.Tensor  # [S] int64: rows of T whose next token is sampled
     sample_seq_ids: tuple[int, ...]  # [S] the sequences those rows belong to
+
+    def to(self, device: torch.device) -> "StepBatch":
+        """The same batch with its tensors on `device` (itself when they are there already)."""
+        if self.input_ids.device == device:
+            return self
+        moved = {f: getattr(self, f).to(device) for f in ("input_ids", "positions", "slot_mapping", "kv_index",
+                                                          "attn_mask", "q_dest", "logit_rows")}
+        return replace(self, **moved)
 
 
 def build_batch(out: SchedulerOutput, block_size: int, sliding_window: int | None,

@@ -113,10 +113,10 @@ def pack_parts(x: torch.Tensor, sl: ShardSlice, hint: torch.Tensor | None = None
     e = 0 if hint is None else hint.numel()
     parts = [np.array([n, p, e], dtype=np.int64).view(np.uint8)]
     if n > 0:
-        rows = x.contiguous().view(torch.uint8).numpy()[sl.rows_np]  # [n, H * itemsize], any dtype
+        rows = x.cpu().contiguous().view(torch.uint8).numpy()[sl.rows_np]  # [n, H * itemsize], any dtype
         parts += [sl.meta.view(np.uint8).reshape(-1), sl.weight_np.view(np.uint8), rows.reshape(-1)]
     if hint is not None:
-        parts.append(hint.to(torch.int32).numpy().view(np.uint8))
+        parts.append(hint.to(device="cpu", dtype=torch.int32).numpy().view(np.uint8))
     return parts
 
 
