@@ -9,10 +9,10 @@ import torch
 
 @dataclass(slots=True)
 class ExpertBank:
-    """Rows of `buffer` are experts, so moving one is one copy. A row stores its matrices input-major
-    (transposed against HF): [gate_up^T (H x 2I) | down^T (I x H)], because `x @ W^T` reads a
-    contiguous W^T at close to memory bandwidth on CPU. `w_gate_up` / `w_down` present them in the
-    HF orientation as strided views."""
+    """Rows of `buffer` are experts, so moving one is one copy. A row stores its matrices in the HF
+    orientation, [gate (I x H) | up (I x H) | down (H x I)], so `w_gate_up` / `w_down` are
+    contiguous per expert: the layout oneDNN's inner product (the CPU path, kernels/linear.py) and
+    the Triton kernel read at close to memory bandwidth, and the one the checkpoint stores."""
 
     layer: int
     expert_ids: tuple[int, ...]  # global expert id of each row
@@ -35,23 +35,22 @@ class ExpertBank:
         return cls(layer, expert_ids, buffer, hidden, intermediate, slot_of)
 
     @property
-    def w_gate_up(self) -> torch.Tensor:  # [n, 2I, H] strided view (rows :I gate, I: up)
+    def w_gate_up(self) -> torch.Tensor:  # [n, 2I, H] (rows :I gate, I: up), contiguous per expert
         n, i, h = self.buffer.shape[0], self.intermediate, self.hidden
-        return self.buffer[:, : 2 * i * h].view(n, h, 2 * i).transpose(1, 2)
+        return self.buffer[:, : 2 * i * h].view(n, 2 * i, h)
 
     @property
-    def w_down(self) -> torch.Tensor:  # [n, H, I] strided view
+    def w_down(self) -> torch.Tensor:  # [n, H, I], contiguous per expert
         n, i, h = self.buffer.shape[0], self.intermediate, self.hidden
-        return self.buffer[:, 2 * i * h:].view(n, i, h).transpose(1, 2)
+        return self.buffer[:, 2 * i * h:].view(n, h, i)
 
     def set_expert(self, row: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
         """gate, up: [I, H]; down: [H, I] (HF orientation)."""
         i, h = self.intermediate, self.hidden
         dst = self.buffer[row]
-        gate_up_t = dst[: 2 * i * h].view(h, 2 * i)
-        gate_up_t[:, :i].copy_(gate.T)
-        gate_up_t[:, i:].copy_(up.T)
-        dst[2 * i * h:].view(i, h).copy_(down.T)
+        dst[: i * h].view(i, h).copy_(gate)
+        dst[i * h: 2 * i * h].view(i, h).copy_(up)
+        dst[2 * i * h:].view(h, i).copy_(down)
 
     def local_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """Global expert ids [T, K] -> bank rows [T, K] (-1 where the expert is not local)."""

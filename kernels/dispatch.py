@@ -11,6 +11,7 @@ Triton is imported lazily, so the torch backend works without it installed.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,8 +86,9 @@ def select_kernels(device: torch.device | str, backend: str = "auto",
         raise ValueError(f"device {str(device)!r} is not available: this torch build sees no CUDA GPU")
     if backend == "auto":
         backend = "triton" if device.type == "cuda" and _triton_importable() else "torch"
-    if backend == "torch":
-        return KernelOps(backend="torch", fused_moe=fused_moe_batched, topk_gating=topk_gating_ref,
-                         linear=select_linear(device, dtype))
+    if backend == "torch":  # projections through the fastest correct linear (oneDNN for float32 on CPU)
+        linear = select_linear(device, dtype)
+        return KernelOps(backend="torch", fused_moe=functools.partial(fused_moe_batched, linear=linear),
+                         topk_gating=topk_gating_ref, linear=linear)
     _check_triton_allowed(device)
     return _triton_ops()

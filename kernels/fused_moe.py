@@ -10,6 +10,9 @@ Semantics follow HF transformers: for every expert ``e`` that received tokens,
 Token-slot pairs are grouped by expert with one argsort, so each expert runs
 once on all of its tokens and its weights are read once. The weight tensors
 may be strided views into a per-expert parameter bank; they are never copied.
+`linear` computes each projection: the torch reference by default; the CPU
+production path (kernels/fused_moe_batched.py) passes the linear chosen at
+start-up (kernels/linear.py: oneDNN's inner product for float32).
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from kernels.linear import Linear, linear_ref
 
 
 def check_moe_args(
@@ -40,14 +45,15 @@ def check_moe_args(
         raise ValueError("topk_weights and topk_ids must have the same shape [T, K]")
 
 
-def _expert_mlp(x_e: Tensor, w_gate_up_e: Tensor, w_down_e: Tensor) -> Tensor:
+def _expert_mlp(x_e: Tensor, w_gate_up_e: Tensor, w_down_e: Tensor, linear: Linear) -> Tensor:
     """SwiGLU MLP of one expert: ``x_e [n, H]`` -> ``[n, H]`` in x_e's dtype."""
-    gate, up = (x_e @ w_gate_up_e.T).chunk(2, dim=-1)  # [n, I] each
-    return (F.silu(gate) * up) @ w_down_e.T  # [n, H]
+    gate, up = linear(x_e, w_gate_up_e).chunk(2, dim=-1)  # [n, I] each
+    return linear(F.silu(gate) * up, w_down_e)  # [n, H]
 
 
 def fused_moe_ref(
-    x: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_ids: Tensor, topk_weights: Tensor
+    x: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_ids: Tensor, topk_weights: Tensor,
+    linear: Linear = linear_ref,
 ) -> Tensor:
     """Apply the routed experts to ``x`` and combine them with the routing weights.
 
@@ -57,6 +63,7 @@ def fused_moe_ref(
         w_down: ``[E, H, I]``.
         topk_ids: int64 ``[T, K]`` expert ids; ``-1`` means "no expert".
         topk_weights: float32 ``[T, K]`` routing weights.
+        linear: ``linear(x, w)`` = ``x @ w.T`` for each projection (kernels/linear.py).
 
     Returns:
         ``[T, H]`` in ``x.dtype``.
@@ -75,19 +82,19 @@ def fused_moe_ref(
         if expert < 0:
             continue
         tokens = slots // top_k  # [n]
-        y = _expert_mlp(x[tokens], w_gate_up[expert], w_down[expert])  # [n, H]
+        y = _expert_mlp(x[tokens], w_gate_up[expert], w_down[expert], linear)  # [n, H]
         weighted = y * flat_weights[slots, None]  # [n, H], promoted to float32
         out.index_add_(0, tokens, weighted.to(x.dtype))
     return out
 
 
 def expert_pair_outputs_ref(x: Tensor, w_gate_up: Tensor, w_down: Tensor, pair_row: Tensor,
-                            pair_expert: Tensor) -> Tensor:
+                            pair_expert: Tensor, linear: Linear = linear_ref) -> Tensor:
     """Unweighted expert outputs of (token, expert) pairs: ``[P, H]`` in ``x.dtype``.
 
     ``pair_row`` [P] indexes rows of ``x`` [n, H]; ``pair_expert`` [P] bank rows. Each expert runs
     once on its rows in pair order, so with pairs in ascending token order an expert sees exactly
-    the rows `fused_moe_ref` gives it and its outputs are the same bits.
+    the rows `fused_moe_ref` gives it and its outputs are the same bits (with the same `linear`).
     """
     out = x.new_empty(pair_row.numel(), x.shape[1])  # [P, H]
     order = torch.argsort(pair_expert, stable=True)
@@ -96,5 +103,5 @@ def expert_pair_outputs_ref(x: Tensor, w_gate_up: Tensor, w_down: Tensor, pair_r
     for expert, count in zip(experts.tolist(), counts.tolist()):
         pairs = order[start : start + count]
         start += count
-        out[pairs] = _expert_mlp(x[pair_row[pairs]], w_gate_up[expert], w_down[expert])
+        out[pairs] = _expert_mlp(x[pair_row[pairs]], w_gate_up[expert], w_down[expert], linear)
     return out

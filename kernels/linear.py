@@ -8,6 +8,7 @@ after checking that it exists in this torch build and agrees with the reference.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -34,6 +35,7 @@ def select_linear(device: torch.device, dtype: torch.dtype) -> Linear:
     return linear_onednn
 
 
+@functools.cache
 def _onednn_works() -> bool:
     g = torch.Generator().manual_seed(0)
     x, w, b = (torch.randn(*s, generator=g) for s in ((3, 8), (5, 8), (5,)))

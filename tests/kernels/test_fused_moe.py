@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from kernels.fused_moe import fused_moe_ref
-from kernels.fused_moe_batched import fused_moe_batched
+from kernels import select_kernels
+from kernels.fused_moe import expert_pair_outputs_ref, fused_moe_ref
 from tests.kernels.interpreter import run_interpreted
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
@@ -96,12 +96,12 @@ def all_cases() -> dict[str, tuple]:
             cases[f"{name}-{dtype}"] = make_case(t, e, k, h, i, dtype=dtype, seed=t + e, **opts)
     x, *rest = make_case(6, 5, 2, 24, 20, seed=3)
     cases["strided-x"] = (torch.cat([x, x], dim=1)[:, ::2], *rest)  # x column stride 2
-    cases["input-major-bank"] = input_major_case()
+    cases["expert-bank"] = expert_bank_case()
     return cases
 
 
-def input_major_case() -> tuple:
-    """The engine's own ExpertBank layout: each row stores gate_up^T and down^T."""
+def expert_bank_case() -> tuple:
+    """The engine's own ExpertBank layout: one row per expert, views into it."""
     from experts.expert_bank import ExpertBank
     x, w_gate_up, w_down, ids, weights = make_case(9, 6, 2, 40, 24, seed=5)
     bank = ExpertBank.empty(0, tuple(range(6)), 6, 40, 24, torch.float32)
@@ -200,15 +200,21 @@ def test_triton_matches_reference_cuda(shape, dtype):
 
 
 @pytest.mark.parametrize("case_id", list(CASES))
-def test_batched_torch_path_matches_reference(case_id):
+def test_cpu_production_path_matches_reference(case_id):
+    """select_kernels' torch path on CPU (fused_moe_batched: one bmm per projection when most experts
+    have tokens, else the reference's loop through the start-up linear, oneDNN for float32)."""
     x, w_gate_up, w_down, ids, weights = CASES[case_id]
-    want = fused_moe_ref(x, w_gate_up, w_down, ids, weights)
-    torch.testing.assert_close(fused_moe_batched(x, w_gate_up, w_down, ids, weights), want,
-                               **tolerance(x.dtype))
+    ops = select_kernels("cpu", "torch", x.dtype)
+    want = naive_moe(x, w_gate_up, w_down, ids, weights)
+    got = ops.fused_moe(x, w_gate_up, w_down, ids, weights)
+    assert got.dtype == x.dtype
+    torch.testing.assert_close(got.double(), want, **tolerance(x.dtype))
 
 
 @pytest.mark.parametrize("tokens", [1, 3, 64])  # sparse (loop) and dense (bmm) activation
-def test_batched_path_on_input_major_expert_bank(tokens):
+def test_pair_outputs_with_the_cpu_linear_are_the_bits_of_the_fused_path(tokens):
+    """A shard (pair outputs, weighted and summed by the caller) and the in-process engine (fused)
+    compute each expert on the same rows through the same linear: identical bits."""
     from experts.expert_bank import ExpertBank
     e, h, i, k = 6, 24, 16, 2
     g = torch.Generator().manual_seed(tokens)
@@ -219,6 +225,15 @@ def test_batched_path_on_input_major_expert_bank(tokens):
     x = torch.randn(tokens, h, generator=g)
     ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(tokens)])
     weights = torch.rand(tokens, k, generator=g)
-    want = naive_moe(x, bank.w_gate_up, bank.w_down, ids, weights)
-    got = fused_moe_batched(x, bank.w_gate_up, bank.w_down, ids, weights)
-    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+    ops = select_kernels("cpu", "torch", torch.float32)
+    fused = ops.fused_moe(x, bank.w_gate_up, bank.w_down, ids, weights)
+    pairs = expert_pair_outputs_ref(x, bank.w_gate_up, bank.w_down, torch.arange(tokens).repeat_interleave(k),
+                                    ids.reshape(-1), ops.linear).view(tokens, k, h)
+    order = torch.argsort(ids, dim=1, stable=True)  # summed in ascending expert id, as the fused loop adds
+    parts = torch.take_along_dim(pairs * weights[..., None], order[..., None], dim=1)
+    total = parts[:, 0].clone()
+    for j in range(1, k):
+        total += parts[:, j]
+    assert torch.equal(total, fused)
+    torch.testing.assert_close(fused.double(), naive_moe(x, bank.w_gate_up, bank.w_down, ids, weights),
+                               atol=1e-4, rtol=1e-4)

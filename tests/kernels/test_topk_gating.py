@@ -154,7 +154,7 @@ def test_select_auto_on_cpu_is_torch():
     ops = select_kernels("cpu")
     assert isinstance(ops, KernelOps)
     assert ops.backend == "torch"
-    assert ops.fused_moe is fused_moe_batched and ops.topk_gating is topk_gating_ref
+    assert ops.fused_moe.func is fused_moe_batched and ops.topk_gating is topk_gating_ref
     assert select_kernels(torch.device("cpu"), "torch").backend == "torch"
 
 
