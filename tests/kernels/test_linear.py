@@ -21,3 +21,18 @@ def test_onednn_matches_reference(m, k, n, bias):
 def test_reference_chosen_off_cpu_or_for_bfloat16():
     assert select_linear(torch.device("cpu"), torch.bfloat16) is linear_ref
     assert select_linear(torch.device("meta"), torch.float32) is linear_ref
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 8, 9, 40])  # one row (computed as two), decode rows, prefill rows
+def test_expert_linear_matches_reference(m):
+    from kernels.linear import SMALL_M, linear_weight_major, select_expert_linear
+    g = torch.Generator().manual_seed(m)
+    x, w = torch.randn(m, 96, generator=g), torch.randn(200, 96, generator=g)
+    want = linear_ref(x, w)
+    expert_linear = select_expert_linear(torch.device("cpu"), torch.float32)
+    for got in (expert_linear(x, w), linear_weight_major(x, w)):
+        assert got.shape == (m, 200)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    if m <= SMALL_M:
+        assert torch.equal(expert_linear(x, w), linear_weight_major(x, w))
+    assert select_expert_linear(torch.device("cpu"), torch.bfloat16) is linear_ref
