@@ -167,7 +167,7 @@ class CachedExperts:
         here = ~cpu
         if bool(here.any()):
             out[here] = expert_pair_outputs_ref(x, lay.bank.w_gate_up, lay.bank.w_down, pair_row[here],
-                                                lay.bank.slot_of[pair_expert[here]], self.ops.expert_linear)
+                                                lay.bank.slot_of[pair_expert[here]], self.ops.linear)
         self._computed(lay)
         return out
 

@@ -28,7 +28,7 @@ class ExpertShard:
         if bool((local < 0).any()):
             missing = sorted(set(pair_expert[local < 0].tolist()))
             raise ValueError(f"layer {layer}: experts {missing} are not on this shard")
-        return expert_pair_outputs_ref(x, bank.w_gate_up, bank.w_down, pair_row, local, self.ops.expert_linear)
+        return expert_pair_outputs_ref(x, bank.w_gate_up, bank.w_down, pair_row, local, self.ops.linear)
 
     def nbytes(self) -> int:
         return sum(b.nbytes() for b in self.banks.values())

@@ -21,7 +21,7 @@ from experts.expert_bank import ExpertBank
 from experts.loader import load_experts, read_expert
 from kernels.fused_moe import expert_pair_outputs_ref
 from kernels.fused_moe_batched import fused_moe_batched
-from kernels.linear import select_expert_linear
+from kernels.linear import select_linear
 
 CPU = torch.device("cpu")
 
@@ -52,13 +52,13 @@ def _weighted(bank: ExpertBank, experts: list[int], x: torch.Tensor, ids: torch.
     keep = torch.isin(ids_cpu, torch.tensor(experts, dtype=ids_cpu.dtype))
     rows = torch.where(keep, bank.slot_of[ids_cpu.clamp(min=0)], -1)  # [T, K] bank rows, -1 elsewhere
     return fused_moe_batched(x.to(CPU), bank.w_gate_up, bank.w_down, rows, weights.to(CPU),
-                             select_expert_linear(CPU, bank.buffer.dtype)).to(x.device)
+                             select_linear(CPU, bank.buffer.dtype)).to(x.device)
 
 
 def _pairs(bank: ExpertBank, x: torch.Tensor, pair_row: torch.Tensor, pair_expert: torch.Tensor) -> torch.Tensor:
     """SlowTier.pair_outputs on a CPU bank holding every expert of `pair_expert`, on x's device."""
     return expert_pair_outputs_ref(x.to(CPU), bank.w_gate_up, bank.w_down, pair_row.to(CPU),
-                                   bank.slot_of[pair_expert.to(CPU)], select_expert_linear(CPU, bank.buffer.dtype)).to(x.device)
+                                   bank.slot_of[pair_expert.to(CPU)], select_linear(CPU, bank.buffer.dtype)).to(x.device)
 
 
 class CheckpointTier:

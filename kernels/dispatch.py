@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from kernels.fused_moe_batched import fused_moe_batched
-from kernels.linear import linear_ref, select_expert_linear, select_linear
+from kernels.linear import linear_ref, select_linear
 from kernels.topk_gating import topk_gating_ref
 
 BACKENDS = ("auto", "torch", "triton")
@@ -33,8 +33,7 @@ class KernelOps:
     backend: str  # "torch" or "triton"
     fused_moe: Callable[..., Tensor]
     topk_gating: Callable[..., tuple[Tensor, Tensor]]
-    linear: Callable[..., Tensor] = linear_ref  # dense projections y = x @ w^T (+ b)
-    expert_linear: Callable[..., Tensor] = linear_ref  # expert MLP projections y = x @ w^T
+    linear: Callable[..., Tensor] = linear_ref  # projections y = x @ w^T (+ b): dense layers and experts
 
 
 def _triton_importable() -> bool:
@@ -87,10 +86,9 @@ def select_kernels(device: torch.device | str, backend: str = "auto",
         raise ValueError(f"device {str(device)!r} is not available: this torch build sees no CUDA GPU")
     if backend == "auto":
         backend = "triton" if device.type == "cuda" and _triton_importable() else "torch"
-    if backend == "torch":  # projections through the fastest correct linears for the device and dtype
-        expert_linear = select_expert_linear(device, dtype)
-        return KernelOps(backend="torch", fused_moe=functools.partial(fused_moe_batched, linear=expert_linear),
-                         topk_gating=topk_gating_ref, linear=select_linear(device, dtype),
-                         expert_linear=expert_linear)
+    if backend == "torch":  # projections through the fastest correct linear for the device and dtype
+        linear = select_linear(device, dtype)
+        return KernelOps(backend="torch", fused_moe=functools.partial(fused_moe_batched, linear=linear),
+                         topk_gating=topk_gating_ref, linear=linear)
     _check_triton_allowed(device)
     return _triton_ops()

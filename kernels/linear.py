@@ -1,9 +1,12 @@
-"""Dense projections `y = x @ w^T (+ b)`: torch reference and the oneDNN CPU path.
+"""Projections `y = x @ w^T (+ b)` (dense layers and experts, weights in the HF orientation): the
+torch reference and the CPU float32 paths.
 
-On CPU, `F.linear` in float32 goes to the BLAS sgemm, which on this class of machine (AMD EPYC,
-MKL) reaches roughly half of what oneDNN's inner-product primitive does for decode shapes (measured
-for [32, 512] x [512, 50304]: 25 ms against 11 ms). The oneDNN path is chosen once at start-up,
-after checking that it exists in this torch build and agrees with the reference.
+On CPU, `F.linear` in float32 goes to the BLAS sgemm with a transposed operand, which on this class
+of machine (AMD EPYC, MKL) reaches roughly half of what oneDNN's inner-product primitive does (for
+[32, 512] x [512, 50304]: 25 ms against 11 ms). Decode-sized inputs (up to SMALL_M rows) go faster
+still as `(w @ x^T)^T` (`linear_weight_major`); larger ones through oneDNN. The CPU path is chosen
+once at start-up, oneDNN after checking that it exists in this torch build and agrees with the
+reference.
 """
 
 from __future__ import annotations
@@ -28,39 +31,37 @@ def linear_onednn(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 
 
-SMALL_M = 8  # rows up to which an expert projection runs as (w @ x^T)^T
+SMALL_M = 8  # rows up to which a float32 projection on CPU runs as (w @ x^T)^T
 
 
-def linear_weight_major(x: Tensor, w: Tensor) -> Tensor:
-    """`x @ w^T` for decode-sized x, computed as `(w @ x^T)^T`: the BLAS then streams the rows of a
-    contiguous w once for all of x's rows. One expert projection of 1-2 rows ([1024, 512] weights,
-    160 distinct ones) read 36-54 GB/s this way against 18-41 through oneDNN and 26-38 as `x @ w^T`
-    on input-major weights (1 and 2 threads, measured on the 2-core development VM). A single row is
-    computed as two: alone it would take the BLAS's matrix-vector path, at half that speed."""
+def linear_weight_major(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """Same contract as `linear_ref`, computed as `(w @ x^T)^T` (+ b): the BLAS streams the rows of
+    a contiguous w once for all of x's rows. For decode-sized x this read expert projections of 1-2
+    rows ([1024, 512] weights, 160 distinct ones) at 36-54 GB/s against 18-41 through oneDNN and
+    26-38 as `x @ w^T` on input-major weights, and attention projections 35-50% faster than oneDNN
+    (1 and 2 threads, the 2-core development VM). A single row is computed as two: alone it would
+    take the BLAS's matrix-vector path, at half that speed."""
     if x.shape[0] == 1:
-        return (w @ torch.cat([x, x]).T).T[:1]
-    return (w @ x.T).T
-
-
-def select_expert_linear(device: torch.device, dtype: torch.dtype) -> Linear:
-    """The projection of expert MLPs (contiguous HF-orientation weights, no bias): on CPU in float32,
-    `linear_weight_major` up to SMALL_M rows, above that `select_linear`'s choice (oneDNN read prefill
-    shapes 10% faster); the reference elsewhere."""
-    if device.type != "cpu" or dtype != torch.float32:
-        return linear_ref
-    large = select_linear(device, dtype)
-
-    def expert_linear(x: Tensor, w: Tensor) -> Tensor:
-        return linear_weight_major(x, w) if x.shape[0] <= SMALL_M else large(x, w)
-
-    return expert_linear
+        y = (w @ torch.cat([x, x]).T).T[:1]
+    else:
+        y = (w @ x.T).T
+    return y if bias is None else y + bias
 
 
 def select_linear(device: torch.device, dtype: torch.dtype) -> Linear:
-    """oneDNN for float32 on CPU when it is present and correct; the reference otherwise."""
-    if device.type != "cpu" or dtype != torch.float32 or not _onednn_works():
+    """Float32 on CPU: `linear_weight_major` up to SMALL_M rows of x [T, in], above that oneDNN when it
+    is present and correct (prefill shapes: about 10% faster than the weight-major form), else the
+    reference. The reference elsewhere."""
+    if device.type != "cpu" or dtype != torch.float32:
         return linear_ref
-    return linear_onednn
+    large = linear_onednn if _onednn_works() else linear_ref
+
+    def linear_cpu(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+        if x.dim() == 2 and x.shape[0] <= SMALL_M:
+            return linear_weight_major(x, w, bias)
+        return large(x, w, bias)
+
+    return linear_cpu
 
 
 @functools.cache

@@ -43,7 +43,7 @@ def test_sharded_moe_equals_reference_bitwise(case, owner, dtype):
     num_shards = max(owner) + 1
     full = _bank(range(E), weights, dtype)
     ops = select_kernels("cpu", "torch", dtype)  # the production projections (oneDNN for float32)
-    expected = fused_moe_ref(x, full.w_gate_up, full.w_down, ids, w, ops.expert_linear)
+    expected = fused_moe_ref(x, full.w_gate_up, full.w_down, ids, w, ops.linear)
     owner_t = torch.tensor(owner)
     outputs = []
     folded = 0

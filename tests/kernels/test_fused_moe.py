@@ -228,7 +228,7 @@ def test_pair_outputs_with_the_cpu_linear_are_the_bits_of_the_fused_path(tokens)
     ops = select_kernels("cpu", "torch", torch.float32)
     fused = ops.fused_moe(x, bank.w_gate_up, bank.w_down, ids, weights)
     pairs = expert_pair_outputs_ref(x, bank.w_gate_up, bank.w_down, torch.arange(tokens).repeat_interleave(k),
-                                    ids.reshape(-1), ops.expert_linear).view(tokens, k, h)
+                                    ids.reshape(-1), ops.linear).view(tokens, k, h)
     order = torch.argsort(ids, dim=1, stable=True)  # summed in ascending expert id, as the fused loop adds
     parts = torch.take_along_dim(pairs * weights[..., None], order[..., None], dim=1)
     total = parts[:, 0].clone()

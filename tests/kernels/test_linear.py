@@ -1,16 +1,16 @@
-"""The dense-projection dispatch: oneDNN path against the torch reference."""
+"""The projection dispatch: the CPU paths (weight-major, oneDNN) against the torch reference."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kernels.linear import linear_onednn, linear_ref, select_linear
+from kernels.linear import SMALL_M, _onednn_works, linear_onednn, linear_ref, linear_weight_major, select_linear
 
 
 @pytest.mark.parametrize("m, k, n, bias", [(1, 64, 300, False), (7, 48, 40, True), (32, 512, 1000, False)])
 def test_onednn_matches_reference(m, k, n, bias):
-    if select_linear(torch.device("cpu"), torch.float32) is linear_ref:
+    if not _onednn_works():
         pytest.skip("this torch build has no working oneDNN linear")
     g = torch.Generator().manual_seed(m)
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
@@ -23,16 +23,16 @@ def test_reference_chosen_off_cpu_or_for_bfloat16():
     assert select_linear(torch.device("meta"), torch.float32) is linear_ref
 
 
-@pytest.mark.parametrize("m", [1, 2, 5, 8, 9, 40])  # one row (computed as two), decode rows, prefill rows
-def test_expert_linear_matches_reference(m):
-    from kernels.linear import SMALL_M, linear_weight_major, select_expert_linear
+@pytest.mark.parametrize("m", [1, 2, 5, SMALL_M, SMALL_M + 1, 40])  # one row (computed as two), decode, prefill
+@pytest.mark.parametrize("bias", [False, True])
+def test_cpu_linear_matches_reference(m, bias):
     g = torch.Generator().manual_seed(m)
     x, w = torch.randn(m, 96, generator=g), torch.randn(200, 96, generator=g)
-    want = linear_ref(x, w)
-    expert_linear = select_expert_linear(torch.device("cpu"), torch.float32)
-    for got in (expert_linear(x, w), linear_weight_major(x, w)):
+    b = torch.randn(200, generator=g) if bias else None
+    want = linear_ref(x, w, b)
+    linear = select_linear(torch.device("cpu"), torch.float32)
+    for got in (linear(x, w, b), linear_weight_major(x, w, b)):
         assert got.shape == (m, 200)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
-    if m <= SMALL_M:
-        assert torch.equal(expert_linear(x, w), linear_weight_major(x, w))
-    assert select_expert_linear(torch.device("cpu"), torch.bfloat16) is linear_ref
+    if m <= SMALL_M:  # decode-sized: the weight-major form, bit for bit
+        assert torch.equal(linear(x, w, b), linear_weight_major(x, w, b))
