@@ -1,15 +1,16 @@
 """Expert-cache replay (torch-free): every policy, with and without prefetch, over a routing trace.
 
 The fast tier holds `capacity` experts (a fraction of all layers' experts). Tokens are decoded in
-steps (one token of every request per step, in position order); at each MoE layer a step needs
-the union of its tokens' experts. A needed expert in the fast tier is a hit; otherwise a demand
-miss loads it (evicting the policy's victim, never another expert the same step and layer needs:
-the router has chosen them all before the layer runs, as in the engine's cache) unless the policy does not admit it (static), in
-which case it is computed where it lies. With prefetch, once layer l is routed the route predictor
-(inter-layer affinity x the token's previous route) scores layer l+1's experts for the step's
-tokens, and the likeliest missing ones are loaded ahead, best first, while the link has time left
-over from demand loads (the link idles while experts compute; that time accrues as credit, at
-most one layer's worth). Prefetched experts never evict ones the current step still needs.
+steps (one token of every request per step, in position order); at each MoE layer a step needs the
+union of its tokens' experts. A needed expert in the fast tier is a hit; otherwise a demand miss
+loads it (evicting the policy's victim, never another expert the same step and layer needs: the
+router has chosen them all before the layer runs, as in the engine's cache) unless the policy does
+not admit it (static), in which case it is computed where it lies. With prefetch, once layer l is
+routed the route predictor (inter-layer affinity x the token's previous route) scores layer l+1's
+experts for the step's tokens, and the likeliest missing ones are loaded ahead, best first, while
+the link has time left over from demand loads (the link idles while experts compute; that time
+accrues as credit, at most one layer's worth). Prefetched experts never evict ones the current step
+still needs.
 
 Time per token under the cost model (experts.cost_model; measured on a node by `moe-serve
 calibrate`, or DEFAULT_COST): per layer, the dense work, then the intra-layer schedule of the step's

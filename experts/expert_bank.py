@@ -11,8 +11,8 @@ import torch
 class ExpertBank:
     """Rows of `buffer` are experts, so moving one is one copy. A row stores its matrices in the HF
     orientation, [gate (I x H) | up (I x H) | down (H x I)], so `w_gate_up` / `w_down` are
-    contiguous per expert: the layout oneDNN's inner product (the CPU path, kernels/linear.py) and
-    the Triton kernel read at close to memory bandwidth, and the one the checkpoint stores."""
+    contiguous per expert: the layout the CPU projections (kernels/linear.py) and the Triton kernel
+    read fastest, and the one the checkpoint stores, so loading an expert is three plain copies."""
 
     layer: int
     expert_ids: tuple[int, ...]  # global expert id of each row

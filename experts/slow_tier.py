@@ -57,8 +57,9 @@ def _weighted(bank: ExpertBank, experts: list[int], x: torch.Tensor, ids: torch.
 
 def _pairs(bank: ExpertBank, x: torch.Tensor, pair_row: torch.Tensor, pair_expert: torch.Tensor) -> torch.Tensor:
     """SlowTier.pair_outputs on a CPU bank holding every expert of `pair_expert`, on x's device."""
-    return expert_pair_outputs_ref(x.to(CPU), bank.w_gate_up, bank.w_down, pair_row.to(CPU),
-                                   bank.slot_of[pair_expert.to(CPU)], select_linear(CPU, bank.buffer.dtype)).to(x.device)
+    rows = bank.slot_of[pair_expert.to(CPU)]
+    return expert_pair_outputs_ref(x.to(CPU), bank.w_gate_up, bank.w_down, pair_row.to(CPU), rows,
+                                   select_linear(CPU, bank.buffer.dtype)).to(x.device)
 
 
 class CheckpointTier:

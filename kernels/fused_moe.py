@@ -12,7 +12,7 @@ once on all of its tokens and its weights are read once. The weight tensors
 may be strided views into a per-expert parameter bank; they are never copied.
 `linear` computes each projection: the torch reference by default; the CPU
 production path (kernels/fused_moe_batched.py) passes the linear chosen at
-start-up (kernels/linear.py: oneDNN's inner product for float32).
+start-up (kernels/linear.py).
 """
 
 from __future__ import annotations

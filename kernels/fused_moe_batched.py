@@ -4,9 +4,8 @@ Same contract as `fused_moe_ref`. When most experts of the bank have tokens (dec
 prefill), tokens are scattered into a padded [E, M, H] block and every expert runs in one `bmm`
 per projection: one call per layer instead of two per expert. Otherwise (few active experts, e.g.
 batch-1 decode) it is the reference's loop over the active experts, which reads only their weights,
-with each projection through `linear` (select_kernels passes oneDNN's inner product for float32 on
-CPU: on the banks' contiguous HF-orientation expert weights it read 1-4-row projections 10-100%
-faster than the BLAS matmul; 20 of 32 experts, 8 layers, OLMoE-250M shapes).
+with each projection through `linear` (select_kernels passes the CPU float32 path of
+kernels/linear.py, which reads the banks' contiguous HF-orientation expert weights fastest).
 """
 
 from __future__ import annotations
