@@ -190,8 +190,9 @@ class AttentionActor(_Actor):
                 self._guesses[m][nxt] = guess.tolist()
             if self._prefetch:
                 hint = torch.bincount(guess.reshape(-1), minlength=self.spec.num_experts)
-        # The data plane carries host memory: a GPU worker stages its tokens there (no copy on CPU).
-        return (time.perf_counter(), self._dispatch(layer, x.cpu(), route.ids, route.weights, hint)), route, dense
+        # The data plane carries host memory: a GPU worker stages its tokens and route there (no copy on CPU).
+        ids, weights = route.ids.cpu(), route.weights.cpu()
+        return (time.perf_counter(), self._dispatch(layer, x.cpu(), ids, weights, hint)), (ids, weights), dense
 
     def _dispatch(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                   hint: torch.Tensor | None) -> list:
@@ -209,7 +210,9 @@ class AttentionActor(_Actor):
             pending.append((sl, out, works, message))  # tensors stay alive until waited
         return pending
 
-    def _combine(self, layer: int, sent: tuple[float, list], route, dense: torch.Tensor | None) -> torch.Tensor:
+    def _combine(self, layer: int, sent: tuple[float, list], route: tuple[torch.Tensor, torch.Tensor],
+                 dense: torch.Tensor | None) -> torch.Tensor:
+        """route: the layer's (ids, weights) [T, K] in host memory."""
         start, pending = sent
         outputs: list[tuple[ShardSlice, torch.Tensor]] = []
         for sl, out, works, *_keepalive in pending:
@@ -218,7 +221,7 @@ class AttentionActor(_Actor):
             if out is not None:
                 outputs.append((sl, out))
         self._round_trips.setdefault(layer, []).append(1e3 * (time.perf_counter() - start))
-        moe = combine(outputs, route.ids.cpu(), route.weights.cpu(), self.dtype).to(self.device)
+        moe = combine(outputs, *route, self.dtype).to(self.device)
         return moe if dense is None else moe + dense
 
     def _abort_shards(self) -> None:

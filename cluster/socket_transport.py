@@ -14,11 +14,10 @@ only while its sender waits, not while it computes, as it would with gloo's I/O 
 Framing: an 8-byte little-endian length, then the bytes; `isend_parts` writes a message whose
 parts lie in several arrays with one gathering `sendmsg`, without joining them first. Messages on
 a pair arrive in the order sent and fill the receives posted for that peer in the order posted,
-as with gloo. Every rank
-listens, publishes its address in a `torch.distributed.TCPStore` hosted by rank 0 at the
-topology's master endpoint, connects to every lower rank and accepts the higher ones. A peer that
-dies closes its sockets, so the ranks talking to it fail at once; one that stops answering fails
-them after `timeout_s`.
+as with gloo. Every rank listens, publishes its address in a `torch.distributed.TCPStore` hosted
+by rank 0 at the topology's master endpoint, connects to every lower rank and accepts the higher
+ones. A peer that dies closes its sockets, so the ranks talking to it fail at once; one that stops
+answering fails them after `timeout_s`.
 """
 
 from __future__ import annotations

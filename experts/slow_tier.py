@@ -21,7 +21,7 @@ from experts.expert_bank import ExpertBank
 from experts.loader import load_experts, read_expert
 from kernels.fused_moe import expert_pair_outputs_ref
 from kernels.fused_moe_batched import fused_moe_batched
-from kernels.linear import select_linear
+from kernels.linear import Linear, select_linear
 
 CPU = torch.device("cpu")
 
@@ -46,20 +46,20 @@ class SlowTier(Protocol):
 
 
 def _weighted(bank: ExpertBank, experts: list[int], x: torch.Tensor, ids: torch.Tensor,
-              weights: torch.Tensor) -> torch.Tensor:
+              weights: torch.Tensor, linear: Linear) -> torch.Tensor:
     """SlowTier.compute on a CPU bank holding `experts`: only their weighted outputs, on x's device."""
     ids_cpu = ids.to(CPU)
     keep = torch.isin(ids_cpu, torch.tensor(experts, dtype=ids_cpu.dtype))
     rows = torch.where(keep, bank.slot_of[ids_cpu.clamp(min=0)], -1)  # [T, K] bank rows, -1 elsewhere
-    return fused_moe_batched(x.to(CPU), bank.w_gate_up, bank.w_down, rows, weights.to(CPU),
-                             select_linear(CPU, bank.buffer.dtype)).to(x.device)
+    return fused_moe_batched(x.to(CPU), bank.w_gate_up, bank.w_down, rows, weights.to(CPU), linear).to(x.device)
 
 
-def _pairs(bank: ExpertBank, x: torch.Tensor, pair_row: torch.Tensor, pair_expert: torch.Tensor) -> torch.Tensor:
+def _pairs(bank: ExpertBank, x: torch.Tensor, pair_row: torch.Tensor, pair_expert: torch.Tensor,
+           linear: Linear) -> torch.Tensor:
     """SlowTier.pair_outputs on a CPU bank holding every expert of `pair_expert`, on x's device."""
     rows = bank.slot_of[pair_expert.to(CPU)]
     return expert_pair_outputs_ref(x.to(CPU), bank.w_gate_up, bank.w_down, pair_row.to(CPU), rows,
-                                   select_linear(CPU, bank.buffer.dtype)).to(x.device)
+                                   linear).to(x.device)
 
 
 class CheckpointTier:
@@ -68,6 +68,7 @@ class CheckpointTier:
 
     def __init__(self, ckpt: Checkpoint, spec: ModelSpec, dtype: torch.dtype) -> None:
         self.ckpt, self.spec, self.dtype = ckpt, spec, dtype
+        self.linear = select_linear(CPU, dtype)
 
     def copy_into(self, bank: ExpertBank, row: int, layer: int, expert: int) -> None:
         bank.set_expert(row, *read_expert(self.ckpt, self.spec, layer, expert, self.dtype))
@@ -75,12 +76,13 @@ class CheckpointTier:
     def compute(self, layer: int, experts: list[int], x: torch.Tensor, ids: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
         return _weighted(load_experts(self.ckpt, self.spec, layer, experts, self.dtype, CPU), experts, x, ids,
-                         weights)
+                         weights, self.linear)
 
     def pair_outputs(self, layer: int, x: torch.Tensor, pair_row: torch.Tensor,
                      pair_expert: torch.Tensor) -> torch.Tensor:
         needed = sorted(set(pair_expert.tolist()))
-        return _pairs(load_experts(self.ckpt, self.spec, layer, needed, self.dtype, CPU), x, pair_row, pair_expert)
+        return _pairs(load_experts(self.ckpt, self.spec, layer, needed, self.dtype, CPU), x, pair_row, pair_expert,
+                      self.linear)
 
     def set_owned(self, owned: dict[int, tuple[int, ...]]) -> None:
         pass  # every expert is in the checkpoint
@@ -95,6 +97,7 @@ class HostTier:
                  progress: Callable[[int], object] | None = None) -> None:
         """`owned`: layer -> the experts held (default: all of every MoE layer)."""
         self.ckpt, self.spec, self.dtype, self.pin = ckpt, spec, dtype, pin
+        self.linear = select_linear(CPU, dtype)
         self.banks: dict[int, ExpertBank] = {}
         owned = owned if owned is not None else {layer: tuple(range(spec.num_experts)) for layer in spec.moe_layers}
         for layer, ids in owned.items():
@@ -119,11 +122,11 @@ class HostTier:
 
     def compute(self, layer: int, experts: list[int], x: torch.Tensor, ids: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
-        return _weighted(self.banks[layer], experts, x, ids, weights)
+        return _weighted(self.banks[layer], experts, x, ids, weights, self.linear)
 
     def pair_outputs(self, layer: int, x: torch.Tensor, pair_row: torch.Tensor,
                      pair_expert: torch.Tensor) -> torch.Tensor:
-        return _pairs(self.banks[layer], x, pair_row, pair_expert)
+        return _pairs(self.banks[layer], x, pair_row, pair_expert, self.linear)
 
 
 def slow_tier_for(ckpt: Checkpoint, spec: ModelSpec, dtype: torch.dtype, device: torch.device,

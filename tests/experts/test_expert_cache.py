@@ -192,7 +192,6 @@ def test_a_shards_cache_returns_the_same_pair_outputs_as_its_resident_experts(ti
         cache.pair_outputs(spec.moe_layers[0], x, torch.tensor([0]), torch.tensor([0]))
 
 
-
 LOADS_PAY = ExpertCostModel(expert_bytes=1, transfer_s=5.0, fast=LinearTime(0.0, 0.0), slow=LinearTime(1.0, 1.0),
                             overlap=False)  # a miss of t tokens costs min(5, 1 + t): a prefetch saves that
 
