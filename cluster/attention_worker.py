@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from cluster.batch import StepBatch
-from cluster.layers import apply_rope, gated_mlp, paged_attention, rms_norm, rope_table
+from cluster.layers import apply_rope_rolled, gated_mlp, paged_attention, rms_norm, rope_table, signed_sin
 from experts.config import ModelSpec
 from experts.loader import DenseWeights, LayerWeights
 from kernels.dispatch import KernelOps
@@ -22,7 +22,8 @@ class AttentionWorker:
         self.spec, self.w, self.dtype, self.device = spec, weights, dtype, device
         self.linear = ops.linear
         cos, sin = rope_table(spec.head_dim, spec.rope_theta, spec.max_position_embeddings)
-        self.cos, self.sin = cos.to(device, dtype), sin.to(device, dtype)
+        self.cos, self.sin = cos.to(device, dtype), signed_sin(sin).to(device, dtype)
+        self._rope_at: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # see _rope
         shape = (num_slots, spec.num_kv_heads, spec.head_dim)
         # zeros, not empty: padded keys point at slot 0 and must be finite
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
@@ -61,8 +62,20 @@ class AttentionWorker:
         v = v.reshape(t, s.num_kv_heads, s.head_dim)
         if s.qk_norm == "head":
             q, k = rms_norm(q, lw.q_norm, s.rms_norm_eps), rms_norm(k, lw.k_norm, s.rms_norm_eps)
-        cos, sin = self.cos[batch.positions], self.sin[batch.positions]
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        cos, sin = self._rope(batch)
+        return apply_rope_rolled(q, cos, sin), apply_rope_rolled(k, cos, sin), v
+
+    def _rope(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, 1, D] cos and signed sin at the batch's positions, gathered once per batch, not per layer.
+        Keyed by the positions tensor's id (a step's micro-batches each have one); the entry holds
+        the tensor, so that id cannot be reused while the entry lives."""
+        pos = batch.positions
+        hit = self._rope_at.get(id(pos))
+        if hit is None or hit[0] is not pos:
+            if len(self._rope_at) >= 4:
+                self._rope_at.clear()
+            hit = self._rope_at[id(pos)] = (pos, self.cos[pos][:, None, :], self.sin[pos][:, None, :])
+        return hit[1], hit[2]
 
     def dense_ffn(self, layer: int, x: torch.Tensor) -> torch.Tensor | None:
         """The shared expert (sigmoid-gated) of a MoE layer or the MLP of a dense layer; None if neither."""

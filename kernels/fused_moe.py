@@ -45,7 +45,7 @@ def check_moe_args(
         raise ValueError("topk_weights and topk_ids must have the same shape [T, K]")
 
 
-def _expert_mlp(x_e: Tensor, w_gate_up_e: Tensor, w_down_e: Tensor, linear: Linear) -> Tensor:
+def expert_mlp(x_e: Tensor, w_gate_up_e: Tensor, w_down_e: Tensor, linear: Linear) -> Tensor:
     """SwiGLU MLP of one expert: ``x_e [n, H]`` -> ``[n, H]`` in x_e's dtype."""
     gate, up = linear(x_e, w_gate_up_e).chunk(2, dim=-1)  # [n, I] each
     return linear(F.silu(gate) * up, w_down_e)  # [n, H]
@@ -82,7 +82,7 @@ def fused_moe_ref(
         if expert < 0:
             continue
         tokens = slots // top_k  # [n]
-        y = _expert_mlp(x[tokens], w_gate_up[expert], w_down[expert], linear)  # [n, H]
+        y = expert_mlp(x[tokens], w_gate_up[expert], w_down[expert], linear)  # [n, H]
         weighted = y * flat_weights[slots, None]  # [n, H], promoted to float32
         out.index_add_(0, tokens, weighted.to(x.dtype))
     return out
@@ -103,5 +103,5 @@ def expert_pair_outputs_ref(x: Tensor, w_gate_up: Tensor, w_down: Tensor, pair_r
     for expert, count in zip(experts.tolist(), counts.tolist()):
         pairs = order[start : start + count]
         start += count
-        out[pairs] = _expert_mlp(x[pair_row[pairs]], w_gate_up[expert], w_down[expert], linear)
+        out[pairs] = expert_mlp(x[pair_row[pairs]], w_gate_up[expert], w_down[expert], linear)
     return out

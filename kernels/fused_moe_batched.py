@@ -1,6 +1,8 @@
 """Batched torch path of the MoE expert computation, the CPU production path.
 
-Same contract as `fused_moe_ref`. When most experts of the bank have tokens (decode at large batch,
+Same contract as `fused_moe_ref`. A single token on CPU (batch-1 decode) runs its experts in a
+plain loop over the ids, without the grouping ops (0.28 ms per layer of the bench model otherwise).
+When most experts of the bank have tokens (decode at large batch,
 prefill), tokens are scattered into a padded [E, M, H] block and every expert runs in one `bmm`
 per projection: one call per layer instead of two per expert. Otherwise (few active experts, e.g.
 batch-1 decode) it is the reference's loop over the active experts, which reads only their weights,
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.fused_moe import check_moe_args, fused_moe_ref
+from kernels.fused_moe import expert_mlp, check_moe_args, fused_moe_ref
 from kernels.linear import Linear, linear_ref
 
 DENSE_FRACTION = 0.75  # run all experts batched once at least this share of them has tokens
@@ -23,6 +25,8 @@ DENSE_FRACTION = 0.75  # run all experts batched once at least this share of the
 def fused_moe_batched(x: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_ids: Tensor,
                       topk_weights: Tensor, linear: Linear = linear_ref) -> Tensor:
     check_moe_args(x, w_gate_up, w_down, topk_ids, topk_weights)
+    if x.shape[0] == 1 and x.device.type == "cpu":
+        return _one_token(x, w_gate_up, w_down, topk_ids, topk_weights, linear)
     num_experts = w_gate_up.shape[0]
     flat = topk_ids.reshape(-1)  # [T*K]
     counts = torch.bincount(flat[flat >= 0], minlength=num_experts)  # [E]
@@ -43,4 +47,16 @@ def fused_moe_batched(x: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_ids: Te
     weighted = y[experts, rank] * topk_weights.reshape(-1)[valid, None]  # [S, H] float32
     out = torch.zeros_like(x)
     out.index_add_(0, tokens, weighted.to(x.dtype))
+    return out
+
+
+def _one_token(x: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_ids: Tensor, topk_weights: Tensor,
+               linear: Linear) -> Tensor:
+    """`fused_moe_ref` for x [1, H], the same bits: experts in ascending id order, each output
+    weighted and added to the running sum as `index_add_` would."""
+    ids, weights = topk_ids[0].tolist(), topk_weights[0]
+    out = torch.zeros_like(x)
+    for j in sorted(range(len(ids)), key=ids.__getitem__):
+        if ids[j] >= 0:
+            out += (expert_mlp(x, w_gate_up[ids[j]], w_down[ids[j]], linear) * weights[j]).to(x.dtype)
     return out
