@@ -24,6 +24,7 @@ from kernels.linear import linear_ref, select_linear
 from kernels.topk_gating import topk_gating_ref
 
 BACKENDS = ("auto", "torch", "triton")
+LOOP_MEAN_ROWS = 6.0  # the CPU float32 linear runs MoE layers averaging up to this many rows per expert in a loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +89,9 @@ def select_kernels(device: torch.device | str, backend: str = "auto",
         backend = "triton" if device.type == "cuda" and _triton_importable() else "torch"
     if backend == "torch":  # projections through the fastest correct linear for the device and dtype
         linear = select_linear(device, dtype)
-        return KernelOps(backend="torch", fused_moe=functools.partial(fused_moe_batched, linear=linear),
+        moe = functools.partial(fused_moe_batched, linear=linear,
+                                loop_mean_rows=LOOP_MEAN_ROWS if linear is not linear_ref else 0.0)
+        return KernelOps(backend="torch", fused_moe=moe,
                          topk_gating=topk_gating_ref, linear=linear)
     _check_triton_allowed(device)
     return _triton_ops()
