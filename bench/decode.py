@@ -4,7 +4,9 @@ On an OLMoE-shaped random model (~261M parameters: hidden 512, 8 layers, 32 expe
 measured in one run on the same model, dtype and inputs:
 - decode tokens/s of moe-serve and of `transformers` `generate()` at batch 1, 8 and 32;
 - batch-1 decode time as a fraction of the roofline: weight bytes read per token divided by the
-  read bandwidth measured here on a buffer of the model's size.
+  read bandwidth measured here on a buffer of the model's size;
+- prefill of one `--prefill-tokens` prompt (time to the first token) against one `transformers`
+  forward pass over it.
 Decode time excludes prefill on both sides (time for N+1 new tokens minus time for 1).
 The two engines run alternately, `--repeats` times per batch size, and each ratio is the median of
 the paired ratios (with their range), and the bandwidth is probed right after each batch-1 run: a
@@ -59,6 +61,32 @@ def ours_decode_seconds(engine: LLMEngine, batch: int, new_tokens: int) -> float
     return time.perf_counter() - start
 
 
+def ours_prefill_seconds(engine: LLMEngine, tokens: list[int]) -> float:
+    """Seconds from adding a `len(tokens)`-token request to its first (only) token."""
+    start = time.perf_counter()
+    engine.add_request(tokens, SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+    while engine.has_unfinished():
+        engine.step()
+    return time.perf_counter() - start
+
+
+def hf_prefill_seconds(model, tokens: list[int]) -> float:
+    with torch.inference_mode():
+        start = time.perf_counter()
+        model(torch.tensor([tokens]))
+        return time.perf_counter() - start
+
+
+def prefill_runs(engine: LLMEngine, hf, tokens: int, repeats: int) -> list[tuple[float, float]]:
+    """(ours, transformers) seconds to prefill one `tokens`-token prompt, alternating, after a warm-up."""
+    prompt = torch.randint(0, 256, (tokens,), generator=torch.Generator().manual_seed(tokens)).tolist()
+    ours_prefill_seconds(engine, prompt), hf_prefill_seconds(hf, prompt)
+    runs = [(ours_prefill_seconds(engine, prompt), hf_prefill_seconds(hf, prompt)) for _ in range(repeats)]
+    print(f"prefill of {tokens} tokens: moe-serve {statistics.median(o for o, _ in runs):.3f} s, transformers "
+          f"{statistics.median(h for _, h in runs):.3f} s", file=sys.stderr)
+    return runs
+
+
 def hf_decode_seconds(model, batch: int, new_tokens: int) -> float:
     ids = torch.tensor(prompts(batch))
     mask = torch.ones_like(ids)
@@ -99,11 +127,13 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs of each engine per batch size")
+    ap.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill comparison")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("MOE_SERVE_CACHE", Path.home() / ".cache/moe-serve")))
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     path = bench_model(args.cache, args.dtype)
-    engine = LLMEngine(EngineConfig(model=str(path), dtype=args.dtype, kv_cache_tokens=max(batches) * 128,
+    engine = LLMEngine(EngineConfig(model=str(path), dtype=args.dtype,
+                                    kv_cache_tokens=max(max(batches) * 128, args.prefill_tokens + 16),
                                     max_num_seqs=max(batches)))
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
@@ -127,6 +157,7 @@ def main() -> None:
         ratios[b] = [o / h for o, h in zip(ours, hf_runs)]
         print(f"batch {b}: moe-serve {ours_tps[b]:.1f} tok/s, transformers {hf_tps[b]:.1f} tok/s "
               f"(paired ratios {', '.join(f'{r:.2f}' for r in ratios[b])})", file=sys.stderr)
+    prefill = prefill_runs(engine, hf, args.prefill_tokens, args.repeats)
     result = {
         "model": {"family": spec.family, "hidden": spec.hidden_size, "layers": spec.num_layers,
                   "experts": spec.num_experts, "top_k": spec.top_k, "dtype": args.dtype,
@@ -138,6 +169,11 @@ def main() -> None:
         "vs_transformers": {b: statistics.median(r) for b, r in ratios.items()},
         "vs_transformers_range": {b: [min(r), max(r)] for b, r in ratios.items()},
         "weight_bytes_per_token_b1": per_token,
+        "prefill_tokens": args.prefill_tokens,
+        "prefill_s": {"moe_serve": statistics.median(o for o, _ in prefill),
+                      "transformers": statistics.median(h for _, h in prefill)},
+        "prefill_vs_transformers": statistics.median(h / o for o, h in prefill),
+        "prefill_vs_transformers_range": [min(h / o for o, h in prefill), max(h / o for o, h in prefill)],
     }
     if 1 in batches:
         result["bandwidth_gb_s"] = statistics.median(bandwidths) / 1e9

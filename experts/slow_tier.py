@@ -20,7 +20,7 @@ from experts.config import ModelSpec
 from experts.expert_bank import ExpertBank
 from experts.loader import load_experts, read_expert
 from kernels.fused_moe import expert_pair_outputs_ref
-from kernels.fused_moe_batched import fused_moe_batched
+from kernels.fused_moe_torch import fused_moe_torch
 from kernels.linear import Linear, select_linear
 
 CPU = torch.device("cpu")
@@ -51,7 +51,7 @@ def _weighted(bank: ExpertBank, experts: list[int], x: torch.Tensor, ids: torch.
     ids_cpu = ids.to(CPU)
     keep = torch.isin(ids_cpu, torch.tensor(experts, dtype=ids_cpu.dtype))
     rows = torch.where(keep, bank.slot_of[ids_cpu.clamp(min=0)], -1)  # [T, K] bank rows, -1 elsewhere
-    return fused_moe_batched(x.to(CPU), bank.w_gate_up, bank.w_down, rows, weights.to(CPU), linear).to(x.device)
+    return fused_moe_torch(x.to(CPU), bank.w_gate_up, bank.w_down, rows, weights.to(CPU), linear).to(x.device)
 
 
 def _pairs(bank: ExpertBank, x: torch.Tensor, pair_row: torch.Tensor, pair_expert: torch.Tensor,

@@ -19,12 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels.fused_moe_batched import fused_moe_batched
+from kernels.fused_moe_torch import fused_moe_torch
 from kernels.linear import linear_ref, select_linear
 from kernels.topk_gating import topk_gating_ref
 
 BACKENDS = ("auto", "torch", "triton")
-LOOP_MEAN_ROWS = 6.0  # the CPU float32 linear runs MoE layers averaging up to this many rows per expert in a loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,9 +88,7 @@ def select_kernels(device: torch.device | str, backend: str = "auto",
         backend = "triton" if device.type == "cuda" and _triton_importable() else "torch"
     if backend == "torch":  # projections through the fastest correct linear for the device and dtype
         linear = select_linear(device, dtype)
-        moe = functools.partial(fused_moe_batched, linear=linear,
-                                loop_mean_rows=LOOP_MEAN_ROWS if linear is not linear_ref else 0.0)
-        return KernelOps(backend="torch", fused_moe=moe,
+        return KernelOps(backend="torch", fused_moe=functools.partial(fused_moe_torch, linear=linear),
                          topk_gating=topk_gating_ref, linear=linear)
     _check_triton_allowed(device)
     return _triton_ops()

@@ -11,7 +11,7 @@ Token-slot pairs are grouped by expert with one argsort, so each expert runs
 once on all of its tokens and its weights are read once. The weight tensors
 may be strided views into a per-expert parameter bank; they are never copied.
 `linear` computes each projection: the torch reference by default; the CPU
-production path (kernels/fused_moe_batched.py) passes the linear chosen at
+production path (kernels/fused_moe_torch.py) passes the linear chosen at
 start-up (kernels/linear.py).
 """
 

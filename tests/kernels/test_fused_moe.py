@@ -201,8 +201,8 @@ def test_triton_matches_reference_cuda(shape, dtype):
 
 @pytest.mark.parametrize("case_id", list(CASES))
 def test_cpu_production_path_matches_reference(case_id):
-    """select_kernels' torch path on CPU (fused_moe_batched: one bmm per projection when most experts
-    have tokens, else the reference's loop through the start-up linear, oneDNN for float32)."""
+    """select_kernels' torch path on CPU (fused_moe_torch: the reference's loop through the start-up
+    linear, weight-major or oneDNN for float32, and its single-token shortcut)."""
     x, w_gate_up, w_down, ids, weights = CASES[case_id]
     ops = select_kernels("cpu", "torch", x.dtype)
     want = naive_moe(x, w_gate_up, w_down, ids, weights)
@@ -211,7 +211,7 @@ def test_cpu_production_path_matches_reference(case_id):
     torch.testing.assert_close(got.double(), want, **tolerance(x.dtype))
 
 
-@pytest.mark.parametrize("tokens", [1, 3, 64])  # sparse (loop) and dense (bmm) activation
+@pytest.mark.parametrize("tokens", [1, 3, 64])  # the single-token shortcut, small and large expert rows
 def test_pair_outputs_with_the_cpu_linear_are_the_bits_of_the_fused_path(tokens):
     """A shard (pair outputs, weighted and summed by the caller) and the in-process engine (fused)
     compute each expert on the same rows through the same linear: identical bits."""
@@ -242,7 +242,7 @@ def test_pair_outputs_with_the_cpu_linear_are_the_bits_of_the_fused_path(tokens)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("drop", [0.0, 0.5])
 def test_one_token_path_is_the_bits_of_the_reference(dtype, drop):
-    """Batch-1 decode skips the grouping ops (fused_moe_batched._one_token); the experts still run in
+    """Batch-1 decode skips the grouping ops (fused_moe_torch._one_token); the experts still run in
     ascending id order through the same linear, so the sum is the reference's, bit for bit, also
     with -1 ids (experts on other shards)."""
     ops = select_kernels("cpu", "torch", dtype)

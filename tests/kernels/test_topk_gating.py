@@ -17,7 +17,7 @@ import torch
 
 from tests.kernels.interpreter import run_interpreted
 from kernels import KernelOps, select_kernels
-from kernels.fused_moe_batched import fused_moe_batched
+from kernels.fused_moe_torch import fused_moe_torch
 from kernels.topk_gating import topk_gating_ref
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
@@ -154,7 +154,7 @@ def test_select_auto_on_cpu_is_torch():
     ops = select_kernels("cpu")
     assert isinstance(ops, KernelOps)
     assert ops.backend == "torch"
-    assert ops.fused_moe.func is fused_moe_batched and ops.topk_gating is topk_gating_ref
+    assert ops.fused_moe.func is fused_moe_torch and ops.topk_gating is topk_gating_ref
     assert select_kernels(torch.device("cpu"), "torch").backend == "torch"
 
 
