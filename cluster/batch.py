@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from cluster.scheduler import SchedulerOutput
@@ -39,17 +40,18 @@ def build_batch(out: SchedulerOutput, block_size: int, sliding_window: int | Non
     chunks = out.chunks
     lens = [len(c.token_ids) for c in chunks]
     max_q, max_k = max(lens), max(c.start + n for c, n in zip(chunks, lens))
-    ids, pos, dest, kv, qpos, rows, seq_ids = [], [], [], [], [], [], []
+    ids, pos, dest, qpos, rows, seq_ids = [], [], [], [], [], []
+    kv = np.zeros((len(chunks), max_k), dtype=np.int64)  # padding keys read slot 0
     for b, (c, n) in enumerate(zip(chunks, lens)):
         ids.extend(c.token_ids)
         pos.extend(range(c.start, c.start + n))
         dest.extend(range(b * max_q, b * max_q + n))
-        kv.append(_slots(c.block_ids, c.start + n, block_size) + [0] * (max_k - c.start - n))
+        kv[b, :c.start + n] = _slots(c.block_ids, c.start + n, block_size)
         qpos.append(list(range(c.start, c.start + n)) + [0] * (max_q - n))
         if c.sample:
             rows.append(len(ids) - 1)
             seq_ids.append(c.seq_id)
-    kv_t = torch.tensor(kv, dtype=torch.int64)
+    kv_t = torch.from_numpy(kv)
     positions = torch.tensor(pos, dtype=torch.int64)
     slot_mapping = kv_t.view(-1)[torch.tensor(dest, dtype=torch.int64) // max_q * max_k + positions]
     mask = _mask(torch.tensor(qpos, dtype=torch.int64), max_k, sliding_window)
@@ -63,8 +65,11 @@ def build_batch(out: SchedulerOutput, block_size: int, sliding_window: int | Non
         sample_seq_ids=tuple(seq_ids))
 
 
-def _slots(block_ids: tuple[int, ...], num_tokens: int, block_size: int) -> list[int]:
-    return [block_ids[p // block_size] * block_size + p % block_size for p in range(num_tokens)]
+def _slots(block_ids: tuple[int, ...], num_tokens: int, block_size: int) -> np.ndarray:
+    """The flat KV slot of each of a sequence's first `num_tokens` positions (its whole context:
+    built with numpy, since a Python loop over it took 2 ms a step for 8 sequences of 2,000 tokens)."""
+    blocks = np.asarray(block_ids[: -(-num_tokens // block_size)], dtype=np.int64)
+    return (blocks[:, None] * block_size + np.arange(block_size)).reshape(-1)[:num_tokens]
 
 
 def _mask(qpos: torch.Tensor, max_k: int, window: int | None) -> torch.Tensor:
