@@ -66,3 +66,42 @@ def test_sampler_filters_and_seeds():
     g = new_generator(wide, torch.device("cpu"))
     draws = {sample(logits[:1], [wide], [g])[0] for _ in range(50)}
     assert a[0] == a[1] and len(draws) >= 3  # same seed -> same draw; high temperature -> spread
+
+
+def reference_distribution(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """[V] probabilities by masking and sorting the whole vocabulary, as the sampler once did."""
+    scaled = logits / p.temperature
+    if 0 < p.top_k < scaled.numel():
+        scaled = scaled.masked_fill(scaled < torch.topk(scaled, p.top_k).values[-1], float("-inf"))
+    if p.top_p < 1.0:
+        values, order = torch.sort(scaled, descending=True)
+        probs = torch.softmax(values, dim=-1)
+        values = values.masked_fill(probs.cumsum(dim=-1) - probs >= p.top_p, float("-inf"))
+        scaled = torch.empty_like(scaled).scatter_(0, order, values)
+    return torch.softmax(scaled, dim=-1)
+
+
+@pytest.mark.parametrize("spread", [0.5, 3.0, 30.0])  # flat (nucleus beyond 1024 tokens) to peaked
+@pytest.mark.parametrize("kwargs", [{"top_p": 0.9}, {"top_p": 0.5, "temperature": 0.7}, {"top_k": 50},
+                                    {"top_k": 2000, "top_p": 0.8}, {"temperature": 1.3}])
+def test_sampling_distribution_is_the_full_sort_one(spread, kwargs):
+    """The sampler looks for the nucleus among the best 64, then 1024 tokens before sorting all 5,000;
+    the distribution it draws from is the one the whole-vocabulary sort gives."""
+    from cluster.sampler import sampling_distribution
+    logits = torch.randn(5000, generator=torch.Generator().manual_seed(int(spread * 10))) * spread
+    p = SamplingParams(seed=0, **kwargs)
+    weights, ids = sampling_distribution(logits, p)
+    got = torch.zeros(5000)
+    got[ids if ids is not None else slice(None)] = weights / weights.sum()
+    want = reference_distribution(logits, p)
+    assert torch.equal(got > 0, want > 0)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+def test_draws_follow_the_distribution_and_skip_zero_weights():
+    from cluster.sampler import _draw
+    weights = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    gen = torch.Generator().manual_seed(5)
+    counts = torch.bincount(torch.tensor([_draw(weights, gen) for _ in range(4000)]), minlength=6)
+    assert counts[[0, 2, 5]].sum() == 0
+    torch.testing.assert_close(counts.float() / 4000, weights, atol=0.03, rtol=0)
