@@ -16,10 +16,12 @@ class IncrementalText:
         self.decode, self.stop = decode, stop
         self.text = ""  # full visible text so far (never contains a stop string)
         self.emitted = 0  # characters of `text` already released
+        self._done = ""  # the text of output_ids[:_read], final
+        self._prefix = self._read = 0  # the decode window starts at _prefix; _read tokens are in _done
 
     def update(self, output_ids: list[int], final: bool = False) -> tuple[str, bool]:
-        """Decode all output; returns (newly released text, whether a stop string was hit)."""
-        text = self.decode(output_ids)
+        """Decode the output; returns (newly released text, whether a stop string was hit)."""
+        text = self._decoded(output_ids)
         hit = self._find_stop(text)
         if hit is not None:
             self.text = text[:hit]
@@ -28,6 +30,27 @@ class IncrementalText:
         if final:
             return self._release(len(text)), False
         return self._release(len(text) - self._holdback(text)), False
+
+    def _decoded(self, ids: list[int]) -> str:
+        """decode(ids), decoding only the tokens since the last complete text and the chunk before
+        them (context: a leading space, a character split across tokens). A whole decode per step
+        grows with the output: 0.46 ms a step at 4,000 tokens with the demo tokenizer. When the
+        context changes how the earlier chunk decodes, it falls back to decoding everything."""
+        if len(ids) < self._read:  # not the same output: start over
+            self._done, self._prefix, self._read = "", 0, 0
+        before = self.decode(ids[self._prefix:self._read])
+        window = self.decode(ids[self._prefix:])
+        if not window.startswith(before):
+            text = self.decode(ids)
+            if not text.endswith(_INCOMPLETE):
+                self._done, self._prefix, self._read = text, self._read, len(ids)
+            return text
+        tail = window[len(before):]
+        if tail and not tail.endswith(_INCOMPLETE):  # complete: the next window starts at this chunk
+            self._done += tail
+            self._prefix, self._read = self._read, len(ids)
+            return self._done
+        return self._done + tail
 
     def _release(self, upto: int) -> str:
         upto = max(upto, self.emitted)

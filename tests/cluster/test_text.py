@@ -105,3 +105,54 @@ def test_draws_follow_the_distribution_and_skip_zero_weights():
     counts = torch.bincount(torch.tensor([_draw(weights, gen) for _ in range(4000)]), minlength=6)
     assert counts[[0, 2, 5]].sum() == 0
     torch.testing.assert_close(counts.float() / 4000, weights, atol=0.03, rtol=0)
+
+
+def _llama_style_tokenizer():
+    """A SentencePiece-style BPE as Mixtral and Llama checkpoints ship: Metaspace, byte fallback for
+    characters outside its vocabulary, a decoder that strips the leading space."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    chars = ["▁"] + [chr(c) for c in range(33, 127)]
+    merges = [("▁", "t"), ("▁t", "h"), ("▁th", "e"), ("e", "n"), ("▁", "a"), ("▁", "▁")]
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}}
+    for piece in chars + ["".join(m) for m in merges]:
+        vocab.setdefault(piece, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return tok
+
+
+TEXTS = ["def add(a, b):\n    return a + b  # ünïcödé €uro", "  leading spaces and 中文 and 😀 emoji",
+         "x" * 300 + " tail with ümlauts", "\n\n  \t mixed   whitespace  "]
+
+
+@pytest.mark.parametrize("kind", ["byte-bpe", "llama"])
+def test_windowed_decoding_gives_the_whole_decode(kind):
+    """One token at a time, the released deltas add up to decode(all ids), and the text at every
+    step is what decoding everything would show (once complete)."""
+    if kind == "llama":
+        tok = _llama_style_tokenizer()
+    else:
+        from tokenizers import Tokenizer
+
+        from cluster.demo import ensure_demo_model
+        tok = Tokenizer.from_file(str(ensure_demo_model() / "tokenizer.json"))
+    calls = []
+
+    def decode(ids):
+        calls.append(len(ids))
+        return tok.decode(ids)
+
+    for text in TEXTS:
+        ids = tok.encode(text).ids
+        inc, released = IncrementalText(decode, stop=()), ""
+        for n in range(1, len(ids) + 1):
+            delta, _ = inc.update(ids[:n], final=n == len(ids))
+            released += delta
+            whole = tok.decode(ids[:n])
+            if not whole.endswith("\ufffd"):
+                assert inc.text == whole
+        assert released == inc.text == tok.decode(ids)
+    assert max(calls) < 40  # windows, never the 300-token output whole
