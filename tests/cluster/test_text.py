@@ -82,29 +82,48 @@ def reference_distribution(logits: torch.Tensor, p: SamplingParams) -> torch.Ten
 
 
 @pytest.mark.parametrize("spread", [0.5, 3.0, 30.0])  # flat (nucleus beyond 1024 tokens) to peaked
-@pytest.mark.parametrize("kwargs", [{"top_p": 0.9}, {"top_p": 0.5, "temperature": 0.7}, {"top_k": 50},
-                                    {"top_k": 2000, "top_p": 0.8}, {"temperature": 1.3}])
-def test_sampling_distribution_is_the_full_sort_one(spread, kwargs):
-    """The sampler looks for the nucleus among the best 64, then 1024 tokens before sorting all 5,000;
-    the distribution it draws from is the one the whole-vocabulary sort gives."""
-    from cluster.sampler import sampling_distribution
-    logits = torch.randn(5000, generator=torch.Generator().manual_seed(int(spread * 10))) * spread
-    p = SamplingParams(seed=0, **kwargs)
-    weights, ids = sampling_distribution(logits, p)
-    got = torch.zeros(5000)
-    got[ids if ids is not None else slice(None)] = weights / weights.sum()
-    want = reference_distribution(logits, p)
-    assert torch.equal(got > 0, want > 0)
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+def test_batched_candidates_are_each_rows_full_sort_distribution(spread):
+    """Rows with different filters are cut together (the best 64 tokens of every row, wider searches
+    for nuclei beyond them, up to sorting all 5,000); each row's distribution is the one the
+    whole-vocabulary sort gives it."""
+    from cluster.sampler import _candidates
+    params = [SamplingParams(seed=0, **kw) for kw in ({"top_p": 0.9}, {"top_p": 0.5, "temperature": 0.7},
+                                                     {"top_k": 50}, {"top_k": 2000, "top_p": 0.8},
+                                                     {"top_k": 3, "temperature": 2.0}, {"top_p": 0.99})]
+    logits = torch.randn(len(params), 5000, generator=torch.Generator().manual_seed(int(spread * 10))) * spread
+    weights, ids = _candidates(logits, params)
+    for row, p in enumerate(params):
+        got = torch.zeros(5000).index_add_(0, ids[row], weights[row] / weights[row].sum())
+        want = reference_distribution(logits[row], p)
+        assert torch.equal(got > 0, want > 0), p
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
 
 
 def test_draws_follow_the_distribution_and_skip_zero_weights():
     from cluster.sampler import _draw
-    weights = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
-    gen = torch.Generator().manual_seed(5)
-    counts = torch.bincount(torch.tensor([_draw(weights, gen) for _ in range(4000)]), minlength=6)
-    assert counts[[0, 2, 5]].sum() == 0
-    torch.testing.assert_close(counts.float() / 4000, weights, atol=0.03, rtol=0)
+    weights = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.1, 0.0, 0.0, 0.0, 0.0, 0.9]])
+    gens = [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]
+    draws = torch.stack([_draw(weights, gens) for _ in range(4000)])  # [4000, 2]
+    for row in range(2):
+        counts = torch.bincount(draws[:, row], minlength=6).float() / 4000
+        assert counts[weights[row] == 0].sum() == 0
+        torch.testing.assert_close(counts, weights[row], atol=0.03, rtol=0)
+
+
+def test_a_rows_draws_do_not_depend_on_its_batch_mates():
+    """Each request draws from its own generator: the same seed gives the same tokens alone or
+    beside other requests (greedy, temperature-only, top-k, top-p)."""
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(1)) * 3
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.5, seed=1),
+              SamplingParams(top_k=5, seed=2), SamplingParams(top_p=0.8, seed=3)]
+
+    def run(rows):
+        gens = [new_generator(params[r], torch.device("cpu")) for r in rows]
+        return [sample(logits[rows], [params[r] for r in rows], gens) for _ in range(20)]
+
+    together = run([0, 1, 2, 3])
+    for r in range(4):
+        assert [step[r] for step in together] == [step[0] for step in run([r])]
 
 
 def _llama_style_tokenizer():
