@@ -80,9 +80,11 @@ def _candidates(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[tor
             break
         if k <= probs.shape[1]:  # top_k already gave every row this many
             continue
-        wide, wide_ids = torch.topk(scaled[short], k) if k < vocab else torch.sort(scaled[short], descending=True)
+        rows = scaled[short]
+        wide, wide_ids = torch.topk(rows, k) if k < vocab else torch.sort(rows, descending=True)
         wide = torch.exp(wide - log_total[short])
-        probs, ids = F.pad(probs, (0, wide.shape[1] - probs.shape[1])), F.pad(ids, (0, wide.shape[1] - ids.shape[1]))
+        grow = (0, wide.shape[1] - probs.shape[1])  # every row padded with zero weights
+        probs, ids = F.pad(probs, grow), F.pad(ids, grow)
         probs[short], ids[short] = wide, wide_ids
         short = [r for r, m in zip(short, wide.sum(dim=-1).tolist()) if m < top_p[r]]
     return _nucleus(probs, probs.new_tensor(top_p)[:, None]), ids
@@ -98,9 +100,10 @@ def _draw(weights: torch.Tensor, generators: list[torch.Generator | None]) -> to
     inverse CDF with one uniform from generators[r] (`torch.multinomial` took 1.1 ms for 50k
     weights, cumsum + searchsorted 0.06 ms)."""
     cdf = weights.cumsum(dim=-1)
-    u = torch.cat([torch.rand(1, generator=g, device=weights.device) for g in generators])[:, None] * cdf[:, -1:]
+    total = cdf[:, -1:].contiguous()
+    u = torch.cat([torch.rand(1, generator=g, device=weights.device) for g in generators])[:, None] * total
     drawn = torch.searchsorted(cdf, u, right=True)
-    last = torch.searchsorted(cdf, cdf[:, -1:].contiguous())  # the last drawable index, should u round up to the total
+    last = torch.searchsorted(cdf, total)  # the last drawable index, should u round up to the total
     return torch.minimum(drawn, last).squeeze(1)
 
 
