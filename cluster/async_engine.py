@@ -76,20 +76,25 @@ class AsyncLLMEngine:
         if not 0.0 <= stream_interval_s <= 1.0:
             raise ValueError(f"stream_interval_s must be in [0, 1], got {stream_interval_s}")
         self.config, self.max_waiting, self.stream_interval_s = config, max_waiting, stream_interval_s
-        self.engine = self._build_on_engine_thread(config)
-        self.model_name = model_name or Path(config.model).name
-        self.spec, self.tokenizer = self.engine.spec, self.engine.tokenizer
-        sched = self.engine.scheduler.config
-        self.max_model_len = min(sched.max_model_len, sched.num_blocks * sched.block_size)
-        self.metrics = EngineMetrics(self.model_name)
         self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
         self._live: dict[str, _Stream] = {}  # engine thread only
         self._stopping = threading.Event()
         self._gate = threading.Lock()  # orders generate()'s enqueue against the final drain
         self._closed = False
         self._stats: dict = {}
-        self._publish()
-        self._go.set()
+        self.engine = self._build_on_engine_thread(config)
+        try:
+            self.model_name = model_name or Path(config.model).name
+            self.spec, self.tokenizer = self.engine.spec, self.engine.tokenizer
+            sched = self.engine.scheduler.config
+            self.max_model_len = min(sched.max_model_len, sched.num_blocks * sched.block_size)
+            self.metrics = EngineMetrics(self.model_name)
+            self._publish()
+        except BaseException:
+            self._stopping.set()  # the engine thread ends at once instead of waiting for work
+            raise
+        finally:
+            self._go.set()
 
     def _build_on_engine_thread(self, config: EngineConfig) -> LLMEngine:
         """Every torch call of the engine, its construction included, runs on the engine thread.

@@ -284,3 +284,18 @@ def test_a_model_that_cannot_load_raises_from_the_constructor(tmp_path):
     with pytest.raises(Exception, match="config.json"):
         AsyncLLMEngine(EngineConfig(model=str(tmp_path)))
     assert "moe-engine" not in {t.name for t in threading.enumerate()} - before
+
+
+def test_a_failure_after_the_engine_is_built_ends_its_thread(tiny_model, monkeypatch):
+    import cluster.async_engine as async_engine
+
+    def broken(name):
+        raise RuntimeError("metrics unavailable")
+
+    monkeypatch.setattr(async_engine, "EngineMetrics", broken)
+    before = set(threading.enumerate())
+    with pytest.raises(RuntimeError, match="metrics unavailable"):
+        AsyncLLMEngine(config(tiny_model("olmoe")), model_name="tiny")
+    for thread in set(threading.enumerate()) - before:
+        thread.join(timeout=10)
+        assert not thread.is_alive(), thread.name
