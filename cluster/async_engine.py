@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator
@@ -101,16 +102,15 @@ class AsyncLLMEngine:
         Once the calling thread had run torch ops (loading the model), the engine thread's ran 1.6x
         slower (OpenMP on this 2-core VM); an engine stepped at 0.4x the speed of the same engine
         stepped where it was built. Raises what the construction raised."""
-        built: list = []
-        self._built = threading.Event()  # the engine (or the error building it) is in `built`
+        built: Future[LLMEngine] = Future()  # the engine, or the error building it
         self._go = threading.Event()  # set once the rest of __init__ is done
         self._thread = threading.Thread(target=self._run, args=(config, built), name="moe-engine", daemon=True)
         self._thread.start()
-        self._built.wait()
-        if isinstance(built[0], BaseException):
+        try:
+            return built.result()
+        except BaseException:
             self._thread.join()
-            raise built[0]
-        return built[0]
+            raise
 
     @property
     def ready(self) -> bool:
@@ -159,14 +159,12 @@ class AsyncLLMEngine:
             self._thread.join(timeout=30)
 
     # ---- the engine thread ---------------------------------------------------------------------
-    def _run(self, config: EngineConfig, built: list) -> None:
+    def _run(self, config: EngineConfig, built: Future) -> None:
         try:
-            built.append(LLMEngine(config))
+            built.set_result(LLMEngine(config))
         except BaseException as exc:  # re-raised by the constructor
-            built.append(exc)
+            built.set_exception(exc)
             return
-        finally:
-            self._built.set()
         self._go.wait()
         try:
             while not self._stopping.is_set():
