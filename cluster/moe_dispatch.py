@@ -120,10 +120,6 @@ def pack_parts(x: torch.Tensor, sl: ShardSlice, hint: torch.Tensor | None = None
     return parts
 
 
-def pack(x: torch.Tensor, sl: ShardSlice, hint: torch.Tensor | None = None) -> torch.Tensor:
-    """-> the uint8 message for one shard, in one tensor."""
-    return torch.from_numpy(np.concatenate(pack_parts(x, sl, hint)))
-
 
 def read_header(message: torch.Tensor) -> tuple[int, int, int]:
     """-> (n tokens, P pairs, E hint entries) of a received message."""

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from cluster.moe_dispatch import (HEADER_BYTES, combine, fold_outputs, max_message_nbytes, message_nbytes,
-                                  pack, read_header, received_nbytes, split_route, unpack, unpack_hint)
+                                  pack_parts, read_header, received_nbytes, split_route, unpack, unpack_hint)
 from experts.expert_bank import ExpertBank
 from experts.shard import ExpertShard
 from kernels.dispatch import select_kernels
 from kernels.fused_moe import fused_moe_ref
 
 E, H, I, K, T = 8, 16, 12, 3, 10
+
+
+def pack(x, sl, hint=None) -> torch.Tensor:
+    """The message for one shard in one tensor, as the gloo plane joins it (Transport.isend_parts)."""
+    return torch.from_numpy(np.concatenate(pack_parts(x, sl, hint)))
 
 
 def _bank(expert_ids, weights, dtype=torch.float32):
