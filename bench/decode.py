@@ -80,7 +80,8 @@ def hf_prefill_seconds(model, tokens: list[int]) -> float:
 def prefill_runs(engine: LLMEngine, hf, tokens: int, repeats: int) -> list[tuple[float, float]]:
     """(ours, transformers) seconds to prefill one `tokens`-token prompt, alternating, after a warm-up."""
     prompt = torch.randint(0, 256, (tokens,), generator=torch.Generator().manual_seed(tokens)).tolist()
-    ours_prefill_seconds(engine, prompt), hf_prefill_seconds(hf, prompt)
+    ours_prefill_seconds(engine, prompt)  # warm-up
+    hf_prefill_seconds(hf, prompt)
     runs = [(ours_prefill_seconds(engine, prompt), hf_prefill_seconds(hf, prompt)) for _ in range(repeats)]
     print(f"prefill of {tokens} tokens: moe-serve {statistics.median(o for o, _ in runs):.3f} s, transformers "
           f"{statistics.median(h for _, h in runs):.3f} s", file=sys.stderr)
@@ -130,6 +131,8 @@ def main() -> None:
     ap.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill comparison")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("MOE_SERVE_CACHE", Path.home() / ".cache/moe-serve")))
     args = ap.parse_args()
+    if args.prefill_tokens < 1:
+        ap.error(f"--prefill-tokens must be >= 1, got {args.prefill_tokens}")
     batches = [int(b) for b in args.batches.split(",")]
     path = bench_model(args.cache, args.dtype)
     engine = LLMEngine(EngineConfig(model=str(path), dtype=args.dtype,
