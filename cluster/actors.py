@@ -80,6 +80,7 @@ class StepResult:
     round_trip_ms: dict[int, list[float]]  # MoE layer -> per micro-batch: dispatch start -> outputs in
     routes: list[dict] = field(default_factory=list)  # per micro-batch: MoE layer -> ([T][k] ids, weights)
     pregate: list[dict] = field(default_factory=list)  # per micro-batch: target layer -> [T][k] guessed ids
+    shard_hits: list[np.ndarray] = field(default_factory=list)  # per micro-batch: [T, S] MoE layers reaching shard s
 
 
 class _Actor:
@@ -128,12 +129,13 @@ class AttentionActor(_Actor):
         self.worker = AttentionWorker(self.spec, dense, num_kv_slots, self.dtype, self.device, self.ops)
         self.gate = Gate(self.spec, [lw.router for lw in dense.layers], self.ops)
         self._owner: dict[int, np.ndarray] = {}
+        self._owner_t: dict[int, torch.Tensor] = {}
         self._affinity = AffinityTally(self.spec.num_experts)
         self._prefetch = cfg.expert_cache is not None and cfg.expert_cache.prefetch  # hint the shards' caches
 
     def connect(self, rank: int, topology: Topology) -> None:
         super().connect(rank, topology)
-        self._owner = {layer: np.array(o, dtype=np.int64) for layer, o in topology.owner.items()}
+        self.set_owner(topology.owner)
 
     def take_affinity(self) -> tuple[dict, dict]:
         """(co-activation, transitions) counted since the last call, as numpy [E, E] per MoE layer."""
@@ -142,17 +144,23 @@ class AttentionActor(_Actor):
     def set_owner(self, owner: dict[int, tuple[int, ...]]) -> None:
         """Experts moved between shards: route each layer's tokens by the new owner table."""
         self._owner = {layer: np.array(o, dtype=np.int64) for layer, o in owner.items()}
+        self._owner_t = {layer: torch.from_numpy(o) for layer, o in self._owner.items()}
 
     @torch.inference_mode()
-    def step(self, batches: list[StepBatch], record_routes: bool = False, pregate: bool = False) -> StepResult:
+    def step(self, batches: list[StepBatch], record_routes: bool = False, pregate: bool = False,
+             shard_hits: bool = False) -> StepResult:
         """Run every layer for the micro-batches, overlapping one's attention with the other's experts.
         `record_routes`: return every MoE layer's routes; `pregate`: also apply each next MoE layer's
-        gate to this layer's input and return the guesses (the live route predictors)."""
+        gate to this layer's input and return the guesses (the live route predictors); `shard_hits`:
+        for each token, at how many MoE layers it reached each shard (request shuffling)."""
         counts: dict[int, list[int]] = {}
         self._round_trips: dict[int, list[float]] = {}
         self._record, self._pregate = record_routes, pregate
         self._routes: list[dict] = [{} for _ in batches]
         self._guesses: list[dict] = [{} for _ in batches]
+        self._hits: list[torch.Tensor] | None = (
+            [torch.zeros(b.input_ids.numel(), self.topology.num_shards, dtype=torch.int16) for b in batches]
+            if shard_hits else None)
         self._affinity.new_step(len(batches))
         batches = [b.to(self.device) for b in batches]  # the driver builds them in host memory
         try:
@@ -168,7 +176,20 @@ class AttentionActor(_Actor):
             raise
         logits = torch.cat([self.worker.logits(h, b) for h, b in zip(hs, batches)]).cpu()
         return StepResult(logits, self.transport.take_stats().to_dict(), counts, self._round_trips,
-                          self._routes if record_routes else [], self._guesses if pregate else [])
+                          self._routes if record_routes else [], self._guesses if pregate else [],
+                          [h.numpy() for h in self._hits] if self._hits is not None else [])
+
+    def export_kv(self, slots: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's (K, V) rows at `slots`, in host memory (a sequence moving to another worker)."""
+        index = torch.from_numpy(slots).to(self.device)
+        return [(k[index].cpu(), v[index].cpu()) for k, v in zip(self.worker.k_cache, self.worker.v_cache)]
+
+    def import_kv(self, slots: np.ndarray, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Write another worker's export_kv rows at the same `slots` (slots are global to the engine)."""
+        index = torch.from_numpy(slots).to(self.device)
+        for (k, v), k_cache, v_cache in zip(kv, self.worker.k_cache, self.worker.v_cache):
+            k_cache[index] = k.to(self.device)
+            v_cache[index] = v.to(self.device)
 
     def _attend(self, layer: int, m: int, hs: list[torch.Tensor], batch: StepBatch, counts: dict):
         hs[m], x = self.worker.attention(layer, hs[m], batch)
@@ -192,6 +213,8 @@ class AttentionActor(_Actor):
                 hint = torch.bincount(guess.reshape(-1), minlength=self.spec.num_experts)
         # The data plane carries host memory: a GPU worker stages its tokens and route there (no copy on CPU).
         ids, weights = route.ids.cpu(), route.weights.cpu()
+        if self._hits is not None:
+            self._hits[m].add_(torch.zeros_like(self._hits[m]).scatter_(1, self._owner_t[layer][ids], 1))
         return (time.perf_counter(), self._dispatch(layer, x.cpu(), ids, weights, hint)), (ids, weights), dense
 
     def _dispatch(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,

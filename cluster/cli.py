@@ -176,6 +176,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-shards", type=int, help="(ray) number of expert shards")
     p.add_argument("--replan-every", type=int, metavar="STEPS",
                    help="(ray) re-plan expert placement from live routing every STEPS engine steps")
+    p.add_argument("--attention-workers", type=int, default=1, help="(ray) number of attention workers")
+    p.add_argument("--shuffle-requests", action="store_true",
+                   help="(ray) move each sequence, KV cache and all, to the attention worker on the node of the "
+                        "expert shards its tokens are predicted to reach")
     p.add_argument("--microbatches", type=int, default=2, choices=(1, 2),
                    help="(ray) ping-pong micro-batches per attention worker (1 = off)")
     p.add_argument("--transport", default="tcp", choices=TRANSPORTS,
@@ -201,6 +205,7 @@ def _generate(args: argparse.Namespace) -> int:
         max_model_len=args.max_model_len, kv_cache_tokens=args.kv_cache_tokens, show_progress=True,
         engine=args.engine, cluster=args.cluster, address=args.address, num_expert_shards=args.expert_shards,
         microbatches=args.microbatches, replan_every_steps=args.replan_every, transport=args.transport,
+        num_attention_workers=args.attention_workers, request_shuffling=args.shuffle_requests,
         record_trace=str(args.record_trace) if args.record_trace else None,
         expert_cache_fraction=args.expert_cache, expert_cache_policy=args.expert_cache_policy,
         expert_cache_prefetch=args.expert_cache_prefetch, expert_cache_schedule=args.expert_cache_schedule,

@@ -40,6 +40,7 @@ class EngineConfig:
     microbatches: int = 2  # ping-pong micro-batches per attention worker (1 = off)
     min_microbatch_tokens: int = 32  # split a worker's batch only when each half gets at least this many
     replan_every_steps: int | None = None  # re-plan expert placement from live routing every N steps
+    request_shuffling: bool = False  # move sequences to the attention worker beside their predicted shards
     actor_threads: int = 1  # torch threads (and Ray CPUs) per actor
     transport_timeout_s: float = 30.0  # a data-plane peer silent this long is declared failed
     transport: str = "tcp"  # the data plane: "tcp" (sockets driven by the waiting thread) or "gloo"
@@ -58,6 +59,8 @@ class EngineConfig:
             raise ValueError(f"microbatches must be 1 or 2, got {self.microbatches}")
         if self.replan_every_steps is not None and (self.replan_every_steps <= 0 or self.engine != "ray"):
             raise ValueError("replan_every_steps must be > 0 and needs engine='ray'")
+        if self.request_shuffling and self.engine != "ray":
+            raise ValueError("request_shuffling needs engine='ray' (it moves sequences between attention workers)")
         if self.num_expert_shards is not None and self.num_expert_shards <= 0:
             raise ValueError(f"num_expert_shards must be > 0, got {self.num_expert_shards}")
         if self.transport_timeout_s <= 0 or self.max_step_retries < 0:

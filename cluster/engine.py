@@ -165,6 +165,9 @@ class LLMEngine:
     def _finish(self, req: Request, reason: str, error: str | None = None,
                 prefix_text: str = "") -> RequestOutput:
         self.scheduler.finish(req.seq.seq_id, reason)
+        release = getattr(self.model, "release", None)  # the cluster model tracks where sequences live
+        if release is not None:
+            release(req.seq.seq_id)
         self.requests.pop(req.request_id, None)
         self._by_seq.pop(req.seq.seq_id, None)
         if req.text is not None and reason != "stop":

@@ -2,7 +2,9 @@
 
 One engine step = one Ray call per actor: attention workers get their micro-batches, shards get
 the number of micro-batches to serve; hidden states move over the data plane (cluster/transport).
-A sequence stays on one attention worker (seq_id mod A), whose KV cache holds it. When a step
+A sequence starts on attention worker seq_id mod A, whose KV cache holds it; with request shuffling
+(router/shuffle.py) it may move, between two steps, to the worker whose node hosts the shards its
+tokens are predicted to reach, its KV copied there first. When a step
 fails (an actor died, the data plane timed out), the dead actors are recreated (reloading their
 weights), the data plane is rebuilt, and `ClusterRecovered` tells the engine to recompute.
 """
@@ -14,18 +16,20 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+import numpy as np
 import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from cluster.actors import ActorConfig, StepResult, Topology
-from cluster.batch import build_batch
+from cluster.batch import build_batch, context_slots
 from cluster.builder import start_attention, start_shard
 from cluster.errors import ClusterRecovered
 from cluster.replan import count_moves, replan, shard_assignment
 from cluster.scheduler import ScheduledChunk, SchedulerOutput
 from experts.config import ModelSpec
 from experts.expert_cache import CacheStats
+from router.shuffle import RequestShuffler, ShuffleConfig, ShuffleGeometry
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,7 @@ class RayModelConfig:
     microbatches: int = 2  # per attention worker; 1 switches ping-pong pipelining off
     min_microbatch_tokens: int = 32  # below 2x this many tokens a worker's batch is not split
     replan_every_steps: int | None = None  # re-plan and move experts every N steps (None: never)
+    shuffle: ShuffleConfig | None = None  # move sequences toward their predicted shards (None: never)
     start_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
@@ -53,6 +58,8 @@ class TrafficTotals:
     steps: int = 0
     dispatch_bytes: int = 0
     combine_bytes: int = 0
+    migrate_bytes: int = 0  # KV copied across nodes when a sequence moved to another attention worker
+    sequences_moved: int = 0
     messages: int = 0
     per_layer: dict[int, list[int]] = field(default_factory=dict)  # layer -> [dispatch, combine, msgs]
 
@@ -83,7 +90,12 @@ class RayModel:
         self.pregate = False  # also return pre-gating guesses (take_pregate())
         self._rows: list[tuple[int, int, int]] = []  # engine row order of the last step: (result, mb, row)
         self._results: list[StepResult] = []
+        self.kv_at: dict[int, int] = {}  # seq_id -> the attention worker holding its KV cache
+        self._migrated = 0  # cross-node bytes of KV moved before this step
+        self.shuffler: RequestShuffler | None = None  # anything with observe / plan / forget
         self._connect()
+        if config.shuffle is not None:
+            self.shuffler = RequestShuffler(config.shuffle, self._geometry())
 
     # ---- actors ------------------------------------------------------------------------------
     def _start_attention(self, i: int):
@@ -119,10 +131,23 @@ class RayModel:
         ray.get([a.connect.remote(rank, topo) for rank, a in enumerate(actors)],
                 timeout=self.config.start_timeout_s)
         self.topology = topo
+        if isinstance(getattr(self, "shuffler", None), RequestShuffler):
+            self.shuffler.geometry = self._geometry()  # a restarted actor may sit on another node
+
+    def _geometry(self) -> ShuffleGeometry:
+        nodes, a, spec = self.topology.node_of, len(self.attention), self.spec
+        elem = torch.tensor([], dtype=getattr(torch, self.config.actor.dtype)).element_size()
+        kv = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * elem
+        return ShuffleGeometry(tuple(nodes[:a]), tuple(nodes[a:]), spec.hidden_size * elem, kv)
 
     # ---- one step ----------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, tuple[int, ...]]:
         """-> (logits [S, V] float32, the sequence of each row)."""
+        try:
+            self._place(out.chunks)
+        except (RayError, TimeoutError) as exc:
+            self._recover([], exc)
+            raise ClusterRecovered(f"moving a sequence's KV cache failed and was recovered: {_reason(exc)}") from exc
         per_worker = self._split(out.chunks)
         calls, seq_order, mbs, placed, max_tokens = [], [], [0] * len(self.attention), [], 0
         for a, microbatches in enumerate(per_worker):
@@ -134,7 +159,8 @@ class RayModel:
             mbs[a] = len(batches)
             max_tokens = max(max_tokens, *(b.input_ids.numel() for b in batches))
             placed.append(microbatches)
-            calls.append(self.attention[a].step.remote(batches, self.record_routes, self.pregate))
+            calls.append(self.attention[a].step.remote(batches, self.record_routes, self.pregate,
+                                                       self.shuffler is not None))
         if self.record_routes or self.pregate:
             self._rows = _row_order(out.chunks, placed)
         shard_calls = [s.serve_step.remote(mbs, max_tokens) for s in self.shards]
@@ -146,6 +172,8 @@ class RayModel:
             raise ClusterRecovered(f"cluster step failed and was recovered: {_reason(exc)}") from exc
         self._account(results, shard_stats)
         self._results = results
+        if self.shuffler is not None:
+            self._observe_hits(results, placed)
         every = self.config.replan_every_steps
         if every is not None and self.traffic.steps % every == 0:
             log.info("re-planned expert placement: %s", self.replan_experts())
@@ -156,8 +184,48 @@ class RayModel:
         when the worker has enough tokens for ping-pong, see _parts)."""
         groups: list[list[ScheduledChunk]] = [[] for _ in self.attention]
         for c in chunks:
-            groups[c.seq_id % len(self.attention)].append(c)
+            groups[self.kv_at[c.seq_id]].append(c)
         return [_balance(g, self._parts(g)) for g in groups]
+
+    # ---- request shuffling -------------------------------------------------------------------
+    def _place(self, chunks: tuple[ScheduledChunk, ...]) -> None:
+        """The attention worker of every chunk's sequence: a new one (start 0: nothing cached yet)
+        starts on seq_id mod A; with a shuffler, running ones may move, their KV copied first."""
+        self._migrated = 0
+        for c in chunks:
+            if c.start == 0 or c.seq_id not in self.kv_at:
+                self.kv_at[c.seq_id] = c.seq_id % len(self.attention)
+        if self.shuffler is None:
+            return
+        running = {c.seq_id: (self.kv_at[c.seq_id], c.start) for c in chunks if c.start > 0}
+        load = np.bincount(list(self.kv_at.values()), minlength=len(self.attention)).tolist()
+        moves = self.shuffler.plan(running, load)
+        if not moves:
+            return
+        by_seq = {c.seq_id: c for c in chunks}
+        writes, geometry = [], self._geometry()
+        for sid, dst in moves.items():
+            src, c = self.kv_at[sid], by_seq[sid]
+            slots = context_slots(c.block_ids, c.start, self.config.block_size)
+            writes.append(self.attention[dst].import_kv.remote(slots, self.attention[src].export_kv.remote(slots)))
+            self._migrated += geometry.move_bytes(src, dst, c.start)
+            self.kv_at[sid] = dst
+        ray.get(writes, timeout=self.config.start_timeout_s)
+        self.traffic.sequences_moved += len(moves)
+
+    def _observe_hits(self, results: list[StepResult], placed: list[list[list[ScheduledChunk]]]) -> None:
+        for result, microbatches in zip(results, placed):
+            for hits, mb in zip(result.shard_hits, microbatches):
+                row = 0
+                for c in mb:
+                    self.shuffler.observe(c.seq_id, hits[row:row + len(c.token_ids)])
+                    row += len(c.token_ids)
+
+    def release(self, seq_id: int) -> None:
+        """The engine finished (or aborted) the sequence: forget where it was."""
+        self.kv_at.pop(seq_id, None)
+        if self.shuffler is not None:
+            self.shuffler.forget(seq_id)
 
     def _parts(self, chunks: list[ScheduledChunk]) -> int:
         """Ping-pong only pays when each micro-batch's work outweighs the extra round trip per layer."""
@@ -166,6 +234,7 @@ class RayModel:
 
     def _account(self, results: list[StepResult], shard_stats: list[dict]) -> None:
         self.traffic.steps += 1
+        self.traffic.migrate_bytes += self._migrated
         counts: dict[int, list[int]] = {}
         for r in results:
             self.traffic.add(r.traffic)
@@ -174,17 +243,21 @@ class RayModel:
         for layer, c in counts.items():
             self.expert_totals[layer] = [a + b for a, b in zip(self.expert_totals.get(layer, [0] * len(c)), c)]
         self.last_step = {"traffic": [r.traffic for r in results], "shard_traffic": shard_stats,
-                          "expert_tokens": counts, "round_trip_ms": [r.round_trip_ms for r in results]}
+                          "expert_tokens": counts, "round_trip_ms": [r.round_trip_ms for r in results],
+                          "migrate_bytes": self._migrated}
 
     def step_stats(self) -> dict:
         """The last step's MoE statistics, as cluster.metrics reads them: tokens per (layer, expert) and
-        the bytes that crossed node boundaries, attention -> shards (dispatch) and back (combine)."""
+        the bytes that crossed node boundaries, attention -> shards (dispatch) and back (combine),
+        and (with request shuffling) KV copied to another attention worker (migrate)."""
         step = self.last_step
         if not step:
             return {}
         stats = {"expert_tokens": step["expert_tokens"],
                  "cross_node_bytes": {"dispatch": sum(t["cross_bytes_sent"] for t in step["traffic"]),
                                       "combine": sum(t["cross_bytes_sent"] for t in step["shard_traffic"])}}
+        if self.shuffler is not None:
+            stats["cross_node_bytes"]["migrate"] = step["migrate_bytes"]
         caches = [t["expert_cache"] for t in step["shard_traffic"] if "expert_cache" in t]
         if caches:  # the shards' expert caches, summed
             total = CacheStats.summed(caches).as_dict()
@@ -251,7 +324,8 @@ class RayModel:
     def _recover(self, refs: list, exc: BaseException) -> None:
         log.warning("cluster step failed (%s); recovering", _reason(exc))
         t0 = time.monotonic()
-        ray.wait(refs, num_returns=len(refs), timeout=self.config.actor.transport_timeout_s + 10)
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=self.config.actor.transport_timeout_s + 10)
         for i, actor in enumerate(self.attention):
             if not _alive(actor):
                 ray.kill(actor)

@@ -16,6 +16,7 @@ from cluster.placement import PlacementPlan, PlannerConfig, plan
 from cluster.plan_cli import footprint_of
 from cluster.ray_model import RayModel, RayModelConfig
 from experts.config import load_spec
+from router.shuffle import ShuffleConfig
 
 log = logging.getLogger(__name__)
 LOCAL_KIND = "local"
@@ -41,7 +42,8 @@ def start_ray_model(config: EngineConfig) -> RayModel:
     return RayModel(spec, RayModelConfig(
         actor=actor, plan=_UnlabeledAware(placement), num_kv_slots=config.num_blocks * config.block_size,
         block_size=config.block_size, microbatches=config.microbatches,
-        min_microbatch_tokens=config.min_microbatch_tokens, replan_every_steps=config.replan_every_steps))
+        min_microbatch_tokens=config.min_microbatch_tokens, replan_every_steps=config.replan_every_steps,
+        shuffle=ShuffleConfig() if config.request_shuffling else None))
 
 
 def connect(address: str | None) -> None:

@@ -1,0 +1,111 @@
+"""Request shuffling on a local multi-node Ray cluster: sequences move between attention workers (KV
+copied, bytes counted) and the tokens stay those of the in-process engine, with the real policy and
+with one that moves every sequence every step (a deliberately wrong predictor)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from cluster.config import EngineConfig  # noqa: E402
+from cluster.engine import LLMEngine  # noqa: E402
+from cluster.sampling_params import SamplingParams  # noqa: E402
+from tests.conftest import NODE_LABEL  # noqa: E402
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], list(range(10, 40)), [5, 4, 3, 2, 1, 0]]
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
+SAMPLED = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=3)
+
+
+class Contrary:
+    """Moves every running sequence to the next attention worker at every step."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers, self.observed = workers, 0
+
+    def observe(self, seq_id, hits) -> None:
+        self.observed += len(hits)
+
+    def forget(self, seq_id) -> None:
+        pass
+
+    def plan(self, running, load):
+        return {sid: (here + 1) % self.workers for sid, (here, _) in running.items()}
+
+
+def _colocated(tmp_path: Path) -> str:
+    """Two nodes, each with one attention worker and one expert shard."""
+    path = tmp_path / "cluster.yaml"
+    path.write_text(f"""
+label_key: {NODE_LABEL}
+nodes:
+  - {{kind: head, memory_gb: 1, role: none}}
+  - {{kind: cpu-highmem, memory_gb: 4, role: any, resources: {{cpu_highmem: 1}}}}
+  - {{kind: cpu, memory_gb: 4, role: any}}
+""")
+    return str(path)
+
+
+def _generate(engine: LLMEngine, *params: SamplingParams) -> list[list[tuple[int, ...]]]:
+    return [[o.token_ids for o in engine.generate(PROMPTS, p)] for p in params]
+
+
+def _kv_bytes_per_token(engine: LLMEngine) -> int:
+    spec = engine.model.spec
+    return 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * 4  # float32
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model):
+    engine = LLMEngine(EngineConfig(model=str(tiny_model("olmoe"))))
+    try:
+        return _generate(engine, GREEDY, SAMPLED)
+    finally:
+        engine.shutdown()
+
+
+def test_sequences_forced_to_move_every_step_keep_their_tokens(ray_cluster, tiny_model, tmp_path, expected):
+    engine = LLMEngine(EngineConfig(model=str(tiny_model("olmoe")), engine="ray", cluster=_colocated(tmp_path),
+                                    num_attention_workers=2, num_expert_shards=2, request_shuffling=True,
+                                    min_microbatch_tokens=1))
+    try:
+        model = engine.model
+        nodes = model.topology.node_of
+        assert nodes[0] != nodes[1] and {nodes[2], nodes[3]} == {nodes[0], nodes[1]}  # one of each per node
+        model.shuffler = Contrary(2)
+        contexts = []  # positions cached by each running sequence at each step: what every move copies
+        execute = model.execute
+
+        def counting(out):
+            contexts.extend(c.start for c in out.chunks if c.start > 0)
+            return execute(out)
+
+        model.execute = counting
+        assert _generate(engine, GREEDY, SAMPLED) == expected
+        assert model.traffic.sequences_moved == len(contexts) > 0
+        assert model.traffic.migrate_bytes == sum(contexts) * _kv_bytes_per_token(engine)
+        assert model.kv_at == {}  # every finished sequence was released
+        assert model.shuffler.observed > 0
+    finally:
+        engine.shutdown()
+
+
+def test_the_shuffling_policy_keeps_the_tokens_and_reports_what_it_moved(ray_cluster, tiny_model, tmp_path, expected):
+    engine = LLMEngine(EngineConfig(model=str(tiny_model("olmoe")), engine="ray", cluster=_colocated(tmp_path),
+                                    num_attention_workers=2, num_expert_shards=2, request_shuffling=True))
+    try:
+        assert _generate(engine, GREEDY, SAMPLED) == expected
+        traffic = engine.model.traffic
+        assert traffic.migrate_bytes % _kv_bytes_per_token(engine) == 0
+        assert (traffic.migrate_bytes > 0) == (traffic.sequences_moved > 0)
+        assert "migrate" in engine.model.step_stats()["cross_node_bytes"]
+    finally:
+        engine.shutdown()
+
+
+def test_request_shuffling_needs_the_cluster_engine(tiny_model):
+    with pytest.raises(ValueError, match="request_shuffling"):
+        EngineConfig(model=str(tiny_model("olmoe")), request_shuffling=True)
