@@ -18,6 +18,11 @@ Cost model (every byte crossing a node boundary counts; `assumptions` in the rep
   dispatch from a_next. Attention can run anywhere only if every node holds the KV cache of every
   request, so each token's new K/V at each layer (kv_elems values) is sent to the N-1 other nodes:
   that replication is counted as KV bytes of these schemes (and costs N x the KV memory).
+- Request shuffling (router/shuffle.py, what the cluster engine runs live): attention stays pinned,
+  but before each of a request's tokens the request may move to another node, its KV for the
+  positions so far (pos x num_layers x kv_elems values) copied there and counted as migrate bytes.
+  The policy sees the fit part's tokens (to learn each request's shards) and moves only in the
+  report part, where the first move copies half the request's context.
 - Fit and report: the first `fit_fraction` of every request's tokens (by position) fit the statistics
   and expert grouping; bytes, loads and recall are measured on the rest, in decode order (position,
   then request). Predictors are warmed on the fit part and keep learning online in the report part.
@@ -34,6 +39,7 @@ from router.grouping import (GroupingConfig, Placement, align, group_experts, ma
                              round_robin)
 from router.predictors import (AffinityPredictor, MixturePredictor, PreviousRoutePredictor, RecallMeter,
                                RouteContext, top_k_ids)
+from router.shuffle import RequestShuffler, ShuffleConfig, ShuffleGeometry
 from router.stats import MISSING, RouteTable, coactivation, popularity, route_table, transitions
 from router.traces import RouteRecord
 
@@ -64,6 +70,10 @@ class Scheme:
     placement: Placement
     mobile: bool  # attention follows the token (speculative token shuffling)
     oracle: bool = False  # the next node is chosen from the actual next route (a bound, not a scheme)
+    shuffler: RequestShuffler | None = None  # pinned attention whose requests move between nodes
+    homes: dict[int, int] = field(default_factory=dict)  # request index -> node (request shuffling)
+    migrate_bytes: int = 0
+    requests_moved: int = 0
     dispatch: int = 0  # vectors sent
     combine: int = 0
     layer_visits: int = 0  # token-layers simulated
@@ -139,15 +149,45 @@ def warm_up(predictor: MixturePredictor, table: RouteTable, order: np.ndarray) -
             predictor.observe(request, pos, layer, ids)
 
 
+def node_hits(placement: Placement, routes: list[tuple[int, tuple[int, ...]]]) -> np.ndarray:
+    """[1, N]: at how many of the token's layers it had an expert on each node."""
+    hits = np.zeros((1, placement.nodes))
+    for layer, ids in routes:
+        hits[0, list(set(placement.node_of[layer, list(ids)].tolist()))] += 1
+    return hits
+
+
+def _move_request(s: Scheme, r: int, home: int, pos: int) -> int:
+    """Request shuffling before one of request r's tokens: -> the node it attends on."""
+    at = s.homes.setdefault(r, home)
+    load = np.bincount(list(s.homes.values()), minlength=s.placement.nodes).tolist()
+    dst = s.shuffler.plan({r: (at, pos)}, load).get(r, at)
+    if dst != at:
+        s.migrate_bytes += s.shuffler.geometry.move_bytes(at, dst, pos)
+        s.requests_moved += 1
+        s.homes[r] = dst
+    return dst
+
+
+def observe_requests(table: RouteTable, order: np.ndarray, schemes: list[Scheme]) -> None:
+    """The request shufflers learn from the fit tokens (no moves)."""
+    for t in order:
+        for s in schemes:
+            if s.shuffler is not None:
+                s.shuffler.observe(int(table.request_index[t]), node_hits(s.placement, _token_routes(table, t)))
+
+
 def simulate(table: RouteTable, order: np.ndarray, schemes: list[Scheme], predictor: MixturePredictor,
              meters: dict[str, RecallMeter], config: ReplayConfig) -> None:
     """Walks the report tokens layer by layer: predict, measure recall, move tokens, count bytes."""
     k, depth = table.top_k, config.max_distance
     for t in order:
         request, pos = table.requests[table.request_index[t]], int(table.pos[t])
-        home = int(table.request_index[t]) % config.nodes
+        r = int(table.request_index[t])
+        home = r % config.nodes
         routes, route = _token_routes(table, t), {}
-        where = {s.name: home for s in schemes}
+        homes = {s.name: home if s.shuffler is None else _move_request(s, r, home, pos) for s in schemes}
+        where = dict(homes)
         for i, (layer, ids) in enumerate(routes):
             predictor.observe(request, pos, layer, ids)
             route[layer] = ids
@@ -157,10 +197,13 @@ def simulate(table: RouteTable, order: np.ndarray, schemes: list[Scheme], predic
             for s in schemes:
                 at = where[s.name]
                 here = set(s.placement.node_of[layer, list(ids)].tolist())
-                dest = (home if nxt is None or not s.mobile
+                dest = (homes[s.name] if nxt is None or not s.mobile
                         else _next_node(s, here, nxt[0], mixed, nxt[1], at, k))
                 _visit(s, layer, ids, at, dest)
                 where[s.name] = dest
+        for s in schemes:
+            if s.shuffler is not None:
+                s.shuffler.observe(r, node_hits(s.placement, routes))
 
 
 def _measure(predictor: MixturePredictor, ctx: RouteContext, actual: np.ndarray, meters: dict[str, RecallMeter],
@@ -187,7 +230,9 @@ def _scheme_report(s: Scheme, tokens: int, config: ReplayConfig) -> dict[str, fl
             "combine_bytes_per_token": s.combine * vector / tokens,
             "dispatch_combine_bytes_per_token": (s.dispatch + s.combine) * vector / tokens,
             "kv_replication_bytes_per_token": kv / tokens,
-            "cross_node_bytes_per_token": ((s.dispatch + s.combine) * vector + kv) / tokens,
+            "migrate_bytes_per_token": s.migrate_bytes / tokens,
+            "requests_moved": s.requests_moved,
+            "cross_node_bytes_per_token": ((s.dispatch + s.combine) * vector + kv + s.migrate_bytes) / tokens,
             "local_dispatch_rate": s.local / max(s.layer_visits, 1),
             "max_over_mean_load": float(max_over_mean(s.expert_load.sum(axis=0, keepdims=True))[0]),
             "max_over_mean_load_per_layer_mean": float(per_layer.mean()),
@@ -203,7 +248,8 @@ ASSUMPTIONS = ("vector = hidden_size x dtype_bytes; dispatch: one vector from th
                "hosting >= 1 of the token's experts; combine: one vector from each expert node other than the node "
                "of the token's next layer (home after the last layer); pinned schemes attend on the request's home "
                "(round-robin by request); shuffling schemes attend where the prediction sent the token and replicate "
-               "each token's K/V (kv_elems values per layer) to the other N-1 nodes, counted as kv bytes")
+               "each token's K/V (kv_elems values per layer) to the other N-1 nodes, counted as kv bytes; request "
+               "shuffling moves a request's home before a token, copying its K/V so far (migrate bytes)")
 
 
 def replay_placement(records: Iterable[RouteRecord], nodes: int, hidden_size: int = 4096, dtype_bytes: int = 2,
@@ -218,13 +264,24 @@ def replay_placement(records: Iterable[RouteRecord], nodes: int, hidden_size: in
     naive = round_robin(table.num_layers, table.num_experts, nodes)
     schemes = [Scheme("naive", naive, False), Scheme("grouping", grouped["pinned"], False),
                Scheme("shuffling", naive, True), Scheme("grouping+shuffling", grouped["mobile"], True),
-               Scheme("grouping+shuffling (perfect prediction)", grouped["mobile"], True, oracle=True)]
+               Scheme("grouping+shuffling (perfect prediction)", grouped["mobile"], True, oracle=True),
+               Scheme("request shuffling", naive, False, shuffler=_shuffler(table, config)),
+               Scheme("grouping+request shuffling", grouped["mobile"], False, shuffler=_shuffler(table, config))]
     L, E = table.num_layers, table.num_experts
     predictor = MixturePredictor([AffinityPredictor(L, E, max_distance), PreviousRoutePredictor(L, E)])
     meters = {name: RecallMeter(max_distance, L) for name in ("affinity", "previous", "mixture")}
     warm_up(predictor, table, decode_order(table, fit))
+    observe_requests(table, decode_order(table, fit), schemes)
     simulate(table, decode_order(table, ~fit), schemes, predictor, meters, config)
     return _report(table, fit, schemes, meters, grouped, config)
+
+
+def _shuffler(table: RouteTable, config: ReplayConfig) -> RequestShuffler:
+    """The live policy with its defaults; node n runs attention worker n and expert shard n."""
+    nodes = tuple(str(n) for n in range(config.nodes))
+    geometry = ShuffleGeometry(nodes, nodes, config.hidden_size * config.dtype_bytes,
+                               table.num_layers * config.kv_elems * config.dtype_bytes)
+    return RequestShuffler(ShuffleConfig(), geometry)
 
 
 def _report(table: RouteTable, fit: np.ndarray, schemes: list[Scheme], meters: dict[str, RecallMeter],
