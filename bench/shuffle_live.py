@@ -1,0 +1,112 @@
+"""Live speculation on the demo model: cross-node bytes with request shuffling and expert grouping.
+
+A local Ray cluster of two nodes (ray.cluster_utils.Cluster, labels node-a and node-b), each running
+one attention worker and one expert shard, serves the trained demo model. Greedy completions of a
+fit set of prompts run first, on the planner's placement, while the attention workers count
+co-activation and inter-layer transitions. Then one held-out set of prompts runs four times:
+
+- `off`: the planner's placement, each sequence on attention worker seq_id mod 2 (no speculation);
+- `shuffling`: the same placement, sequences moved (KV copied) toward the shards their tokens are
+  predicted to reach (router/shuffle.py);
+- `grouping`: experts re-placed by the speculative grouping fitted on the fit set's routing;
+- `grouping+shuffling`: both.
+
+Reported per run: cross-node bytes per generated token from the data plane's counters (dispatch,
+combine) and the driver's (migrate: KV copied across nodes), sequences moved, and whether the tokens
+equal those of the `off` run (they must). Prints one JSON object.
+Usage: python bench/shuffle_live.py [--max-tokens 96]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import ray
+from ray.cluster_utils import Cluster
+
+from cluster.config import EngineConfig
+from cluster.demo import ensure_demo_model
+from cluster.engine import LLMEngine
+from cluster.sampling_params import SamplingParams
+from placement_live import FIT, HELD_OUT  # bench/placement_live.py, beside this file
+from router.shuffle import RequestShuffler, ShuffleConfig
+
+LABEL = "moe-serve/node-kind"
+CLUSTER_YAML = f"""
+label_key: {LABEL}
+nodes:
+  - {{kind: head, memory_gb: 1, role: none}}
+  - {{kind: node-a, memory_gb: 4, role: any}}
+  - {{kind: node-b, memory_gb: 4, role: any}}
+"""
+
+
+def start_cluster() -> Cluster:
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 4, "labels": {LABEL: "head"}, "include_dashboard": False})
+    for kind in ("node-a", "node-b"):
+        cluster.add_node(num_cpus=4, labels={LABEL: kind})
+    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+    cluster.wait_for_nodes()
+    return cluster
+
+
+def run(engine: LLMEngine, prompts: list[str], params: SamplingParams) -> dict:
+    t = engine.model.traffic
+    before = (t.dispatch_bytes, t.combine_bytes, t.migrate_bytes, t.sequences_moved)
+    outs = [o.token_ids for o in engine.generate(prompts, params)]
+    tokens = sum(len(o) for o in outs)
+    d, c, m, moved = (after - b for after, b in zip((t.dispatch_bytes, t.combine_bytes, t.migrate_bytes,
+                                                     t.sequences_moved), before))
+    return {"bytes_per_token": {"dispatch": round(d / tokens), "combine": round(c / tokens),
+                                "migrate": round(m / tokens), "total": round((d + c + m) / tokens)},
+            "sequences_moved": moved, "tokens": outs}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--max-tokens", type=int, default=96, help="tokens generated per held-out prompt")
+    args = ap.parse_args()
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    model = str(ensure_demo_model())
+    cluster = start_cluster()
+    runs: dict[str, dict] = {}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            spec = Path(tmp) / "two-nodes.yaml"
+            spec.write_text(CLUSTER_YAML)
+            engine = LLMEngine(EngineConfig(model=model, engine="ray", cluster=str(spec), num_attention_workers=2,
+                                            num_expert_shards=2))
+        rm = engine.model
+        nodes = rm.topology.node_of
+        colocated = nodes[0] != nodes[1] and sorted(nodes[:2]) == sorted(nodes[2:])
+        run(engine, FIT, params)
+        owner = rm.planned_owner()  # from the fit prompts' routing only
+        shuffler = RequestShuffler(ShuffleConfig(), rm._geometry())
+        for name, grouped, shuffled in (("off", False, False), ("shuffling", False, True),
+                                        ("grouping", True, False), ("grouping+shuffling", True, True)):
+            if grouped and rm.owner != {layer: tuple(o) for layer, o in owner.items()}:
+                runs["moves"] = rm.move_experts(owner)
+            rm.shuffler = shuffler if shuffled else None
+            runs[name] = run(engine, HELD_OUT, params)
+        engine.shutdown()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    off = runs["off"]["bytes_per_token"]["total"]
+    out = {"model": model, "attention_workers": 2, "expert_shards": 2, "colocated": colocated,
+           "held_out_prompts": len(HELD_OUT), "max_tokens": args.max_tokens, "expert_moves": runs.pop("moves", None)}
+    for name, r in runs.items():
+        out[name] = {"bytes_per_token": r["bytes_per_token"], "sequences_moved": r["sequences_moved"],
+                     "reduction": round(1 - r["bytes_per_token"]["total"] / off, 4),
+                     "identical_tokens": r["tokens"] == runs["off"]["tokens"]}
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
