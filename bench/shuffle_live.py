@@ -86,7 +86,7 @@ def main() -> int:
         colocated = nodes[0] != nodes[1] and sorted(nodes[:2]) == sorted(nodes[2:])
         run(engine, FIT, params)
         owner = rm.planned_owner()  # from the fit prompts' routing only
-        shuffler = RequestShuffler(ShuffleConfig(), rm._geometry())
+        shuffler = RequestShuffler(ShuffleConfig(), rm.shuffle_geometry())
         for name, grouped, shuffled in (("off", False, False), ("shuffling", False, True),
                                         ("grouping", True, False), ("grouping+shuffling", True, True)):
             if grouped and rm.owner != {layer: tuple(o) for layer, o in owner.items()}:

@@ -112,6 +112,9 @@ def _add_up(sub) -> None:
                     help="inprocess: the replica runs the model; ray: attention workers and expert shards")
     up.add_argument("--cluster", help="(ray) cluster description file or built-in name")
     up.add_argument("--transport", choices=TRANSPORTS, help="(ray) the data plane between actors (default: tcp)")
+    up.add_argument("--attention-workers", type=int, help="(ray) number of attention workers (default: 1)")
+    up.add_argument("--shuffle-requests", action="store_true",
+                    help="(ray) move sequences to the attention worker beside their predicted expert shards")
     up.add_argument("--dtype", choices=DTYPES)
     up.add_argument("--max-model-len", type=int)
     up.add_argument("--kv-cache-tokens", type=int)
@@ -273,7 +276,8 @@ def _up(args: argparse.Namespace) -> int:
                 "max_num_seqs": args.max_num_seqs, "expert_cache_fraction": args.expert_cache,
                 "expert_cache_policy": args.expert_cache_policy, "route_prediction": args.route_prediction or None,
                 "expert_cache_prefetch": args.expert_cache_prefetch or None,
-                "expert_cache_schedule": args.expert_cache_schedule, "transport": args.transport}
+                "expert_cache_schedule": args.expert_cache_schedule, "transport": args.transport,
+                "num_attention_workers": args.attention_workers, "request_shuffling": args.shuffle_requests or None}
     return run_up(args.model, args.address, args.http_port, args.grpc_port, args.engine, args.cluster,
                   host=args.host, app_args={k: v for k, v in app_args.items() if v is not None})
 

@@ -95,7 +95,7 @@ class RayModel:
         self.shuffler: RequestShuffler | None = None  # anything with observe / plan / forget
         self._connect()
         if config.shuffle is not None:
-            self.shuffler = RequestShuffler(config.shuffle, self._geometry())
+            self.shuffler = RequestShuffler(config.shuffle, self.shuffle_geometry())
 
     # ---- actors ------------------------------------------------------------------------------
     def _start_attention(self, i: int):
@@ -131,10 +131,11 @@ class RayModel:
         ray.get([a.connect.remote(rank, topo) for rank, a in enumerate(actors)],
                 timeout=self.config.start_timeout_s)
         self.topology = topo
-        if isinstance(getattr(self, "shuffler", None), RequestShuffler):
-            self.shuffler.geometry = self._geometry()  # a restarted actor may sit on another node
+        if isinstance(self.shuffler, RequestShuffler):
+            self.shuffler.geometry = self.shuffle_geometry()  # a restarted actor may sit on another node
 
-    def _geometry(self) -> ShuffleGeometry:
+    def shuffle_geometry(self) -> ShuffleGeometry:
+        """Where the attention workers and shards run, and the bytes a token and a KV position take."""
         nodes, a, spec = self.topology.node_of, len(self.attention), self.spec
         elem = torch.tensor([], dtype=getattr(torch, self.config.actor.dtype)).element_size()
         kv = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * elem
@@ -203,7 +204,7 @@ class RayModel:
         if not moves:
             return
         by_seq = {c.seq_id: c for c in chunks}
-        writes, geometry = [], self._geometry()
+        writes, geometry = [], self.shuffle_geometry()
         for sid, dst in moves.items():
             src, c = self.kv_at[sid], by_seq[sid]
             slots = context_slots(c.block_ids, c.start, self.config.block_size)

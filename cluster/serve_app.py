@@ -51,6 +51,8 @@ class AppArgs(BaseModel):
     engine: Literal["inprocess", "ray"] = "inprocess"
     cluster: str | None = None  # cluster description for engine="ray"
     transport: Literal["tcp", "gloo"] | None = None  # engine="ray": the data plane
+    num_attention_workers: int | None = Field(None, ge=1)  # engine="ray"
+    request_shuffling: bool | None = None  # engine="ray": sequences move toward their predicted shards
     dtype: Literal["float32", "bfloat16"] | None = None
     device: str | None = None
     max_model_len: int | None = Field(None, ge=1)
