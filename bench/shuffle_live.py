@@ -9,30 +9,38 @@ co-activation and inter-layer transitions. Then one held-out set of prompts runs
 - `shuffling`: the same placement, sequences moved (KV copied) toward the shards their tokens are
   predicted to reach (router/shuffle.py);
 - `grouping`: experts re-placed by the speculative grouping fitted on the fit set's routing;
-- `grouping+shuffling`: both.
+- `grouping+shuffling`: both;
+- `grouping+shuffling+1 replica(s)`: both, and each node also holds copies of the remote experts its
+  sequences used most on a second pass over the fit prompts (`--replicas` per layer; they cost
+  expert memory: `replicas` / `experts` in the output).
 
 Reported per run: cross-node bytes per generated token from the data plane's counters (dispatch,
-combine) and the driver's (migrate: KV copied across nodes), sequences moved, and whether the tokens
-equal those of the `off` run (they must). Prints one JSON object.
+combine) and the driver's (migrate: KV copied across nodes), sequences moved, the shards' load
+(token-expert assignments each served, max/mean, the worst MoE layer), and whether the tokens equal
+those of the `off` run (they must). Prints one JSON object.
 Usage: python bench/shuffle_live.py [--max-tokens 96]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import ray
 from ray.cluster_utils import Cluster
 
 from cluster.config import EngineConfig
 from cluster.demo import ensure_demo_model
 from cluster.engine import LLMEngine
+from cluster.replan import shard_loads
 from cluster.sampling_params import SamplingParams
 from placement_live import FIT, HELD_OUT  # bench/placement_live.py, beside this file
+from router.grouping import max_over_mean
 from router.shuffle import RequestShuffler, ShuffleConfig
 
 LABEL = "moe-serve/node-kind"
@@ -56,20 +64,27 @@ def start_cluster() -> Cluster:
 
 
 def run(engine: LLMEngine, prompts: list[str], params: SamplingParams) -> dict:
-    t = engine.model.traffic
+    rm = engine.model
+    t = rm.traffic
     before = (t.dispatch_bytes, t.combine_bytes, t.migrate_bytes, t.sequences_moved)
+    counts_before = copy.deepcopy(rm.worker_expert_totals)
     outs = [o.token_ids for o in engine.generate(prompts, params)]
     tokens = sum(len(o) for o in outs)
     d, c, m, moved = (after - b for after, b in zip((t.dispatch_bytes, t.combine_bytes, t.migrate_bytes,
                                                      t.sequences_moved), before))
+    counts = [{layer: [a - b for a, b in zip(row, was.get(layer, [0] * len(row)))] for layer, row in now.items()}
+              for now, was in zip(rm.worker_expert_totals, counts_before)]
+    loads = shard_loads(rm.owner, rm.replicas, rm.local_shards(), counts, len(rm.shards))
     return {"bytes_per_token": {"dispatch": round(d / tokens), "combine": round(c / tokens),
                                 "migrate": round(m / tokens), "total": round((d + c + m) / tokens)},
-            "sequences_moved": moved, "tokens": outs}
+            "sequences_moved": moved, "tokens": outs,
+            "shard_load_max_over_mean": round(float(max(max_over_mean(np.stack(list(loads.values()))))), 3)}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-tokens", type=int, default=96, help="tokens generated per held-out prompt")
+    ap.add_argument("--replicas", type=int, default=1, help="expert copies per layer and node in the last run")
     args = ap.parse_args()
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     model = str(ensure_demo_model())
@@ -93,15 +108,23 @@ def main() -> int:
                 runs["moves"] = rm.move_experts(owner)
             rm.shuffler = shuffler if shuffled else None
             runs[name] = run(engine, HELD_OUT, params)
+        # Replicas: the fit prompts again, now gathered by node, tell each node which remote experts
+        # its sequences use most; one copy per layer and node.
+        rm.planned_replicas(0)  # discards the per-worker statistics of the runs above
+        run(engine, FIT, params)
+        runs["replicas"] = rm.move_experts(owner, rm.planned_replicas(args.replicas))
+        runs[f"grouping+shuffling+{args.replicas} replica(s)"] = run(engine, HELD_OUT, params)
         engine.shutdown()
     finally:
         ray.shutdown()
         cluster.shutdown()
     off = runs["off"]["bytes_per_token"]["total"]
     out = {"model": model, "attention_workers": 2, "expert_shards": 2, "colocated": colocated,
-           "held_out_prompts": len(HELD_OUT), "max_tokens": args.max_tokens, "expert_moves": runs.pop("moves", None)}
+           "held_out_prompts": len(HELD_OUT), "max_tokens": args.max_tokens, "expert_moves": runs.pop("moves", None),
+           "replicas": runs.pop("replicas"), "experts": rm.spec.num_experts * len(rm.spec.moe_layers)}
     for name, r in runs.items():
         out[name] = {"bytes_per_token": r["bytes_per_token"], "sequences_moved": r["sequences_moved"],
+                     "shard_load_max_over_mean": r["shard_load_max_over_mean"],
                      "reduction": round(1 - r["bytes_per_token"]["total"] / off, 4),
                      "identical_tokens": r["tokens"] == runs["off"]["tokens"]}
     print(json.dumps(out, indent=2))

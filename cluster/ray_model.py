@@ -25,7 +25,7 @@ from cluster.actors import ActorConfig, StepResult, Topology
 from cluster.batch import build_batch, context_slots
 from cluster.builder import start_attention, start_shard
 from cluster.errors import ClusterRecovered
-from cluster.replan import count_moves, replan, shard_assignment
+from cluster.replan import Replicas, count_moves, plan_replicas, replan, shard_assignment, worker_tables
 from cluster.scheduler import ScheduledChunk, SchedulerOutput
 from experts.config import ModelSpec
 from experts.expert_cache import CacheStats
@@ -80,6 +80,8 @@ class RayModel:
         self.prefix = f"moe-{uuid.uuid4().hex[:8]}"
         self.shard_experts = [{layer: tuple(ids) for layer, ids in s.experts.items()} for s in self.plan.expert_shards]
         self.expert_totals: dict[int, list[int]] = {}  # MoE layer -> tokens routed to each expert, all steps
+        self.worker_expert_totals: list[dict[int, list[int]]] = [{} for _ in self.plan.attention_workers]
+        self.replicas: Replicas = [{} for _ in self.plan.expert_shards]  # per shard: layer -> experts it copies
         self.attention = [self._start_attention(i) for i in range(len(self.plan.attention_workers))]
         self.shards = [self._start_shard(i) for i in range(len(self.plan.expert_shards))]
         self.owner = self._owner_table()
@@ -131,6 +133,8 @@ class RayModel:
         ray.get([a.connect.remote(rank, topo) for rank, a in enumerate(actors)],
                 timeout=self.config.start_timeout_s)
         self.topology = topo
+        if any(self.replicas):
+            self._send_tables()
         if isinstance(self.shuffler, RequestShuffler):
             self.shuffler.geometry = self.shuffle_geometry()  # a restarted actor may sit on another node
 
@@ -151,9 +155,11 @@ class RayModel:
             raise ClusterRecovered(f"moving a sequence's KV cache failed and was recovered: {_reason(exc)}") from exc
         per_worker = self._split(out.chunks)
         calls, seq_order, mbs, placed, max_tokens = [], [], [0] * len(self.attention), [], 0
+        called = []
         for a, microbatches in enumerate(per_worker):
             if not microbatches:
                 continue
+            called.append(a)
             batches = [build_batch(SchedulerOutput(tuple(mb)), self.config.block_size, self.spec.sliding_window,
                                    torch.device("cpu")) for mb in microbatches]
             seq_order.extend(sid for b in batches for sid in b.sample_seq_ids)
@@ -171,7 +177,7 @@ class RayModel:
         except (RayError, TimeoutError) as exc:
             self._recover(calls + shard_calls, exc)
             raise ClusterRecovered(f"cluster step failed and was recovered: {_reason(exc)}") from exc
-        self._account(results, shard_stats)
+        self._account(results, shard_stats, called)
         self._results = results
         if self.shuffler is not None:
             self._observe_hits(results, placed)
@@ -233,14 +239,16 @@ class RayModel:
         tokens = sum(len(c.token_ids) for c in chunks)
         return self.config.microbatches if tokens >= 2 * self.config.min_microbatch_tokens else 1
 
-    def _account(self, results: list[StepResult], shard_stats: list[dict]) -> None:
+    def _account(self, results: list[StepResult], shard_stats: list[dict], called: list[int]) -> None:
         self.traffic.steps += 1
         self.traffic.migrate_bytes += self._migrated
         counts: dict[int, list[int]] = {}
-        for r in results:
+        for r, worker in zip(results, called):
             self.traffic.add(r.traffic)
+            mine = self.worker_expert_totals[worker]
             for layer, c in r.expert_tokens.items():
                 counts[layer] = [a + b for a, b in zip(counts.get(layer, [0] * len(c)), c)]
+                mine[layer] = [a + b for a, b in zip(mine.get(layer, [0] * len(c)), c)]
         for layer, c in counts.items():
             self.expert_totals[layer] = [a + b for a, b in zip(self.expert_totals.get(layer, [0] * len(c)), c)]
         self.last_step = {"traffic": [r.traffic for r in results], "shard_traffic": shard_stats,
@@ -287,24 +295,47 @@ class RayModel:
         return out
 
     # ---- placement, changed while serving -----------------------------------------------------
-    def move_experts(self, owner: dict[int, tuple[int, ...]]) -> dict:
+    def move_experts(self, owner: dict[int, tuple[int, ...]], replicas: Replicas | None = None) -> dict:
         """Apply a new owner table (MoE layer -> shard of each expert) between two engine steps: shards
         load the experts they gain and drop the rest, then attention workers route by the new table.
-        Requests in flight carry on: outputs do not depend on which shard holds an expert."""
+        `replicas` (per shard: layer -> experts it also holds; default none) are copies that the
+        attention workers on the shard's node use instead of the owner. Requests in flight carry on:
+        outputs do not depend on which shard holds an expert."""
         shards = len(self.shards)
+        replicas = replicas if replicas is not None else [{} for _ in self.shards]
+        if len(replicas) != shards:
+            raise ValueError(f"replicas must list {shards} shards, got {len(replicas)}")
         bad = [layer for layer in self.spec.moe_layers
                if len(owner.get(layer, ())) != self.spec.num_experts
                or not all(isinstance(s, int) and 0 <= s < shards for s in owner[layer])]
         if bad:
             raise ValueError(f"owner table must give every expert of layers {bad} one of {len(self.shards)} shards")
         moved = count_moves(self.owner, owner, self.spec.moe_layers, len(self.shards))
-        wanted = shard_assignment(owner, len(self.shards))
+        wanted = [{layer: tuple(sorted(set(ids) | set(extra.get(layer, ())))) for layer, ids in own.items()}
+                  for own, extra in zip(shard_assignment(owner, len(self.shards)), replicas)]
         changed = [i for i, w in enumerate(wanted) if w != self.shard_experts[i]]
         read = ray.get([self.shards[i].set_experts.remote(wanted[i]) for i in changed],
                        timeout=self.config.start_timeout_s)
-        ray.get([a.set_owner.remote(owner) for a in self.attention], timeout=self.config.start_timeout_s)
         self.shard_experts, self.owner = wanted, {layer: tuple(owner[layer]) for layer in self.spec.moe_layers}
-        return {"experts_moved": moved, "bytes_loaded": sum(read)}
+        self.replicas = [dict(r) for r in replicas]
+        self._send_tables()
+        return {"experts_moved": moved, "replicas": sum(len(ids) for r in self.replicas for ids in r.values()),
+                "bytes_loaded": sum(read)}
+
+    def local_shards(self) -> list[int | None]:
+        """Per attention worker: the first expert shard on its node, or None."""
+        nodes, a = self.topology.node_of, len(self.attention)
+        return [next((s for s in range(len(self.shards)) if nodes[a + s] == nodes[w]), None) for w in range(a)]
+
+    def _send_tables(self) -> None:
+        tables = worker_tables(self.owner, self.replicas, self.local_shards())
+        ray.get([a.set_owner.remote(t) for a, t in zip(self.attention, tables)], timeout=self.config.start_timeout_s)
+
+    def planned_replicas(self, per_layer: int, max_load_ratio: float = 1.25) -> Replicas:
+        """Replicas (cluster.replan.plan_replicas) from what each attention worker's tokens used
+        since the last call: worth it once request shuffling has gathered sequences by node."""
+        counts, self.worker_expert_totals = self.worker_expert_totals, [{} for _ in self.attention]
+        return plan_replicas(self.owner, len(self.shards), self.local_shards(), counts, per_layer, max_load_ratio)
 
     def replan_experts(self, max_load_ratio: float = 1.25) -> dict:
         """Re-plan the placement from the routing seen so far and move experts accordingly."""

@@ -12,6 +12,7 @@ ray = pytest.importorskip("ray")
 
 from cluster.config import EngineConfig  # noqa: E402
 from cluster.engine import LLMEngine  # noqa: E402
+from cluster.moe_dispatch import HEADER_BYTES  # noqa: E402
 from cluster.sampling_params import SamplingParams  # noqa: E402
 from tests.conftest import NODE_LABEL  # noqa: E402
 
@@ -109,3 +110,30 @@ def test_the_shuffling_policy_keeps_the_tokens_and_reports_what_it_moved(ray_clu
 def test_request_shuffling_needs_the_cluster_engine(tiny_model):
     with pytest.raises(ValueError, match="request_shuffling"):
         EngineConfig(model=str(tiny_model("olmoe")), request_shuffling=True)
+
+
+def test_replicas_keep_tokens_on_their_node(ray_cluster, tiny_model, tmp_path, expected):
+    """Every shard holds every expert (each as owner or replica): no token leaves its node, and the
+    tokens stay those of the in-process engine, with sequences moving every step too."""
+    engine = LLMEngine(EngineConfig(model=str(tiny_model("olmoe")), engine="ray", cluster=_colocated(tmp_path),
+                                    num_attention_workers=2, num_expert_shards=2, request_shuffling=True))
+    try:
+        m = engine.model
+        everything = [{layer: tuple(e for e, s in enumerate(row) if s != shard) for layer, row in m.owner.items()}
+                      for shard in range(2)]
+        report = m.move_experts(m.owner, everything)
+        assert report["experts_moved"] == 0 and report["replicas"] == sum(len(r) for r in m.owner.values())
+        assert report["bytes_loaded"] > 0
+        m.shuffler = Contrary(2)
+        t = m.traffic
+        before = (t.dispatch_bytes, t.combine_bytes, t.messages)
+        assert _generate(engine, GREEDY, SAMPLED) == expected
+        # what still crosses: the empty message each worker sends each remote shard per layer (a header)
+        assert t.combine_bytes == before[1] and t.migrate_bytes > 0
+        assert t.dispatch_bytes - before[0] == (t.messages - before[2]) * HEADER_BYTES > 0
+        m.move_experts(m.owner)  # replicas dropped: tokens cross nodes again
+        m.shuffler = None
+        assert _generate(engine, GREEDY) == expected[:1]
+        assert t.dispatch_bytes > before[0]
+    finally:
+        engine.shutdown()
