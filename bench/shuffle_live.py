@@ -37,10 +37,10 @@ from ray.cluster_utils import Cluster
 from cluster.config import EngineConfig
 from cluster.demo import ensure_demo_model
 from cluster.engine import LLMEngine
-from cluster.replan import shard_loads
 from cluster.sampling_params import SamplingParams
 from placement_live import FIT, HELD_OUT  # bench/placement_live.py, beside this file
 from router.grouping import max_over_mean
+from router.replicas import shard_loads
 from router.shuffle import RequestShuffler, ShuffleConfig
 
 LABEL = "moe-serve/node-kind"

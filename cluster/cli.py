@@ -147,6 +147,8 @@ def _add_replay(sub) -> None:
     rp.add_argument("--kv-elems", type=int, default=2048,
                     help="K+V values a token writes per layer (Mixtral: 2 x 8 heads x 128), for schemes "
                          "that replicate KV")
+    rp.add_argument("--replicas", type=int, default=1, metavar="N",
+                    help="(placement) expert copies per layer and node in the scheme with replicas")
     rp.add_argument("--fit-fraction", type=float, default=0.5,
                     help="share of each request's tokens that fit the statistics; the rest are reported")
     rp.add_argument("--json", action="store_true", help="print the whole report as one JSON object")
@@ -316,7 +318,8 @@ def _replay(args: argparse.Namespace) -> int:
     from router.replay import replay_placement, summary
 
     report = replay_placement(records, args.nodes, hidden_size=args.hidden_size, dtype_bytes=args.dtype_bytes,
-                              fit_fraction=args.fit_fraction, kv_elems=args.kv_elems)
+                              fit_fraction=args.fit_fraction, kv_elems=args.kv_elems,
+                              replicas_per_layer=args.replicas)
     print(json.dumps(report, indent=2) if args.json else summary(report))
     return 0
 

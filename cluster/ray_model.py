@@ -25,10 +25,11 @@ from cluster.actors import ActorConfig, StepResult, Topology
 from cluster.batch import build_batch, context_slots
 from cluster.builder import start_attention, start_shard
 from cluster.errors import ClusterRecovered
-from cluster.replan import Replicas, count_moves, plan_replicas, replan, shard_assignment, worker_tables
+from cluster.replan import count_moves, replan, shard_assignment
 from cluster.scheduler import ScheduledChunk, SchedulerOutput
 from experts.config import ModelSpec
 from experts.expert_cache import CacheStats
+from router.replicas import Replicas, plan_replicas, worker_tables
 from router.shuffle import RequestShuffler, ShuffleConfig, ShuffleGeometry
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,10 @@ Cost model (every byte crossing a node boundary counts; `assumptions` in the rep
   but before each of a request's tokens the request may move to another node, its KV for the
   positions so far (pos x num_layers x kv_elems values) copied there and counted as migrate bytes.
   The policy sees the fit part's tokens (to learn each request's shards) and moves only in the
-  report part, where the first move copies half the request's context.
+  report part, where the first move copies half the request's context. With replicas
+  (router/replicas.py), each node also holds copies of the `replicas_per_layer` remote experts that
+  the fit tokens of the requests homed there used most (within the load limit); a token whose expert
+  has a copy on its node uses it. The copies' memory is reported (`replica_memory_overhead`).
 - Fit and report: the first `fit_fraction` of every request's tokens (by position) fit the statistics
   and expert grouping; bytes, loads and recall are measured on the rest, in decode order (position,
   then request). Predictors are warmed on the fit part and keep learning online in the report part.
@@ -37,6 +40,7 @@ import numpy as np
 
 from router.grouping import (GroupingConfig, Placement, align, group_experts, max_over_mean, moves,
                              round_robin)
+from router.replicas import Replicas, plan_replicas
 from router.predictors import (AffinityPredictor, MixturePredictor, PreviousRoutePredictor, RecallMeter,
                                RouteContext, top_k_ids)
 from router.shuffle import RequestShuffler, ShuffleConfig, ShuffleGeometry
@@ -53,8 +57,11 @@ class ReplayConfig:
     kv_elems: int = 2048  # K+V values one token writes per layer (Mixtral: 2 x 8 KV heads x 128)
     max_distance: int = 3  # predictor lookahead measured
     max_load_ratio: float = 1.25
+    replicas_per_layer: int = 1  # expert copies per layer and node (request shuffling with replicas)
 
     def __post_init__(self) -> None:
+        if self.replicas_per_layer < 0:
+            raise ValueError(f"replicas_per_layer must be >= 0, got {self.replicas_per_layer}")
         for name in ("nodes", "hidden_size", "dtype_bytes", "max_distance"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -72,6 +79,7 @@ class Scheme:
     oracle: bool = False  # the next node is chosen from the actual next route (a bound, not a scheme)
     shuffler: RequestShuffler | None = None  # pinned attention whose requests move between nodes
     homes: dict[int, int] = field(default_factory=dict)  # request index -> node (request shuffling)
+    replicas: Replicas | None = None  # per node: layer -> experts it holds copies of
     migrate_bytes: int = 0
     requests_moved: int = 0
     dispatch: int = 0  # vectors sent
@@ -126,13 +134,13 @@ def _next_node(scheme: Scheme, here: set[int], layer: int, probs: np.ndarray | N
 
 
 def _visit(scheme: Scheme, layer: int, ids: tuple[int, ...], at: int, dest: int) -> None:
-    hosts = scheme.placement.node_of[layer, list(ids)].tolist()
-    nodes = set(hosts)
+    served = hosts(scheme, layer, ids, at)
+    nodes = set(served)
     scheme.dispatch += len(nodes - {at})
     scheme.combine += len(nodes - {dest})
     scheme.local += nodes <= {at}
     scheme.layer_visits += 1
-    for n in hosts:
+    for n in served:
         scheme.expert_load[layer, n] += 1
     scheme.attention_load[at] += 1
 
@@ -149,11 +157,20 @@ def warm_up(predictor: MixturePredictor, table: RouteTable, order: np.ndarray) -
             predictor.observe(request, pos, layer, ids)
 
 
-def node_hits(placement: Placement, routes: list[tuple[int, tuple[int, ...]]]) -> np.ndarray:
-    """[1, N]: at how many of the token's layers it had an expert on each node."""
-    hits = np.zeros((1, placement.nodes))
+def hosts(s: Scheme, layer: int, ids: tuple[int, ...], at: int) -> list[int]:
+    """The node serving each expert for a token attended on node `at` (a copy there, else the owner)."""
+    own = s.placement.node_of[layer, list(ids)].tolist()
+    if s.replicas is None:
+        return own
+    copies = s.replicas[at].get(layer, ())
+    return [at if e in copies else n for e, n in zip(ids, own)]
+
+
+def node_hits(s: Scheme, routes: list[tuple[int, tuple[int, ...]]], at: int) -> np.ndarray:
+    """[1, N]: at how many of the token's layers it reached each node."""
+    hits = np.zeros((1, s.placement.nodes))
     for layer, ids in routes:
-        hits[0, list(set(placement.node_of[layer, list(ids)].tolist()))] += 1
+        hits[0, list(set(hosts(s, layer, ids, at)))] += 1
     return hits
 
 
@@ -169,12 +186,24 @@ def _move_request(s: Scheme, r: int, home: int, pos: int) -> int:
     return dst
 
 
-def observe_requests(table: RouteTable, order: np.ndarray, schemes: list[Scheme]) -> None:
-    """The request shufflers learn from the fit tokens (no moves)."""
+def observe_requests(table: RouteTable, order: np.ndarray, schemes: list[Scheme], nodes: int) -> None:
+    """The request shufflers learn from the fit tokens (no moves: each request at its home)."""
     for t in order:
+        r = int(table.request_index[t])
         for s in schemes:
             if s.shuffler is not None:
-                s.shuffler.observe(int(table.request_index[t]), node_hits(s.placement, _token_routes(table, t)))
+                s.shuffler.observe(r, node_hits(s, _token_routes(table, t), r % nodes))
+
+
+def fit_replicas(table: RouteTable, placement: Placement, config: ReplayConfig) -> Replicas:
+    """Copies for each node from the fit tokens of the requests homed there."""
+    counts = [{layer: np.zeros(table.num_experts) for layer in range(table.num_layers)} for _ in range(config.nodes)]
+    for t in range(table.num_tokens):
+        for layer, ids in _token_routes(table, t):
+            counts[int(table.request_index[t]) % config.nodes][layer][list(ids)] += 1
+    owner = {layer: tuple(int(n) for n in row) for layer, row in enumerate(placement.node_of)}
+    return plan_replicas(owner, config.nodes, list(range(config.nodes)), counts, config.replicas_per_layer,
+                         config.max_load_ratio)
 
 
 def simulate(table: RouteTable, order: np.ndarray, schemes: list[Scheme], predictor: MixturePredictor,
@@ -196,14 +225,14 @@ def simulate(table: RouteTable, order: np.ndarray, schemes: list[Scheme], predic
             mixed = _measure(predictor, ctx, table.experts[t], meters, k, depth, nxt[0] if nxt else None)
             for s in schemes:
                 at = where[s.name]
-                here = set(s.placement.node_of[layer, list(ids)].tolist())
+                here = set(hosts(s, layer, ids, at))
                 dest = (homes[s.name] if nxt is None or not s.mobile
                         else _next_node(s, here, nxt[0], mixed, nxt[1], at, k))
                 _visit(s, layer, ids, at, dest)
                 where[s.name] = dest
         for s in schemes:
             if s.shuffler is not None:
-                s.shuffler.observe(r, node_hits(s.placement, routes))
+                s.shuffler.observe(r, node_hits(s, routes, homes[s.name]))
 
 
 def _measure(predictor: MixturePredictor, ctx: RouteContext, actual: np.ndarray, meters: dict[str, RecallMeter],
@@ -234,6 +263,8 @@ def _scheme_report(s: Scheme, tokens: int, config: ReplayConfig) -> dict[str, fl
             "requests_moved": s.requests_moved,
             "cross_node_bytes_per_token": ((s.dispatch + s.combine) * vector + kv + s.migrate_bytes) / tokens,
             "local_dispatch_rate": s.local / max(s.layer_visits, 1),
+            "replica_memory_overhead": (sum(len(ids) for r in s.replicas for ids in r.values())
+                                        / s.placement.node_of.size if s.replicas is not None else 0.0),
             "max_over_mean_load": float(max_over_mean(s.expert_load.sum(axis=0, keepdims=True))[0]),
             "max_over_mean_load_per_layer_mean": float(per_layer.mean()),
             "max_over_mean_load_per_layer_worst": float(per_layer.max()),
@@ -253,9 +284,11 @@ ASSUMPTIONS = ("vector = hidden_size x dtype_bytes; dispatch: one vector from th
 
 
 def replay_placement(records: Iterable[RouteRecord], nodes: int, hidden_size: int = 4096, dtype_bytes: int = 2,
-                     fit_fraction: float = 0.5, kv_elems: int = 2048, max_distance: int = 3) -> dict:
+                     fit_fraction: float = 0.5, kv_elems: int = 2048, max_distance: int = 3,
+                     replicas_per_layer: int = 1) -> dict:
     """Simulate naive and speculative placements of a trace on `nodes` nodes; a JSON-able report."""
-    config = ReplayConfig(nodes, hidden_size, dtype_bytes, fit_fraction, kv_elems, max_distance)
+    config = ReplayConfig(nodes, hidden_size, dtype_bytes, fit_fraction, kv_elems, max_distance,
+                          replicas_per_layer=replicas_per_layer)
     table = route_table(records)
     fit = split_fit(table, config.fit_fraction)
     if fit.all():
@@ -266,12 +299,14 @@ def replay_placement(records: Iterable[RouteRecord], nodes: int, hidden_size: in
                Scheme("shuffling", naive, True), Scheme("grouping+shuffling", grouped["mobile"], True),
                Scheme("grouping+shuffling (perfect prediction)", grouped["mobile"], True, oracle=True),
                Scheme("request shuffling", naive, False, shuffler=_shuffler(table, config)),
-               Scheme("grouping+request shuffling", grouped["mobile"], False, shuffler=_shuffler(table, config))]
+               Scheme("grouping+request shuffling", grouped["mobile"], False, shuffler=_shuffler(table, config)),
+               Scheme("grouping+request shuffling+replicas", grouped["mobile"], False, shuffler=_shuffler(table, config),
+                      replicas=fit_replicas(table.select(fit), grouped["mobile"], config))]
     L, E = table.num_layers, table.num_experts
     predictor = MixturePredictor([AffinityPredictor(L, E, max_distance), PreviousRoutePredictor(L, E)])
     meters = {name: RecallMeter(max_distance, L) for name in ("affinity", "previous", "mixture")}
     warm_up(predictor, table, decode_order(table, fit))
-    observe_requests(table, decode_order(table, fit), schemes)
+    observe_requests(table, decode_order(table, fit), schemes, nodes)
     simulate(table, decode_order(table, ~fit), schemes, predictor, meters, config)
     return _report(table, fit, schemes, meters, grouped, config)
 
@@ -309,6 +344,7 @@ def _report(table: RouteTable, fit: np.ndarray, schemes: list[Scheme], meters: d
                       "top_k": table.top_k},
             "assumptions": {"nodes": config.nodes, "hidden_size": config.hidden_size,
                             "dtype_bytes": config.dtype_bytes, "kv_elems": config.kv_elems,
+                            "replicas_per_layer": config.replicas_per_layer,
                             "fit_fraction": config.fit_fraction, "cost_model": ASSUMPTIONS}}
 
 

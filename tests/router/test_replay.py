@@ -43,3 +43,18 @@ def test_request_shuffling_stays_when_the_kv_copy_costs_more_than_it_saves():
     moved = report["schemes"]["request shuffling"]
     assert moved["requests_moved"] == 0
     assert moved["cross_node_bytes_per_token"] == report["naive_cross_node_bytes_per_token"]
+
+
+def test_copies_of_the_experts_a_node_uses_keep_its_requests_local():
+    # 2 experts, one per node, and every token uses both at both layers: no placement keeps a token
+    # on one node, but a copy of the other expert on each node does
+    trace = [RouteRecord(req, pos, layer, (0, 1), (0.5, 0.5)) for pos in range(8) for req in "ab"
+             for layer in range(2)]
+    report = replay_placement(trace, nodes=2, hidden_size=64, dtype_bytes=2, kv_elems=16)
+    assert report["schemes"]["naive"]["dispatch_combine_bytes_per_token"] == 2 * 2 * 128  # out and back, per layer
+    copied = report["schemes"]["grouping+request shuffling+replicas"]
+    assert copied["dispatch_combine_bytes_per_token"] == 0 and copied["requests_moved"] == 0
+    assert copied["replica_memory_overhead"] == 1.0  # each node holds a copy of the other's expert
+    assert copied["max_over_mean_load"] == 1.0
+    none = replay_placement(trace, nodes=2, hidden_size=64, dtype_bytes=2, kv_elems=16, replicas_per_layer=0)
+    assert none["schemes"]["grouping+request shuffling+replicas"]["replica_memory_overhead"] == 0
