@@ -112,7 +112,7 @@ def main() -> int:
         # its sequences use most; one copy per layer and node.
         rm.planned_replicas(0)  # discards the per-worker statistics of the runs above
         run(engine, FIT, params)
-        runs["replicas"] = rm.move_experts(owner, rm.planned_replicas(args.replicas))
+        runs["replicas"] = rm.replicate_experts(args.replicas)
         runs[f"grouping+shuffling+{args.replicas} replica(s)"] = run(engine, HELD_OUT, params)
         engine.shutdown()
     finally:

@@ -332,6 +332,11 @@ class RayModel:
         tables = worker_tables(self.owner, self.replicas, self.local_shards())
         ray.get([a.set_owner.remote(t) for a, t in zip(self.attention, tables)], timeout=self.config.start_timeout_s)
 
+    def replicate_experts(self, per_layer: int, max_load_ratio: float = 1.25) -> dict:
+        """Copy to each node the `per_layer` remote experts its attention workers' tokens used most
+        since the last call (planned_replicas), keeping the owner table."""
+        return self.move_experts(self.owner, self.planned_replicas(per_layer, max_load_ratio))
+
     def planned_replicas(self, per_layer: int, max_load_ratio: float = 1.25) -> Replicas:
         """Replicas (cluster.replan.plan_replicas) from what each attention worker's tokens used
         since the last call: worth it once request shuffling has gathered sequences by node."""
