@@ -16,17 +16,17 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import numpy as np
 import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from cluster.actors import ActorConfig, StepResult, Topology
-from cluster.batch import build_batch, context_slots
+from cluster.batch import build_batch
 from cluster.builder import start_attention, start_shard
 from cluster.errors import ClusterRecovered
 from cluster.replan import count_moves, replan, shard_assignment
 from cluster.scheduler import ScheduledChunk, SchedulerOutput
+from cluster.sequence_homes import KVMove, SequenceHomes, row_order
 from experts.config import ModelSpec
 from experts.expert_cache import CacheStats
 from router.replicas import Replicas, plan_replicas, worker_tables
@@ -93,12 +93,24 @@ class RayModel:
         self.pregate = False  # also return pre-gating guesses (take_pregate())
         self._rows: list[tuple[int, int, int]] = []  # engine row order of the last step: (result, mb, row)
         self._results: list[StepResult] = []
-        self.kv_at: dict[int, int] = {}  # seq_id -> the attention worker holding its KV cache
+        self.homes = SequenceHomes(len(self.attention), config.block_size)  # sequence -> attention worker
         self._migrated = 0  # cross-node bytes of KV moved before this step
-        self.shuffler: RequestShuffler | None = None  # anything with observe / plan / forget
         self._connect()
         if config.shuffle is not None:
-            self.shuffler = RequestShuffler(config.shuffle, self.shuffle_geometry())
+            self.shuffler = RequestShuffler(config.shuffle, self.homes.geometry)
+
+    @property
+    def shuffler(self):
+        """The request-shuffling policy (router/shuffle.py, or anything with observe / plan / forget)."""
+        return self.homes.shuffler
+
+    @shuffler.setter
+    def shuffler(self, policy) -> None:
+        self.homes.shuffler = policy
+
+    @property
+    def kv_at(self) -> dict[int, int]:
+        return self.homes.kv_at
 
     # ---- actors ------------------------------------------------------------------------------
     def _start_attention(self, i: int):
@@ -136,8 +148,9 @@ class RayModel:
         self.topology = topo
         if any(self.replicas):
             self._send_tables()
+        self.homes.geometry = self.shuffle_geometry()  # a restarted actor may sit on another node
         if isinstance(self.shuffler, RequestShuffler):
-            self.shuffler.geometry = self.shuffle_geometry()  # a restarted actor may sit on another node
+            self.shuffler.geometry = self.homes.geometry
 
     def shuffle_geometry(self) -> ShuffleGeometry:
         """Where the attention workers and shards run, and the bytes a token and a KV position take."""
@@ -150,11 +163,11 @@ class RayModel:
     def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, tuple[int, ...]]:
         """-> (logits [S, V] float32, the sequence of each row)."""
         try:
-            self._place(out.chunks)
+            self._move_kv(self.homes.place(out.chunks))
         except (RayError, TimeoutError) as exc:
             self._recover([], exc)
             raise ClusterRecovered(f"moving a sequence's KV cache failed and was recovered: {_reason(exc)}") from exc
-        per_worker = self._split(out.chunks)
+        per_worker = self.homes.split(out.chunks, self._parts)
         calls, seq_order, mbs, placed, max_tokens = [], [], [0] * len(self.attention), [], 0
         called = []
         for a, microbatches in enumerate(per_worker):
@@ -170,7 +183,7 @@ class RayModel:
             calls.append(self.attention[a].step.remote(batches, self.record_routes, self.pregate,
                                                        self.shuffler is not None))
         if self.record_routes or self.pregate:
-            self._rows = _row_order(out.chunks, placed)
+            self._rows = row_order(out.chunks, placed)
         shard_calls = [s.serve_step.remote(mbs, max_tokens) for s in self.shards]
         try:
             results: list[StepResult] = ray.get(calls)
@@ -180,60 +193,23 @@ class RayModel:
             raise ClusterRecovered(f"cluster step failed and was recovered: {_reason(exc)}") from exc
         self._account(results, shard_stats, called)
         self._results = results
-        if self.shuffler is not None:
-            self._observe_hits(results, placed)
+        self.homes.observe(placed, [r.shard_hits for r in results])
         every = self.config.replan_every_steps
         if every is not None and self.traffic.steps % every == 0:
             log.info("re-planned expert placement: %s", self.replan_experts())
         return torch.cat([r.logits for r in results]), tuple(seq_order)
 
-    def _split(self, chunks: tuple[ScheduledChunk, ...]) -> list[list[list[ScheduledChunk]]]:
-        """Chunks -> per attention worker (seq_id mod A) -> micro-batches balanced by token count (two
-        when the worker has enough tokens for ping-pong, see _parts)."""
-        groups: list[list[ScheduledChunk]] = [[] for _ in self.attention]
-        for c in chunks:
-            groups[self.kv_at[c.seq_id]].append(c)
-        return [_balance(g, self._parts(g)) for g in groups]
-
-    # ---- request shuffling -------------------------------------------------------------------
-    def _place(self, chunks: tuple[ScheduledChunk, ...]) -> None:
-        """The attention worker of every chunk's sequence: a new one (start 0: nothing cached yet)
-        starts on seq_id mod A; with a shuffler, running ones may move, their KV copied first."""
-        self._migrated = 0
-        for c in chunks:
-            if c.start == 0 or c.seq_id not in self.kv_at:
-                self.kv_at[c.seq_id] = c.seq_id % len(self.attention)
-        if self.shuffler is None:
-            return
-        running = {c.seq_id: (self.kv_at[c.seq_id], c.start) for c in chunks if c.start > 0}
-        load = np.bincount(list(self.kv_at.values()), minlength=len(self.attention)).tolist()
-        moves = self.shuffler.plan(running, load)
-        if not moves:
-            return
-        by_seq = {c.seq_id: c for c in chunks}
-        writes, geometry = [], self.shuffle_geometry()
-        for sid, dst in moves.items():
-            src, c = self.kv_at[sid], by_seq[sid]
-            slots = context_slots(c.block_ids, c.start, self.config.block_size)
-            writes.append(self.attention[dst].import_kv.remote(slots, self.attention[src].export_kv.remote(slots)))
-            self._migrated += geometry.move_bytes(src, dst, c.start)
-            self.kv_at[sid] = dst
+    def _move_kv(self, moves: list[KVMove]) -> None:
+        """Copy each moving sequence's KV to its new attention worker (worker to worker, through Ray)."""
+        writes = [self.attention[m.dst].import_kv.remote(m.slots, self.attention[m.src].export_kv.remote(m.slots))
+                  for m in moves]
         ray.get(writes, timeout=self.config.start_timeout_s)
+        self._migrated = sum(m.cross_node_bytes for m in moves)
         self.traffic.sequences_moved += len(moves)
-
-    def _observe_hits(self, results: list[StepResult], placed: list[list[list[ScheduledChunk]]]) -> None:
-        for result, microbatches in zip(results, placed):
-            for hits, mb in zip(result.shard_hits, microbatches):
-                row = 0
-                for c in mb:
-                    self.shuffler.observe(c.seq_id, hits[row:row + len(c.token_ids)])
-                    row += len(c.token_ids)
 
     def release(self, seq_id: int) -> None:
         """The engine finished (or aborted) the sequence: forget where it was."""
-        self.kv_at.pop(seq_id, None)
-        if self.shuffler is not None:
-            self.shuffler.forget(seq_id)
+        self.homes.release(seq_id)
 
     def _parts(self, chunks: list[ScheduledChunk]) -> int:
         """Ping-pong only pays when each micro-batch's work outweighs the extra round trip per layer."""
@@ -379,32 +355,6 @@ class RayModel:
     def shutdown(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
-
-
-def _row_order(chunks: tuple[ScheduledChunk, ...],
-               placed: list[list[list[ScheduledChunk]]]) -> list[tuple[int, int, int]]:
-    """For each token of `chunks`, in the engine's order: (attention call, micro-batch, row in it);
-    placed[call] = that call's micro-batches."""
-    where = {}
-    for call, microbatches in enumerate(placed):
-        for m, mb in enumerate(microbatches):
-            row = 0
-            for c in mb:
-                where[c.seq_id] = (call, m, row)
-                row += len(c.token_ids)
-    return [(r, m, row + i) for c in chunks for r, m, row in [where[c.seq_id]] for i in range(len(c.token_ids))]
-
-
-def _balance(chunks: list[ScheduledChunk], parts: int) -> list[list[ScheduledChunk]]:
-    """Split into up to `parts` groups of consecutive chunks with about equal token counts."""
-    if len(chunks) < 2 or parts == 1:
-        return [chunks] if chunks else []
-    total, acc = sum(len(c.token_ids) for c in chunks), 0
-    for i, c in enumerate(chunks[:-1]):
-        acc += len(c.token_ids)
-        if acc * 2 >= total:
-            return [chunks[: i + 1], chunks[i + 1:]]
-    return [chunks[:-1], chunks[-1:]]
 
 
 def _alive(actor, timeout_s: float = 10.0) -> bool:
