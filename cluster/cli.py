@@ -115,6 +115,11 @@ def _add_up(sub) -> None:
     up.add_argument("--attention-workers", type=int, help="(ray) number of attention workers (default: 1)")
     up.add_argument("--shuffle-requests", action="store_true",
                     help="(ray) move sequences to the attention worker beside their predicted expert shards")
+    up.add_argument("--replan-every", type=int, metavar="STEPS",
+                    help="(ray) re-plan expert placement from live routing every STEPS engine steps")
+    up.add_argument("--expert-replicas", type=int, metavar="N",
+                    help="(ray, with --replan-every) copies per layer and node of the remote experts its "
+                         "sequences use most")
     up.add_argument("--dtype", choices=DTYPES)
     up.add_argument("--max-model-len", type=int)
     up.add_argument("--kv-cache-tokens", type=int)
@@ -182,6 +187,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replan-every", type=int, metavar="STEPS",
                    help="(ray) re-plan expert placement from live routing every STEPS engine steps")
     p.add_argument("--attention-workers", type=int, default=1, help="(ray) number of attention workers")
+    p.add_argument("--expert-replicas", type=int, default=0, metavar="N",
+                   help="(ray, with --replan-every) at each re-plan, copy to each node the N remote experts per "
+                        "layer its sequences use most")
     p.add_argument("--shuffle-requests", action="store_true",
                    help="(ray) move each sequence, KV cache and all, to the attention worker on the node of the "
                         "expert shards its tokens are predicted to reach")
@@ -211,6 +219,7 @@ def _generate(args: argparse.Namespace) -> int:
         engine=args.engine, cluster=args.cluster, address=args.address, num_expert_shards=args.expert_shards,
         microbatches=args.microbatches, replan_every_steps=args.replan_every, transport=args.transport,
         num_attention_workers=args.attention_workers, request_shuffling=args.shuffle_requests,
+        expert_replicas=args.expert_replicas,
         record_trace=str(args.record_trace) if args.record_trace else None,
         expert_cache_fraction=args.expert_cache, expert_cache_policy=args.expert_cache_policy,
         expert_cache_prefetch=args.expert_cache_prefetch, expert_cache_schedule=args.expert_cache_schedule,
@@ -279,7 +288,8 @@ def _up(args: argparse.Namespace) -> int:
                 "expert_cache_policy": args.expert_cache_policy, "route_prediction": args.route_prediction or None,
                 "expert_cache_prefetch": args.expert_cache_prefetch or None,
                 "expert_cache_schedule": args.expert_cache_schedule, "transport": args.transport,
-                "num_attention_workers": args.attention_workers, "request_shuffling": args.shuffle_requests or None}
+                "num_attention_workers": args.attention_workers, "request_shuffling": args.shuffle_requests or None,
+                "replan_every_steps": args.replan_every, "expert_replicas": args.expert_replicas}
     return run_up(args.model, args.address, args.http_port, args.grpc_port, args.engine, args.cluster,
                   host=args.host, app_args={k: v for k, v in app_args.items() if v is not None})
 

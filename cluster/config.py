@@ -41,6 +41,7 @@ class EngineConfig:
     min_microbatch_tokens: int = 32  # split a worker's batch only when each half gets at least this many
     replan_every_steps: int | None = None  # re-plan expert placement from live routing every N steps
     request_shuffling: bool = False  # move sequences to the attention worker beside their predicted shards
+    expert_replicas: int = 0  # at each re-plan, copy per layer and node this many remote experts its tokens use
     actor_threads: int = 1  # torch threads (and Ray CPUs) per actor
     transport_timeout_s: float = 30.0  # a data-plane peer silent this long is declared failed
     transport: str = "tcp"  # the data plane: "tcp" (sockets driven by the waiting thread) or "gloo"
@@ -59,6 +60,8 @@ class EngineConfig:
             raise ValueError(f"microbatches must be 1 or 2, got {self.microbatches}")
         if self.replan_every_steps is not None and (self.replan_every_steps <= 0 or self.engine != "ray"):
             raise ValueError("replan_every_steps must be > 0 and needs engine='ray'")
+        if self.expert_replicas < 0 or (self.expert_replicas and self.replan_every_steps is None):
+            raise ValueError("expert_replicas must be >= 0 and is applied by re-planning: set replan_every_steps")
         if self.request_shuffling and self.engine != "ray":
             raise ValueError("request_shuffling needs engine='ray' (it moves sequences between attention workers)")
         if self.num_expert_shards is not None and self.num_expert_shards <= 0:

@@ -45,6 +45,7 @@ class RayModelConfig:
     min_microbatch_tokens: int = 32  # below 2x this many tokens a worker's batch is not split
     replan_every_steps: int | None = None  # re-plan and move experts every N steps (None: never)
     shuffle: ShuffleConfig | None = None  # move sequences toward their predicted shards (None: never)
+    replicas_per_layer: int = 0  # expert copies per layer and node made at each periodic re-plan
     start_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
@@ -313,15 +314,22 @@ class RayModel:
         since the last call (planned_replicas), keeping the owner table."""
         return self.move_experts(self.owner, self.planned_replicas(per_layer, max_load_ratio))
 
-    def planned_replicas(self, per_layer: int, max_load_ratio: float = 1.25) -> Replicas:
-        """Replicas (cluster.replan.plan_replicas) from what each attention worker's tokens used
-        since the last call: worth it once request shuffling has gathered sequences by node."""
+    def planned_replicas(self, per_layer: int, max_load_ratio: float = 1.25,
+                         owner: dict[int, tuple[int, ...]] | None = None) -> Replicas:
+        """Replicas (router/replicas.plan_replicas) for `owner` (default: the live table) from what
+        each attention worker's tokens used since the last call: worth it once request shuffling has
+        gathered sequences by node."""
         counts, self.worker_expert_totals = self.worker_expert_totals, [{} for _ in self.attention]
-        return plan_replicas(self.owner, len(self.shards), self.local_shards(), counts, per_layer, max_load_ratio)
+        return plan_replicas(owner or self.owner, len(self.shards), self.local_shards(), counts, per_layer,
+                             max_load_ratio)
 
     def replan_experts(self, max_load_ratio: float = 1.25) -> dict:
-        """Re-plan the placement from the routing seen so far and move experts accordingly."""
-        return self.move_experts(self.planned_owner(max_load_ratio))
+        """Re-plan the placement from the routing seen so far and move experts accordingly (with
+        `replicas_per_layer` copies per layer and node when configured)."""
+        owner = self.planned_owner(max_load_ratio)
+        per_layer = self.config.replicas_per_layer
+        replicas = self.planned_replicas(per_layer, max_load_ratio, owner) if per_layer else None
+        return self.move_experts(owner, replicas)
 
     def planned_owner(self, max_load_ratio: float = 1.25) -> dict[int, tuple[int, ...]]:
         """The owner table grouping would choose from the routing seen since the last call

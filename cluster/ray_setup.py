@@ -43,7 +43,7 @@ def start_ray_model(config: EngineConfig) -> RayModel:
         actor=actor, plan=_UnlabeledAware(placement), num_kv_slots=config.num_blocks * config.block_size,
         block_size=config.block_size, microbatches=config.microbatches,
         min_microbatch_tokens=config.min_microbatch_tokens, replan_every_steps=config.replan_every_steps,
-        shuffle=ShuffleConfig() if config.request_shuffling else None))
+        shuffle=ShuffleConfig() if config.request_shuffling else None, replicas_per_layer=config.expert_replicas))
 
 
 def connect(address: str | None) -> None:

@@ -53,6 +53,8 @@ class AppArgs(BaseModel):
     transport: Literal["tcp", "gloo"] | None = None  # engine="ray": the data plane
     num_attention_workers: int | None = Field(None, ge=1)  # engine="ray"
     request_shuffling: bool | None = None  # engine="ray": sequences move toward their predicted shards
+    replan_every_steps: int | None = Field(None, ge=1)  # engine="ray": re-plan expert placement every N steps
+    expert_replicas: int | None = Field(None, ge=0)  # engine="ray": copies per layer and node at each re-plan
     dtype: Literal["float32", "bfloat16"] | None = None
     device: str | None = None
     max_model_len: int | None = Field(None, ge=1)

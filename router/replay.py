@@ -300,7 +300,8 @@ def replay_placement(records: Iterable[RouteRecord], nodes: int, hidden_size: in
                Scheme("grouping+shuffling (perfect prediction)", grouped["mobile"], True, oracle=True),
                Scheme("request shuffling", naive, False, shuffler=_shuffler(table, config)),
                Scheme("grouping+request shuffling", grouped["mobile"], False, shuffler=_shuffler(table, config)),
-               Scheme("grouping+request shuffling+replicas", grouped["mobile"], False, shuffler=_shuffler(table, config),
+               Scheme("grouping+request shuffling+replicas", grouped["mobile"], False,
+                      shuffler=_shuffler(table, config),
                       replicas=fit_replicas(table.select(fit), grouped["mobile"], config))]
     L, E = table.num_layers, table.num_experts
     predictor = MixturePredictor([AffinityPredictor(L, E, max_distance), PreviousRoutePredictor(L, E)])

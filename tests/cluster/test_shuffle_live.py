@@ -137,3 +137,25 @@ def test_replicas_keep_tokens_on_their_node(ray_cluster, tiny_model, tmp_path, e
         assert t.dispatch_bytes > before[0]
     finally:
         engine.shutdown()
+
+
+def test_periodic_replanning_with_copies_keeps_the_tokens(ray_cluster, tiny_model, tmp_path, expected):
+    engine = LLMEngine(EngineConfig(model=str(tiny_model("olmoe")), engine="ray", cluster=_colocated(tmp_path),
+                                    num_attention_workers=2, num_expert_shards=2, request_shuffling=True,
+                                    replan_every_steps=3, expert_replicas=1))
+    try:
+        assert _generate(engine, GREEDY, SAMPLED) == expected
+        copies = engine.model.replicas
+        assert 0 < sum(len(ids) for r in copies for ids in r.values()) <= 2 * len(engine.model.owner)
+        held = engine.model.shard_experts
+        for shard, extra in enumerate(copies):  # a shard holds its copies, which it does not own
+            for layer, ids in extra.items():
+                assert set(ids) <= set(held[shard][layer])
+                assert all(engine.model.owner[layer][e] != shard for e in ids)
+    finally:
+        engine.shutdown()
+
+
+def test_copies_need_periodic_replanning(tiny_model):
+    with pytest.raises(ValueError, match="replan_every_steps"):
+        EngineConfig(model=str(tiny_model("olmoe")), engine="ray", expert_replicas=1)
