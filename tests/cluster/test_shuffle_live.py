@@ -159,3 +159,25 @@ def test_periodic_replanning_with_copies_keeps_the_tokens(ray_cluster, tiny_mode
 def test_copies_need_periodic_replanning(tiny_model):
     with pytest.raises(ValueError, match="replan_every_steps"):
         EngineConfig(model=str(tiny_model("olmoe")), engine="ray", expert_replicas=1)
+
+
+def test_a_worker_killed_while_sequences_move_is_replaced_and_requests_complete(ray_cluster, tiny_model, tmp_path,
+                                                                                 expected):
+    engine = LLMEngine(EngineConfig(model=str(tiny_model("olmoe")), engine="ray", cluster=_colocated(tmp_path),
+                                    num_attention_workers=2, num_expert_shards=2, request_shuffling=True,
+                                    transport_timeout_s=10))
+    try:
+        m = engine.model
+        m.shuffler = Contrary(2)
+        ids = [engine.add_request(p, GREEDY) for p in PROMPTS]
+        final = {}
+        for _ in range(3):
+            final.update({o.request_id: o for o in engine.step() if o.finished})
+        ray.kill(m.attention[1])  # its sequences' KV is lost, and the next step copies KV from or to it
+        while engine.has_unfinished():
+            final.update({o.request_id: o for o in engine.step() if o.finished})
+        assert m.recoveries == 1
+        assert [final[i].token_ids for i in ids] == expected[0]
+        assert m.kv_at == {}
+    finally:
+        engine.shutdown()
