@@ -11,7 +11,8 @@ The MoE metrics are fed from the dict an engine step may leave in ``LLMEngine.la
     expert_tokens: {layer: [E] ints} or [L][E] ints (or anything with ``.tolist()``): tokens routed
         to (layer, expert)
     expert_load_imbalance: float; default from expert_tokens: mean over layers of max / mean
-    cross_node_bytes: {direction: int}, e.g. {"dispatch": ..., "combine": ...}
+    cross_node_bytes: {direction: int}, e.g. {"dispatch": ..., "combine": ..., "migrate": ...}
+    sequences_moved: int: sequences moved to another attention worker (request shuffling)
     route_prediction_recall: {distance (int, layers ahead): recall in [0, 1]}
     expert_cache_hit_rate: float in [0, 1]
     expert_cache: the step's CacheStats.as_dict(): hits, misses, bytes_moved, prefetches and
@@ -55,6 +56,8 @@ class EngineMetrics:
                                 "Max over mean tokens per expert, averaged over MoE layers (1 = even).", tags)
         self.cross_node = _counter("moe_cross_node_bytes_total", "Bytes moved between nodes.",
                                    tags, ("direction",))
+        self.moved = _counter("moe_sequences_moved_total",
+                              "Sequences moved, KV cache and all, to another attention worker.", tags)
         self.recall = _gauge("moe_route_prediction_recall",
                              "Recall of predicted expert routes, by layers ahead.", tags, ("distance",))
         self.cache_hit = _gauge("moe_expert_cache_hit_rate", "Expert lookups served by the fast tier.", tags)
@@ -121,6 +124,7 @@ class EngineMetrics:
             self._set(self.imbalance, "expert_load_imbalance", imbalance)
         for direction, n in (moe.get("cross_node_bytes") or {}).items():
             self._inc(self.cross_node, f"cross_node_bytes/{direction}", n, {"direction": str(direction)})
+        self._inc(self.moved, "sequences_moved", moe.get("sequences_moved", 0))
         for distance, recall in (moe.get("route_prediction_recall") or {}).items():
             self._set(self.recall, f"route_prediction_recall/{distance}", recall, {"distance": str(distance)})
         if moe.get("expert_cache_hit_rate") is not None:

@@ -95,7 +95,7 @@ class RayModel:
         self._rows: list[tuple[int, int, int]] = []  # engine row order of the last step: (result, mb, row)
         self._results: list[StepResult] = []
         self.homes = SequenceHomes(len(self.attention), config.block_size)  # sequence -> attention worker
-        self._migrated = 0  # cross-node bytes of KV moved before this step
+        self._migrated = self._moved = 0  # cross-node bytes of KV moved before this step, and sequences
         self._connect()
         if config.shuffle is not None:
             self.shuffler = RequestShuffler(config.shuffle, self.homes.geometry)
@@ -206,6 +206,7 @@ class RayModel:
                   for m in moves]
         ray.get(writes, timeout=self.config.start_timeout_s)
         self._migrated = sum(m.cross_node_bytes for m in moves)
+        self._moved = len(moves)
         self.traffic.sequences_moved += len(moves)
 
     def release(self, seq_id: int) -> None:
@@ -231,7 +232,7 @@ class RayModel:
             self.expert_totals[layer] = [a + b for a, b in zip(self.expert_totals.get(layer, [0] * len(c)), c)]
         self.last_step = {"traffic": [r.traffic for r in results], "shard_traffic": shard_stats,
                           "expert_tokens": counts, "round_trip_ms": [r.round_trip_ms for r in results],
-                          "migrate_bytes": self._migrated}
+                          "migrate_bytes": self._migrated, "sequences_moved": self._moved}
 
     def step_stats(self) -> dict:
         """The last step's MoE statistics, as cluster.metrics reads them: tokens per (layer, expert) and
@@ -245,6 +246,7 @@ class RayModel:
                                       "combine": sum(t["cross_bytes_sent"] for t in step["shard_traffic"])}}
         if self.shuffler is not None:
             stats["cross_node_bytes"]["migrate"] = step["migrate_bytes"]
+            stats["sequences_moved"] = step["sequences_moved"]
         caches = [t["expert_cache"] for t in step["shard_traffic"] if "expert_cache" in t]
         if caches:  # the shards' expert caches, summed
             total = CacheStats.summed(caches).as_dict()

@@ -168,14 +168,16 @@ def test_moe_step_stats_feed_expert_metrics():
     metrics = EngineMetrics("m")
     counts = [[4, 0, 2, 2], [1, 1, 1, 1]]  # [L][E] tokens of one step
     stats = {"running": 2, "waiting": 1, "kv_cache_usage": 0.25,
-             "moe": {"expert_tokens": counts, "cross_node_bytes": {"send": 100, "recv": 40},
-                     "route_prediction_recall": {1: 0.9, 2: 0.5}, "expert_cache_hit_rate": 0.75}}
+             "moe": {"expert_tokens": counts, "cross_node_bytes": {"send": 100, "recv": 40, "migrate": 7},
+                     "route_prediction_recall": {1: 0.9, 2: 0.5}, "expert_cache_hit_rate": 0.75,
+                     "sequences_moved": 3}}
     metrics.on_step(stats)
     metrics.on_step(stats)
     snap = metrics.snapshot()
     assert snap["expert_tokens/0/0"] == 8 and "expert_tokens/0/1" not in snap and snap["expert_tokens/1/3"] == 2
     assert snap["expert_load_imbalance"] == pytest.approx((4 / 2 + 1 / 1) / 2)
     assert (snap["cross_node_bytes/send"], snap["cross_node_bytes/recv"]) == (200, 80)
+    assert (snap["cross_node_bytes/migrate"], snap["sequences_moved"]) == (14, 6)
     assert snap["route_prediction_recall/2"] == 0.5 and snap["expert_cache_hit_rate"] == 0.75
     assert (snap["running"], snap["waiting"], snap["kv_cache_usage"]) == (2, 1, 0.25)
 
