@@ -40,10 +40,11 @@ import numpy as np
 
 from router.grouping import (GroupingConfig, Placement, align, group_experts, max_over_mean, moves,
                              round_robin)
-from router.replicas import Replicas, plan_replicas
+from router.replay_requests import fit_replicas, hosts, make_shuffler, node_hits, token_routes
+from router.replicas import Replicas
 from router.predictors import (AffinityPredictor, MixturePredictor, PreviousRoutePredictor, RecallMeter,
                                RouteContext, top_k_ids)
-from router.shuffle import RequestShuffler, ShuffleConfig, ShuffleGeometry
+from router.shuffle import RequestShuffler
 from router.stats import MISSING, RouteTable, coactivation, popularity, route_table, transitions
 from router.traces import RouteRecord
 
@@ -134,7 +135,7 @@ def _next_node(scheme: Scheme, here: set[int], layer: int, probs: np.ndarray | N
 
 
 def _visit(scheme: Scheme, layer: int, ids: tuple[int, ...], at: int, dest: int) -> None:
-    served = hosts(scheme, layer, ids, at)
+    served = hosts(scheme.placement, scheme.replicas, layer, ids, at)
     nodes = set(served)
     scheme.dispatch += len(nodes - {at})
     scheme.combine += len(nodes - {dest})
@@ -145,33 +146,11 @@ def _visit(scheme: Scheme, layer: int, ids: tuple[int, ...], at: int, dest: int)
     scheme.attention_load[at] += 1
 
 
-def _token_routes(table: RouteTable, t: int) -> list[tuple[int, tuple[int, ...]]]:
-    return [(l, tuple(int(e) for e in row if e != MISSING)) for l, row in enumerate(table.experts[t])
-            if row[0] != MISSING]
-
-
 def warm_up(predictor: MixturePredictor, table: RouteTable, order: np.ndarray) -> None:
     for t in order:
         request, pos = table.requests[table.request_index[t]], int(table.pos[t])
-        for layer, ids in _token_routes(table, t):
+        for layer, ids in token_routes(table, t):
             predictor.observe(request, pos, layer, ids)
-
-
-def hosts(s: Scheme, layer: int, ids: tuple[int, ...], at: int) -> list[int]:
-    """The node serving each expert for a token attended on node `at` (a copy there, else the owner)."""
-    own = s.placement.node_of[layer, list(ids)].tolist()
-    if s.replicas is None:
-        return own
-    copies = s.replicas[at].get(layer, ())
-    return [at if e in copies else n for e, n in zip(ids, own)]
-
-
-def node_hits(s: Scheme, routes: list[tuple[int, tuple[int, ...]]], at: int) -> np.ndarray:
-    """[1, N]: at how many of the token's layers it reached each node."""
-    hits = np.zeros((1, s.placement.nodes))
-    for layer, ids in routes:
-        hits[0, list(set(hosts(s, layer, ids, at)))] += 1
-    return hits
 
 
 def _move_request(s: Scheme, r: int, home: int, pos: int) -> int:
@@ -192,18 +171,7 @@ def observe_requests(table: RouteTable, order: np.ndarray, schemes: list[Scheme]
         r = int(table.request_index[t])
         for s in schemes:
             if s.shuffler is not None:
-                s.shuffler.observe(r, node_hits(s, _token_routes(table, t), r % nodes))
-
-
-def fit_replicas(table: RouteTable, placement: Placement, config: ReplayConfig) -> Replicas:
-    """Copies for each node from the fit tokens of the requests homed there."""
-    counts = [{layer: np.zeros(table.num_experts) for layer in range(table.num_layers)} for _ in range(config.nodes)]
-    for t in range(table.num_tokens):
-        for layer, ids in _token_routes(table, t):
-            counts[int(table.request_index[t]) % config.nodes][layer][list(ids)] += 1
-    owner = {layer: tuple(int(n) for n in row) for layer, row in enumerate(placement.node_of)}
-    return plan_replicas(owner, config.nodes, list(range(config.nodes)), counts, config.replicas_per_layer,
-                         config.max_load_ratio)
+                s.shuffler.observe(r, node_hits(s.placement, s.replicas, token_routes(table, t), r % nodes))
 
 
 def simulate(table: RouteTable, order: np.ndarray, schemes: list[Scheme], predictor: MixturePredictor,
@@ -214,7 +182,7 @@ def simulate(table: RouteTable, order: np.ndarray, schemes: list[Scheme], predic
         request, pos = table.requests[table.request_index[t]], int(table.pos[t])
         r = int(table.request_index[t])
         home = r % config.nodes
-        routes, route = _token_routes(table, t), {}
+        routes, route = token_routes(table, t), {}
         homes = {s.name: home if s.shuffler is None else _move_request(s, r, home, pos) for s in schemes}
         where = dict(homes)
         for i, (layer, ids) in enumerate(routes):
@@ -225,14 +193,14 @@ def simulate(table: RouteTable, order: np.ndarray, schemes: list[Scheme], predic
             mixed = _measure(predictor, ctx, table.experts[t], meters, k, depth, nxt[0] if nxt else None)
             for s in schemes:
                 at = where[s.name]
-                here = set(hosts(s, layer, ids, at))
+                here = set(hosts(s.placement, s.replicas, layer, ids, at))
                 dest = (homes[s.name] if nxt is None or not s.mobile
                         else _next_node(s, here, nxt[0], mixed, nxt[1], at, k))
                 _visit(s, layer, ids, at, dest)
                 where[s.name] = dest
         for s in schemes:
             if s.shuffler is not None:
-                s.shuffler.observe(r, node_hits(s, routes, homes[s.name]))
+                s.shuffler.observe(r, node_hits(s.placement, s.replicas, routes, homes[s.name]))
 
 
 def _measure(predictor: MixturePredictor, ctx: RouteContext, actual: np.ndarray, meters: dict[str, RecallMeter],
@@ -295,14 +263,17 @@ def replay_placement(records: Iterable[RouteRecord], nodes: int, hidden_size: in
         raise ValueError("the trace is too short to split: every request has a single token")
     grouped = fit_placements(table.select(fit), config)
     naive = round_robin(table.num_layers, table.num_experts, nodes)
+    vector, kv = config.hidden_size * config.dtype_bytes, config.kv_elems * config.dtype_bytes
     schemes = [Scheme("naive", naive, False), Scheme("grouping", grouped["pinned"], False),
                Scheme("shuffling", naive, True), Scheme("grouping+shuffling", grouped["mobile"], True),
                Scheme("grouping+shuffling (perfect prediction)", grouped["mobile"], True, oracle=True),
-               Scheme("request shuffling", naive, False, shuffler=_shuffler(table, config)),
-               Scheme("grouping+request shuffling", grouped["mobile"], False, shuffler=_shuffler(table, config)),
+               Scheme("request shuffling", naive, False, shuffler=make_shuffler(table, config.nodes, vector, kv)),
+               Scheme("grouping+request shuffling", grouped["mobile"], False,
+                      shuffler=make_shuffler(table, config.nodes, vector, kv)),
                Scheme("grouping+request shuffling+replicas", grouped["mobile"], False,
-                      shuffler=_shuffler(table, config),
-                      replicas=fit_replicas(table.select(fit), grouped["mobile"], config))]
+                      shuffler=make_shuffler(table, config.nodes, vector, kv),
+                      replicas=fit_replicas(table.select(fit), grouped["mobile"], config.replicas_per_layer,
+                                            config.max_load_ratio))]
     L, E = table.num_layers, table.num_experts
     predictor = MixturePredictor([AffinityPredictor(L, E, max_distance), PreviousRoutePredictor(L, E)])
     meters = {name: RecallMeter(max_distance, L) for name in ("affinity", "previous", "mixture")}
@@ -310,14 +281,6 @@ def replay_placement(records: Iterable[RouteRecord], nodes: int, hidden_size: in
     observe_requests(table, decode_order(table, fit), schemes, nodes)
     simulate(table, decode_order(table, ~fit), schemes, predictor, meters, config)
     return _report(table, fit, schemes, meters, grouped, config)
-
-
-def _shuffler(table: RouteTable, config: ReplayConfig) -> RequestShuffler:
-    """The live policy with its defaults; node n runs attention worker n and expert shard n."""
-    nodes = tuple(str(n) for n in range(config.nodes))
-    geometry = ShuffleGeometry(nodes, nodes, config.hidden_size * config.dtype_bytes,
-                               table.num_layers * config.kv_elems * config.dtype_bytes)
-    return RequestShuffler(ShuffleConfig(), geometry)
 
 
 def _report(table: RouteTable, fit: np.ndarray, schemes: list[Scheme], meters: dict[str, RecallMeter],
@@ -354,10 +317,11 @@ def summary(report: dict) -> str:
     a = report["assumptions"]
     lines = [f"replay: {report['trace']['report_tokens']} reported tokens on {a['nodes']} nodes "
              f"(hidden {a['hidden_size']} x {a['dtype_bytes']} B per vector)",
-             f"{'scheme':42} {'bytes/token':>12} {'reduction':>9} {'max/mean load':>13}"]
+             f"{'scheme':42} {'bytes/token':>12} {'reduction':>9} {'max/mean load':>13} {'copies':>7}"]
     for name, s in report["schemes"].items():
         lines.append(f"{name:42} {s['cross_node_bytes_per_token']:12.0f} {s['reduction']:9.1%} "
-                     f"{s['max_over_mean_load']:13.3f}")
+                     f"{s['max_over_mean_load']:13.3f} {s['replica_memory_overhead']:7.1%}")
+    lines.append("copies: expert memory added by the copies, as a share of the model's experts")
     for name, recall in report["predictor_recall"].items():
         lines.append(f"recall {name}: " + ", ".join(f"{k}={v:.3f}" for k, v in recall.items()))
     return "\n".join(lines)
