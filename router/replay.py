@@ -40,10 +40,10 @@ import numpy as np
 
 from router.grouping import (GroupingConfig, Placement, align, group_experts, max_over_mean, moves,
                              round_robin)
-from router.replay_requests import fit_replicas, hosts, make_shuffler, node_hits, token_routes
-from router.replicas import Replicas
 from router.predictors import (AffinityPredictor, MixturePredictor, PreviousRoutePredictor, RecallMeter,
                                RouteContext, top_k_ids)
+from router.replay_requests import fit_replicas, hosts, make_shuffler, node_hits, token_routes
+from router.replicas import Replicas
 from router.shuffle import RequestShuffler
 from router.stats import MISSING, RouteTable, coactivation, popularity, route_table, transitions
 from router.traces import RouteRecord

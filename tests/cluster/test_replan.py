@@ -27,4 +27,3 @@ def test_pairs_that_fire_together_are_co_located_within_capacity():
 def test_without_statistics_nothing_moves():
     owner = {0: (0, 1, 0, 1)}
     assert replan(owner, [0], 2, {}, {}, {}) == owner
-
