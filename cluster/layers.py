@@ -52,6 +52,14 @@ def _gather(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return cache.index_select(0, index.reshape(-1)).view(*index.shape, *cache.shape[1:])
 
 
+def _keys(cache: torch.Tensor, batch: StepBatch) -> torch.Tensor:
+    """[B, Lk, nkv, D] keys (or values) of the batch: a view of the cache when one sequence's keys sit
+    in consecutive slots (the same layout as the gathered copy, so the same bits), else a gather."""
+    if batch.kv_run is not None:
+        return cache.narrow(0, batch.kv_run, batch.kv_index.shape[1]).unsqueeze(0)
+    return _gather(cache, batch.kv_index)
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     batch: StepBatch, scale: float) -> torch.Tensor:
     """q: [T, nh, D] new tokens; caches: [slots, nkv, D] already holding these tokens' K/V.
@@ -61,7 +69,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """
     b, lq = batch.num_seqs, batch.max_q
     nh, d = q.shape[1], q.shape[2]
-    k, v = (_gather(cache, batch.kv_index).transpose(1, 2) for cache in (k_cache, v_cache))  # [B, nkv, Lk, D]
+    k, v = (_keys(cache, batch).transpose(1, 2) for cache in (k_cache, v_cache))  # [B, nkv, Lk, D]
     if batch.q_padded:
         qp = q.new_zeros(b * lq, nh, d)
         qp[batch.q_dest] = q
