@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import pytest
 
 from router.replay import replay_placement
-from router.traces import RouteRecord
+from router.traces import RouteRecord, write_record
 
 
 def _trace() -> list[RouteRecord]:
@@ -58,3 +62,21 @@ def test_copies_of_the_experts_a_node_uses_keep_its_requests_local():
     assert copied["max_over_mean_load"] == 1.0
     none = replay_placement(trace, nodes=2, hidden_size=64, dtype_bytes=2, kv_elems=16, replicas_per_layer=0)
     assert none["schemes"]["grouping+request shuffling+replicas"]["replica_memory_overhead"] == 0
+
+
+def test_the_command_line_prints_the_report_as_json(tmp_path):
+    path = tmp_path / "t.jsonl"
+    with path.open("w") as f:
+        for record in _trace():
+            write_record(f, record)
+    run = [sys.executable, "-m", "cluster.cli", "replay", "--trace", str(path), "--nodes", "2", "--hidden-size", "64",
+           "--dtype-bytes", "2", "--kv-elems", "16", "--json"]
+    res = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report == replay_placement(_trace(), nodes=2, hidden_size=64, dtype_bytes=2, kv_elems=16)
+    for key in ("naive_cross_node_bytes_per_token", "speculative_cross_node_bytes_per_token", "reduction",
+                "max_over_mean_load", "with_copies"):
+        assert key in report
+    res = subprocess.run(run + ["--replicas", "-1"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "replicas_per_layer" in res.stderr
