@@ -25,6 +25,10 @@ class LivePlacement:
         replicas = replicas if replicas is not None else [{} for _ in self.shards]
         if len(replicas) != shards:
             raise ValueError(f"replicas must list {shards} shards, got {len(replicas)}")
+        stray = [(layer, e) for r in replicas for layer, ids in r.items() for e in ids
+                 if layer not in self.spec.moe_layers or not 0 <= e < self.spec.num_experts]
+        if stray:
+            raise ValueError(f"replicas name (layer, expert) pairs the model does not route to: {stray[:8]}")
         bad = [layer for layer in self.spec.moe_layers
                if len(owner.get(layer, ())) != self.spec.num_experts
                or not all(isinstance(s, int) and 0 <= s < shards for s in owner[layer])]

@@ -50,11 +50,11 @@ class ShuffleGeometry:
     shard_node: tuple[str, ...]  # node of each expert shard
     vector_bytes: int  # one token's hidden state on the data plane
     kv_bytes_per_token: int  # K and V of one position over all layers
+    remote: np.ndarray = field(init=False, repr=False, compare=False)  # [A, S] 1.0: shard s off worker a's node
 
-    @property
-    def remote(self) -> np.ndarray:
-        """[A, S] 1.0 where shard s is on another node than worker a."""
-        return np.array([[float(w != s) for s in self.shard_node] for w in self.worker_node])
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "remote", np.array([[float(w != s) for s in self.shard_node]
+                                                     for w in self.worker_node]))
 
     def move_bytes(self, src: int, dst: int, tokens: int) -> int:
         """Cross-node bytes of copying `tokens` positions of KV from worker src to dst."""
