@@ -172,7 +172,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-cache", type=float, metavar="FRACTION",
                    help="keep only this fraction of each layer's experts resident, moving the rest in from the slow "
                         "tier on demand (with --engine ray: of each expert shard's experts)")
-    p.add_argument("--expert-cache-policy", default="score", choices=ONLINE_POLICIES)
+    p.add_argument("--expert-cache-policy", default="adaptive", choices=ONLINE_POLICIES)
     p.add_argument("--expert-cache-prefetch", action="store_true",
                    help="load the experts pre-gating predicts for the next layer ahead of it")
     p.add_argument("--expert-cache-schedule", default="auto", choices=SCHEDULES,

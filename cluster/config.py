@@ -28,7 +28,7 @@ class EngineConfig:
     record_trace: str | None = None  # JSONL file that receives every routing decision
     route_prediction: bool = False  # run the route predictors live; recall to the metrics
     expert_cache_fraction: float | None = None  # share of each layer's experts kept resident (ray: each shard's)
-    expert_cache_policy: str = "score"  # lru | lfu | score
+    expert_cache_policy: str = "adaptive"  # lru | lfu | score | adaptive
     expert_cache_prefetch: bool = False  # load the experts pre-gating predicts for the next layer ahead
     expert_cache_schedule: str = "auto"  # auto (cost model) | load (every miss) | cpu (every miss computed in place)
     # ---- cluster mode (engine="ray") ----

@@ -61,7 +61,7 @@ class AppArgs(BaseModel):
     kv_cache_tokens: int | None = Field(None, ge=1)
     max_num_seqs: int | None = Field(None, ge=1)
     expert_cache_fraction: float | None = Field(None, gt=0.0, le=1.0)  # experts kept resident (ray: of each shard's)
-    expert_cache_policy: Literal["lru", "lfu", "score"] | None = None
+    expert_cache_policy: Literal["lru", "lfu", "score", "adaptive"] | None = None
     expert_cache_prefetch: bool | None = None  # pre-gating prefetch into the cache
     expert_cache_schedule: Literal["auto", "load", "cpu"] | None = None  # where cache misses compute
     route_prediction: bool | None = None  # live route predictors, recall to the metrics

@@ -13,8 +13,17 @@ the fast tier at all. Time `now` is the decode step.
   computes it where it lies); every use, hit or miss, adds to its score, so a rising one gets in.
 - static: a fixed set (the most popular experts of a profiling run, as in Fiddler); nothing else
   is ever admitted, so nothing is evicted.
+- adaptive: follows whichever of score and lru would have hit more lately. Each runs a shadow
+  fast tier (keys only, the real tier's capacity and layout) over the same uses, its hits decayed
+  with a half-life in uses; the real tier evicts and admits as the leader would (set dueling, as
+  ARC and LeCaR choose between recency and frequency). Score's admission filter resists the scans
+  of a batch that needs more experts than the tier holds; where a step's experts fit and the next
+  token mostly reuses the last one's (Mixtral's routing), recency wins and lru leads.
 - belady: of the resident keys and the one coming in, the one used again furthest in the future
   stays out (the optimum, bypass included; replay only).
+
+`touch(..., demand=False)` marks a prefetch: it updates a policy's scores but is not a use the
+adaptive policy's shadow tiers count.
 """
 
 from __future__ import annotations
@@ -22,19 +31,21 @@ from __future__ import annotations
 import bisect
 import math
 from abc import ABC, abstractmethod
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 Key = tuple[int, int]  # (layer, expert)
-POLICIES = ("lru", "lfu", "score", "static", "belady")
-ONLINE_POLICIES = ("lru", "lfu", "score")  # need neither a profile (static) nor the future (belady)
+POLICIES = ("lru", "lfu", "score", "adaptive", "static", "belady")
+ONLINE_POLICIES = ("lru", "lfu", "score", "adaptive")  # need neither a profile (static) nor the future (belady)
 SCORE_HALF_LIFE_STEPS = 16.0  # decode steps
+ADAPTIVE_HALF_LIFE_USES = 1024.0  # the adaptive policy's memory of its candidates' hits
 
 
 class CachePolicy(ABC):
     name = "policy"
 
-    def touch(self, key: Key, now: int, weight: float) -> None:
-        """`key` was used (or loaded) at step `now`; `weight`: its gate weight summed over the step's tokens."""
+    def touch(self, key: Key, now: int, weight: float, demand: bool = True) -> None:
+        """`key` was used (or loaded ahead: demand False) at `now`; `weight`: its gate weight summed
+        over the step's tokens."""
 
     def admits(self, key: Key) -> bool:
         return True
@@ -51,7 +62,7 @@ class LRUPolicy(CachePolicy):
     def __init__(self) -> None:
         self.last: dict[Key, int] = {}
 
-    def touch(self, key: Key, now: int, weight: float) -> None:
+    def touch(self, key: Key, now: int, weight: float, demand: bool = True) -> None:
         self.last[key] = now
 
     def victim(self, candidates: Sequence[Key], now: int, incoming: Key | None = None) -> Key:
@@ -65,8 +76,8 @@ class LFUPolicy(LRUPolicy):
         super().__init__()
         self.uses: dict[Key, int] = {}
 
-    def touch(self, key: Key, now: int, weight: float) -> None:
-        super().touch(key, now, weight)
+    def touch(self, key: Key, now: int, weight: float, demand: bool = True) -> None:
+        super().touch(key, now, weight, demand)
         self.uses[key] = self.uses.get(key, 0) + 1
 
     def victim(self, candidates: Sequence[Key], now: int, incoming: Key | None = None) -> Key:
@@ -86,7 +97,7 @@ class ScorePolicy(CachePolicy):
         score, at = self.score.get(key, (0.0, now))
         return score * math.exp(-self.decay * (now - at))
 
-    def touch(self, key: Key, now: int, weight: float) -> None:
+    def touch(self, key: Key, now: int, weight: float, demand: bool = True) -> None:
         self.score[key] = (self.value(key, now) + weight, now)
 
     def victim(self, candidates: Sequence[Key], now: int, incoming: Key | None = None) -> Key:
@@ -94,6 +105,60 @@ class ScorePolicy(CachePolicy):
         if incoming is not None and self.value(incoming, now) < self.value(lowest, now):
             return incoming
         return lowest
+
+
+class AdaptivePolicy(CachePolicy):
+    """`candidates` in order of preference on a tie (the first leads at the start); `capacity`: the
+    fast tier's experts, one tier over every layer (an int, as the replay's) or per layer (a function
+    layer -> slots, as the engine's cache)."""
+
+    name = "adaptive"
+
+    def __init__(self, candidates: Sequence[CachePolicy], capacity: int | Callable[[int], int],
+                 half_life_uses: float = ADAPTIVE_HALF_LIFE_USES) -> None:
+        if not candidates or half_life_uses <= 0:
+            raise ValueError(f"need candidates and half_life_uses > 0, got {len(candidates)}, {half_life_uses}")
+        self.candidates = list(candidates)
+        self.capacity = capacity
+        self.shadows: list[dict[int | None, set[Key]]] = [{} for _ in self.candidates]
+        self.hits = [0.0] * len(self.candidates)  # decayed shadow hits
+        self.keep = 0.5 ** (1.0 / half_life_uses)
+        self.leader = 0
+
+    @property
+    def leading(self) -> CachePolicy:
+        return self.candidates[self.leader]
+
+    def _shadow(self, i: int, key: Key) -> tuple[set[Key], int]:
+        if isinstance(self.capacity, int):
+            return self.shadows[i].setdefault(None, set()), self.capacity
+        return self.shadows[i].setdefault(key[0], set()), self.capacity(key[0])
+
+    def touch(self, key: Key, now: int, weight: float, demand: bool = True) -> None:
+        if demand:
+            for i, policy in enumerate(self.candidates):  # each decides on its own state before the use
+                self.hits[i] *= self.keep
+                tier, capacity = self._shadow(i, key)
+                if key in tier:
+                    self.hits[i] += 1.0
+                elif capacity > 0 and policy.admits(key):
+                    if len(tier) >= capacity:
+                        out = policy.victim(list(tier), now, key)
+                        if out == key:
+                            continue
+                        tier.discard(out)
+                    tier.add(key)
+            best = max(range(len(self.hits)), key=self.hits.__getitem__)
+            if self.hits[best] > self.hits[self.leader]:
+                self.leader = best
+        for policy in self.candidates:
+            policy.touch(key, now, weight, demand)
+
+    def admits(self, key: Key) -> bool:
+        return self.leading.admits(key)
+
+    def victim(self, candidates: Sequence[Key], now: int, incoming: Key | None = None) -> Key:
+        return self.leading.victim(candidates, now, incoming)
 
 
 class StaticPolicy(CachePolicy):
@@ -133,12 +198,15 @@ def most_popular(counts: Mapping[Key, float], capacity: int) -> list[Key]:
     return sorted(counts, key=lambda k: (-counts[k], k))[:capacity]
 
 
-def online_policy(name: str, ticks_per_step: float) -> CachePolicy:
-    """An online policy by name; `ticks_per_step`: how far the caller's clock moves per decode step."""
+def online_policy(name: str, ticks_per_step: float, capacity: int | Callable[[int], int] = 0) -> CachePolicy:
+    """An online policy by name; `ticks_per_step`: how far the caller's clock moves per decode step;
+    `capacity`: the fast tier's, for AdaptivePolicy's shadow tiers."""
     if name == "lru":
         return LRUPolicy()
     if name == "lfu":
         return LFUPolicy()
     if name == "score":
         return ScorePolicy(half_life=SCORE_HALF_LIFE_STEPS * ticks_per_step)
+    if name == "adaptive":
+        return AdaptivePolicy([online_policy("score", ticks_per_step), LRUPolicy()], capacity)
     raise ValueError(f"unknown online cache policy {name!r} (known: {', '.join(ONLINE_POLICIES)})")

@@ -98,7 +98,7 @@ class ExpertCache:
         self.resident.add(key)
         self.prefetched.add(key)
         self.tally.prefetch_loads += 1
-        self.policy.touch(key, now, weight)
+        self.policy.touch(key, now, weight, demand=False)
         return True
 
     def _make_room(self, now: int, protect: set[Key], incoming: Key | None = None) -> bool:
@@ -172,7 +172,7 @@ def _prefetch(cache: ExpertCache, plan: ReplayPlan, expected: np.ndarray, layer:
 
 def make_policy(name: str, plan: ReplayPlan) -> CachePolicy:
     if name in ONLINE_POLICIES:
-        return online_policy(name, ticks_per_step=plan.num_layers * plan.num_experts)
+        return online_policy(name, ticks_per_step=plan.num_layers * plan.num_experts, capacity=plan.capacity)
     if name == "static":
         counts: dict[Key, float] = {}
         for step in plan.steps[:plan.fit_steps]:

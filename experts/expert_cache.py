@@ -38,7 +38,7 @@ MIN_PREFETCH_USES = 1.0  # predicted uses by the step's tokens below which an ex
 @dataclass(frozen=True, slots=True)
 class ExpertCacheConfig:
     capacity_fraction: float  # of each MoE layer's experts resident in the fast tier, in (0, 1]
-    policy: str = "score"
+    policy: str = "adaptive"
     prefetch: bool = False  # load the experts pre-gating predicts for the next layer ahead of it
     cost_model: ExpertCostModel | None = None  # None: calibrate at start-up
     schedule: str = "auto"  # auto: the cost model decides; load: every miss is loaded (on-demand
@@ -124,7 +124,8 @@ class CachedExperts:
             raise ValueError("an expert cache needs at least one expert to serve")
         self.cost = config.cost_model or calibrate(self.tier, spec, dtype, device, ops, *sample)
         log.info("%s", self.cost.describe())
-        self.policy = online_policy(config.policy, ticks_per_step=len(spec.moe_layers))  # one tick per layer
+        self.policy = online_policy(config.policy, ticks_per_step=len(spec.moe_layers),  # one tick per layer
+                                    capacity=self._slots)
         self.stats, self.step_stats = CacheStats(), CacheStats()
         self._clock = 0
 
@@ -133,6 +134,10 @@ class CachedExperts:
         bank = ExpertBank.empty(layer, (), self.spec.num_experts, self.spec.hidden_size, self.spec.expert_intermediate,
                                 self.dtype, self.device, rows=slots)
         return _Layer(bank, list(range(slots)), frozenset(owned))
+
+    def _slots(self, layer: int) -> int:
+        """The layer's fast-tier rows (the adaptive policy's shadow tiers follow re-placements)."""
+        return len(self.layers[layer].bank.buffer) if layer in self.layers else 0
 
     def set_owned(self, owned: dict[int, tuple[int, ...]]) -> None:
         """Serve `owned` (layer -> experts) from now on (a re-placement): experts no longer owned
@@ -238,7 +243,7 @@ class CachedExperts:
                 lay.prefetched.add(e)
                 self._count(prefetches=1)
             protect.add(e)
-            self.policy.touch((layer, e), now, 0.0)
+            self.policy.touch((layer, e), now, 0.0, demand=False)
 
     def _miss_cost(self, uses: float) -> float:
         """Time a miss adds over a hit for an expert with `uses` tokens, under the cost model."""

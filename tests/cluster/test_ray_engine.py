@@ -174,15 +174,15 @@ nodes:
     assert time.monotonic() - start < 60  # refused up front, not after the actors' start timeout
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_expert_shards_with_a_cache_keep_the_tokens_and_survive_a_move(ray_cluster, tiny_model, prefetch):
+@pytest.mark.parametrize("policy, prefetch", [("lru", False), ("adaptive", True)])
+def test_expert_shards_with_a_cache_keep_the_tokens_and_survive_a_move(ray_cluster, tiny_model, policy, prefetch):
     """Each shard keeps half of its experts resident: the in-process tokens, the shards' hit rates in the
     step stats, and a re-placement that the caches follow; with prefetch, the attention workers' pre-gating
     hints reach the shards, which load predicted experts ahead."""
     model = str(tiny_model("mixtral"))
     [expected] = _run(EngineConfig(model=model), SAMPLED)
     engine = LLMEngine(EngineConfig(model=model, engine="ray", cluster="local", expert_cache_fraction=0.5,
-                                    expert_cache_policy="lru", expert_cache_prefetch=prefetch))
+                                    expert_cache_policy=policy, expert_cache_prefetch=prefetch))
     try:
         ids = [engine.add_request(p, SAMPLED) for p in PROMPTS]
         final, looked_up, hits, steps, prefetched, used = {}, 0, 0, 0, 0, 0

@@ -6,8 +6,9 @@ import random
 
 import pytest
 
-from experts.cache_policy import (BeladyPolicy, LFUPolicy, LRUPolicy, ScorePolicy, StaticPolicy, most_popular)
-from experts.cache_replay import decode_steps, replay_cache
+from experts.cache_policy import (AdaptivePolicy, BeladyPolicy, CachePolicy, LFUPolicy, LRUPolicy, ScorePolicy,
+                                  StaticPolicy, most_popular, online_policy)
+from experts.cache_replay import ExpertCache, decode_steps, replay_cache
 from experts.cost_model import ExpertCostModel, LinearTime
 from router.traces import RouteRecord
 
@@ -115,8 +116,8 @@ def test_cli_prints_every_policy_as_json(tmp_path):
                           "0.5", "--json"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     policies = json.loads(res.stdout)["policies"]
-    assert set(policies) == {"lru", "lfu", "score", "static", "belady", "lru+prefetch", "lfu+prefetch",
-                             "score+prefetch", "static+prefetch"}
+    assert set(policies) == {"lru", "lfu", "score", "adaptive", "static", "belady", "lru+prefetch", "lfu+prefetch",
+                             "score+prefetch", "adaptive+prefetch", "static+prefetch"}
     assert all({"hit_rate", "bytes_moved_per_token", "demand_misses_per_token"} <= set(p) for p in policies.values())
     res = subprocess.run([sys.executable, "-m", "cluster.cli", "replay", "--trace", str(path), "--cache-capacity",
                           "1.5"], capture_output=True, text=True, timeout=120)
@@ -161,3 +162,43 @@ def test_a_load_never_evicts_an_expert_the_same_step_still_needs():
         assert report["policies"][name]["hit_rate"] == 0.5, name  # expert 2 hits every step, the other never
     assert report["policies"]["score"]["hit_rate"] >= 0.5
     assert report["policies"]["belady"]["hit_rate"] == 0.75  # it also keeps 3 and computes 0 where it lies
+
+
+def hits(policy: CachePolicy, experts: list[int], capacity: int = 2) -> int:
+    """One layer's experts used one per tick through a `capacity`-expert fast tier."""
+    cache = ExpertCache(policy, capacity)
+    for now, e in enumerate(experts):
+        cache.use((0, e), now, 1.0, {(0, e)})
+    return cache.tally.hits
+
+
+def test_adaptive_follows_whichever_policy_would_have_hit_more():
+    # A scan: two hot experts between single uses of the others. LRU evicts a hot one for every scan
+    # expert and never hits; score keeps the scan out; adaptive stays with score.
+    scan = [e for i in range(60) for e in (0, 1, 2 + i % 6)]
+    assert hits(LRUPolicy(), scan) == 0
+    score = hits(online_policy("score", ticks_per_step=1), scan)
+    assert score > 100
+    adaptive = online_policy("adaptive", ticks_per_step=1, capacity=2)
+    assert hits(adaptive, scan) == score and isinstance(adaptive.leading, ScorePolicy)
+    # A phase change: 0 and 1 were hot, now 2 and 3 are. Score keeps the old pair until it has
+    # decayed below the new one (half-life 16 ticks); LRU lets the new pair in at once. Per-layer
+    # capacity (a function, as the engine's cache) works the same as one tier.
+    phases = [0, 1] * 100 + [2, 3] * 100
+    lru, score = hits(LRUPolicy(), phases), hits(online_policy("score", ticks_per_step=1), phases)
+    assert lru == 198 + 198 and score < lru - 10  # two misses per phase
+    adaptive = online_policy("adaptive", ticks_per_step=1, capacity=lambda layer: 2 if layer == 0 else 0)
+    # It misses as score does until LRU's shadow tier has hit once more than score's, then follows LRU.
+    assert lru - 5 <= hits(adaptive, phases) <= lru and isinstance(adaptive.leading, LRUPolicy)
+
+
+def test_adaptive_shadow_tiers_count_uses_not_prefetches():
+    policy = AdaptivePolicy([ScorePolicy(half_life=4.0), LRUPolicy()], capacity=1)
+    policy.touch((0, 0), 0, 1.0)
+    policy.touch((0, 0), 1, 1.0, demand=False)  # loaded ahead: neither shadow tier counts it
+    assert policy.hits == [0.0, 0.0]
+    policy.touch((0, 0), 2, 1.0)
+    assert policy.hits == [1.0, 1.0]  # both let it in at its first use
+    assert policy.candidates[1].last[(0, 0)] == 2 and policy.candidates[0].value((0, 0), 2) > 1.0
+    with pytest.raises(ValueError, match="candidates"):
+        AdaptivePolicy([], capacity=1)

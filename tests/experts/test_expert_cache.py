@@ -30,7 +30,7 @@ def run(model, params, **cache) -> tuple[list[tuple[int, ...]], LLMEngine]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("fraction, policy", [(0.25, "score"), (0.5, "lru"), (0.5, "lfu")])
+@pytest.mark.parametrize("fraction, policy", [(0.25, "score"), (0.25, "adaptive"), (0.5, "lru"), (0.5, "lfu")])
 def test_tokens_match_the_all_resident_engine(tiny_model, family, fraction, policy):
     model = tiny_model(family)
     for params in (GREEDY, SAMPLED):
