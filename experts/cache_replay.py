@@ -9,8 +9,9 @@ not admit it (static), in which case it is computed where it lies. With prefetch
 routed the route predictor (inter-layer affinity x the token's previous route) scores layer l+1's
 experts for the step's tokens, and the likeliest missing ones are loaded ahead, best first, while
 the link has time left over from demand loads (the link idles while experts compute; that time
-accrues as credit, at most one layer's worth). Prefetched experts never evict ones the current step
-still needs.
+accrues as credit, at most one transfer's worth). Prefetched experts never evict ones the current
+step still needs. "+oracle prefetch" rows prefetch what layer l+1 will really need, a perfect
+predictor: how far better predictions could go within the link's time.
 
 Time per token under the cost model (experts.cost_model; measured on a node by `moe-serve
 calibrate`, or DEFAULT_COST): per layer, the dense work, then the intra-layer schedule of the step's
@@ -31,7 +32,7 @@ import numpy as np
 
 from experts.cache_policy import (ONLINE_POLICIES, POLICIES, BeladyPolicy, CachePolicy, Key, StaticPolicy,
                                   most_popular, online_policy)
-from experts.cache_steps import Step, decode_steps, predict_next
+from experts.cache_steps import Step, decode_steps, oracle_next, predict_next
 from experts.cost_model import ExpertCostModel, LinearTime, plan_layer
 from router.traces import RouteRecord
 
@@ -46,6 +47,7 @@ DEFAULT_COST = ExpertCostModel(
     slow=LinearTime(MIXTRAL_EXPERT_BYTES / 60e9, 2 * 3 * 4096 * 14336 / 1e12),
     overlap=True, fast_device="cuda (H100, assumed)", slow_device="cpu (assumed)")
 DENSE_LAYER_S = 5e-5  # a layer's work besides its experts (attention, norms: ~0.05 ms on an H100)
+ORACLE_PREFETCH_POLICIES = ("lru", "adaptive")  # also replayed with a perfect next-layer predictor
 
 
 @dataclass(slots=True)
@@ -209,6 +211,9 @@ def replay_cache(records: Iterable[RouteRecord], capacity_fraction: float, cost:
         policies[name] = run_policy(plan, make_policy(name, plan), None).report(plan.cost)
         if name != "belady":
             policies[f"{name}+prefetch"] = run_policy(plan, make_policy(name, plan), predictions).report(plan.cost)
+    oracle = oracle_next(steps, num_layers, num_experts)
+    for name in ORACLE_PREFETCH_POLICIES:
+        policies[f"{name}+oracle prefetch"] = run_policy(plan, make_policy(name, plan), oracle).report(plan.cost)
     return {"capacity_fraction": capacity_fraction, "capacity_experts": capacity,
             "policies": policies,
             "trace": {"steps": len(steps), "fit_steps": fit_steps, "layers": num_layers, "experts": num_experts,
@@ -223,10 +228,10 @@ def cache_summary(report: dict) -> str:
     lines = [f"cache replay: {report['capacity_experts']} of {t['layers'] * t['experts']} experts in the fast tier, "
              f"{t['report_tokens']} reported tokens; time per token under the",
              cost.describe(),
-             f"{'policy':16} {'hit rate':>8} {'misses/token':>12} {'bytes moved/token':>17} {'prefetch acc':>12} "
+             f"{'policy':24} {'hit rate':>8} {'misses/token':>12} {'bytes moved/token':>17} {'prefetch acc':>12} "
              f"{'us/token':>10}"]
     for name, p in report["policies"].items():
         acc = "-" if p["prefetch_accuracy"] is None else f"{p['prefetch_accuracy']:.1%}"
-        lines.append(f"{name:16} {p['hit_rate']:8.1%} {p['demand_misses_per_token']:12.2f} "
+        lines.append(f"{name:24} {p['hit_rate']:8.1%} {p['demand_misses_per_token']:12.2f} "
                      f"{p['bytes_moved_per_token']:17.3g} {acc:>12} {p['time_per_token_s'] * 1e6:10,.0f}")
     return "\n".join(lines)

@@ -72,3 +72,18 @@ def predict_next(steps: list[Step], num_layers: int, num_experts: int) -> list[l
             rows[layer] = total if layer + 1 < num_layers else None
         out.append(rows)
     return out
+
+
+def oracle_next(steps: list[Step], num_layers: int, num_experts: int) -> list[list[np.ndarray | None]]:
+    """As predict_next, but the uses layer+1 will really have: a perfect predictor, the limit of what
+    prefetch can do within the link's time."""
+    out = []
+    for step in steps:
+        rows: list[np.ndarray | None] = [None] * num_layers
+        for layer in range(num_layers - 1):
+            row = np.zeros(num_experts)
+            for e, n in step.counts[layer + 1].items():
+                row[e] = n
+            rows[layer] = row
+        out.append(rows)
+    return out

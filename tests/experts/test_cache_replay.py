@@ -89,6 +89,27 @@ def test_prefetch_of_a_predictable_chain_removes_demand_misses():
     assert prefetched["demand_misses_per_token"] <= 0.5 * lru["demand_misses_per_token"]
     assert prefetched["prefetch_accuracy"] > 0.9
     assert prefetched["time_per_token_s"] < lru["time_per_token_s"]
+    oracle = report["policies"]["lru+oracle prefetch"]  # the next layer's real experts, loaded ahead
+    assert oracle["prefetch_accuracy"] == 1.0
+    assert oracle["demand_misses_per_token"] <= prefetched["demand_misses_per_token"]
+
+
+def test_oracle_prefetch_is_bounded_by_the_link():
+    """A perfect predictor helps only as far as the link has time: with a transfer 1000x longer than
+    a layer nothing is loaded ahead and the misses are LRU's; with one 10x shorter they fall."""
+    records = random_trace(1)
+
+    def oracle_and_lru(transfer_s: float) -> tuple[dict, dict]:
+        cost = ExpertCostModel(expert_bytes=10**6, transfer_s=transfer_s, fast=LinearTime(1e-6, 0.0),
+                               slow=LinearTime(1e-3, 0.0), overlap=True)
+        policies = replay_cache(records, 0.34, cost=cost, dense_layer_s=1e-3)["policies"]
+        return policies["lru+oracle prefetch"], policies["lru"]
+
+    oracle, lru = oracle_and_lru(1.0)
+    assert oracle["prefetch_accuracy"] is None and oracle["demand_misses_per_token"] == lru["demand_misses_per_token"]
+    oracle, lru = oracle_and_lru(1e-4)
+    assert oracle["prefetch_accuracy"] == 1.0
+    assert oracle["demand_misses_per_token"] < 0.9 * lru["demand_misses_per_token"]
 
 
 def test_bad_arguments_are_refused():
@@ -117,7 +138,8 @@ def test_cli_prints_every_policy_as_json(tmp_path):
     assert res.returncode == 0, res.stderr
     policies = json.loads(res.stdout)["policies"]
     assert set(policies) == {"lru", "lfu", "score", "adaptive", "static", "belady", "lru+prefetch", "lfu+prefetch",
-                             "score+prefetch", "adaptive+prefetch", "static+prefetch"}
+                             "score+prefetch", "adaptive+prefetch", "static+prefetch",
+                             "lru+oracle prefetch", "adaptive+oracle prefetch"}
     assert all({"hit_rate", "bytes_moved_per_token", "demand_misses_per_token"} <= set(p) for p in policies.values())
     res = subprocess.run([sys.executable, "-m", "cluster.cli", "replay", "--trace", str(path), "--cache-capacity",
                           "1.5"], capture_output=True, text=True, timeout=120)
