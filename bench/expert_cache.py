@@ -2,10 +2,10 @@
 
 On the demo model (default) or --model, measured in one run on the same prompts: decode tokens/s
 of the in-process engine with every expert resident, and with `--fraction` of each layer's
-experts resident under each live policy (lru, lfu, score, adaptive) with the calibrated intra-layer schedule, the score policy
-with pre-gating prefetch, LRU loading every miss on demand (mixtral-offloading's baseline), and
-every missing expert computed on the CPU where it lies (the fast tier left empty: all experts on
-the CPU, Fiddler's baseline); plus hit rate, demand misses, CPU-computed experts, prefetch accuracy
+experts resident under each live policy (lru, lfu, score, adaptive) with the calibrated
+intra-layer schedule, the score policy with pre-gating prefetch, LRU loading every miss on demand
+(mixtral-offloading's baseline), and every missing expert computed on the CPU where it lies (the
+fast tier left empty: all experts on the CPU, Fiddler's baseline); plus hit rate, demand misses, CPU-computed experts, prefetch accuracy
 and bytes moved per token. Greedy tokens are checked to be identical.
 Prints one JSON object; `vs_all_resident` is tokens/s over the all-resident engine's, and
 `vs_lru_on_demand` over LRU-on-demand's.
@@ -31,8 +31,8 @@ from cluster.sampling_params import SamplingParams
 
 VARIANTS = [  # (name, policy, prefetch, schedule)
     ("lru", "lru", False, "auto"), ("lfu", "lfu", False, "auto"), ("score", "score", False, "auto"),
-    ("adaptive", "adaptive", False, "auto"), ("score+prefetch", "score", True, "auto"), ("lru-on-demand", "lru", False, "load"),
-    ("all-on-cpu", "score", False, "cpu")]
+    ("adaptive", "adaptive", False, "auto"), ("score+prefetch", "score", True, "auto"),
+    ("lru-on-demand", "lru", False, "load"), ("all-on-cpu", "score", False, "cpu")]
 PROMPTS = ["def main():\n", "import os\nimport sys\n", "class Parser:\n    def __init__(self", "for i in range(",
            "    return self.", "with open(path) as f:\n", "try:\n    import", "if __name__ == '__main__':\n"]
 

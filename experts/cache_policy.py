@@ -198,9 +198,9 @@ def most_popular(counts: Mapping[Key, float], capacity: int) -> list[Key]:
     return sorted(counts, key=lambda k: (-counts[k], k))[:capacity]
 
 
-def online_policy(name: str, ticks_per_step: float, capacity: int | Callable[[int], int] = 0) -> CachePolicy:
+def online_policy(name: str, ticks_per_step: float, capacity: int | Callable[[int], int] | None = None) -> CachePolicy:
     """An online policy by name; `ticks_per_step`: how far the caller's clock moves per decode step;
-    `capacity`: the fast tier's, for AdaptivePolicy's shadow tiers."""
+    `capacity`: the fast tier's, for the adaptive policy's shadow tiers (required there)."""
     if name == "lru":
         return LRUPolicy()
     if name == "lfu":
@@ -208,5 +208,7 @@ def online_policy(name: str, ticks_per_step: float, capacity: int | Callable[[in
     if name == "score":
         return ScorePolicy(half_life=SCORE_HALF_LIFE_STEPS * ticks_per_step)
     if name == "adaptive":
+        if capacity is None:
+            raise ValueError("the adaptive cache policy needs the fast tier's capacity")
         return AdaptivePolicy([online_policy("score", ticks_per_step), LRUPolicy()], capacity)
     raise ValueError(f"unknown online cache policy {name!r} (known: {', '.join(ONLINE_POLICIES)})")

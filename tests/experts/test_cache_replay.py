@@ -224,3 +224,5 @@ def test_adaptive_shadow_tiers_count_uses_not_prefetches():
     assert policy.candidates[1].last[(0, 0)] == 2 and policy.candidates[0].value((0, 0), 2) > 1.0
     with pytest.raises(ValueError, match="candidates"):
         AdaptivePolicy([], capacity=1)
+    with pytest.raises(ValueError, match="capacity"):
+        online_policy("adaptive", ticks_per_step=1)
