@@ -9,7 +9,7 @@ not admit it (static), in which case it is computed where it lies. With prefetch
 routed the route predictor (inter-layer affinity x the token's previous route) scores layer l+1's
 experts for the step's tokens, and the likeliest missing ones are loaded ahead, best first, while
 the link has time left over from demand loads (the link idles while experts compute; that time
-accrues as credit, at most one transfer's worth). Prefetched experts never evict ones the current
+accrues as credit, at most this layer's idle time or one transfer, whichever is longer). Prefetched experts never evict ones the current
 step still needs. "+oracle prefetch" rows prefetch what layer l+1 will really need, a perfect
 predictor: how far better predictions could go within the link's time.
 
@@ -149,8 +149,8 @@ def run_policy(plan: ReplayPlan, policy: CachePolicy, predictions: list | None) 
             for e, weight in sorted(step.needs[layer].items()):
                 cache.use((layer, e), plan.clock(s, layer, e), weight, needed)
             if predictions is not None and predictions[s][layer] is not None:
-                link_idle = plan.dense_layer_s + schedule.time_s - len(schedule.load) * plan.cost.transfer_s
-                credit = min(credit + max(0.0, link_idle), plan.cost.transfer_s)
+                link_idle = max(0.0, plan.dense_layer_s + schedule.time_s - len(schedule.load) * plan.cost.transfer_s)
+                credit = min(credit + link_idle, max(link_idle, plan.cost.transfer_s))
                 now = plan.clock(s, layer, plan.num_experts - 1)
                 credit = _prefetch(cache, plan, predictions[s][layer], layer + 1, now, credit)
         cache.tally.tokens += len(step.tokens) if s >= plan.fit_steps else 0

@@ -112,6 +112,18 @@ def test_oracle_prefetch_is_bounded_by_the_link():
     assert oracle["demand_misses_per_token"] < 0.9 * lru["demand_misses_per_token"]
 
 
+def test_a_layer_with_idle_link_time_for_several_transfers_prefetches_several():
+    """Random routes (two of 8 experts at each of 4 layers), a link 1000x faster than a layer: a
+    perfect predictor loads both of the next layer's experts ahead, so only layer 0 ever misses."""
+    rng = random.Random(3)
+    records = trace({"r": [[tuple(rng.sample(range(8), 2)) for _ in range(4)] for _ in range(200)]})
+    cost = ExpertCostModel(expert_bytes=10**6, transfer_s=1e-6, fast=LinearTime(1e-6, 0.0),
+                           slow=LinearTime(1e-3, 0.0), overlap=True)
+    policies = replay_cache(records, 0.25, cost=cost, dense_layer_s=1e-3)["policies"]
+    assert policies["lru"]["demand_misses_per_token"] > 4
+    assert 0 < policies["lru+oracle prefetch"]["demand_misses_per_token"] <= 2  # layer 0's two at most
+
+
 def test_bad_arguments_are_refused():
     records = random_trace(0)
     with pytest.raises(ValueError, match="capacity"):
