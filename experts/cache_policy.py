@@ -33,6 +33,8 @@ import math
 from abc import ABC, abstractmethod
 from typing import Callable, Iterable, Mapping, Sequence
 
+from experts.ranked_keys import RankedKeys
+
 Key = tuple[int, int]  # (layer, expert)
 POLICIES = ("lru", "lfu", "score", "adaptive", "static", "belady")
 ONLINE_POLICIES = ("lru", "lfu", "score", "adaptive")  # need neither a profile (static) nor the future (belady)
@@ -50,6 +52,15 @@ class CachePolicy(ABC):
     def admits(self, key: Key) -> bool:
         return True
 
+    def rank(self, key: Key) -> object:
+        """An eviction order that stays put while `key` is not touched (lowest leaves first), for
+        experts.ranked_keys; the static and Belady policies have none."""
+        raise NotImplementedError(f"the {self.name} cache policy has no time-invariant rank")
+
+    def keeps_out(self, incoming: Key, lowest: Key) -> bool:
+        """Whether `incoming` stays out rather than evict `lowest`, the resident key of lowest rank."""
+        return False
+
     @abstractmethod
     def victim(self, candidates: Sequence[Key], now: int, incoming: Key | None = None) -> Key:
         """The key to evict among `candidates` (non-empty); a policy may return `incoming`, the key
@@ -65,8 +76,11 @@ class LRUPolicy(CachePolicy):
     def touch(self, key: Key, now: int, weight: float, demand: bool = True) -> None:
         self.last[key] = now
 
+    def rank(self, key: Key) -> int:
+        return self.last.get(key, -1)
+
     def victim(self, candidates: Sequence[Key], now: int, incoming: Key | None = None) -> Key:
-        return min(candidates, key=lambda k: self.last.get(k, -1))
+        return min(candidates, key=self.rank)
 
 
 class LFUPolicy(LRUPolicy):
@@ -80,31 +94,39 @@ class LFUPolicy(LRUPolicy):
         super().touch(key, now, weight, demand)
         self.uses[key] = self.uses.get(key, 0) + 1
 
-    def victim(self, candidates: Sequence[Key], now: int, incoming: Key | None = None) -> Key:
-        return min(candidates, key=lambda k: (self.uses.get(k, 0), self.last.get(k, -1)))
+    def rank(self, key: Key) -> tuple[int, int]:
+        return self.uses.get(key, 0), self.last.get(key, -1)
 
 
 class ScorePolicy(CachePolicy):
+    """Scores decay by exp(-decay * steps), all at the same rate, so the order of two untouched keys
+    never changes: each key keeps log(score) + decay * (step of its last update), its rank; the
+    score at `now` is exp(rank - decay * now)."""
+
     name = "score"
 
     def __init__(self, half_life: float = 16.0) -> None:
         if half_life <= 0:
             raise ValueError(f"half_life must be > 0, got {half_life}")
         self.decay = math.log(2) / half_life
-        self.score: dict[Key, tuple[float, int]] = {}  # key -> (score, step it was last updated)
+        self.log_score: dict[Key, float] = {}  # key -> its rank
 
     def value(self, key: Key, now: int) -> float:
-        score, at = self.score.get(key, (0.0, now))
-        return score * math.exp(-self.decay * (now - at))
+        return math.exp(self.rank(key) - self.decay * now)
+
+    def rank(self, key: Key) -> float:
+        return self.log_score.get(key, -math.inf)
 
     def touch(self, key: Key, now: int, weight: float, demand: bool = True) -> None:
-        self.score[key] = (self.value(key, now) + weight, now)
+        total = self.value(key, now) + weight
+        self.log_score[key] = math.log(total) + self.decay * now if total > 0 else -math.inf
+
+    def keeps_out(self, incoming: Key, lowest: Key) -> bool:
+        return self.rank(incoming) < self.rank(lowest)
 
     def victim(self, candidates: Sequence[Key], now: int, incoming: Key | None = None) -> Key:
-        lowest = min(candidates, key=lambda k: self.value(k, now))
-        if incoming is not None and self.value(incoming, now) < self.value(lowest, now):
-            return incoming
-        return lowest
+        lowest = min(candidates, key=self.rank)
+        return incoming if incoming is not None and self.keeps_out(incoming, lowest) else lowest
 
 
 class AdaptivePolicy(CachePolicy):
@@ -120,7 +142,7 @@ class AdaptivePolicy(CachePolicy):
             raise ValueError(f"need candidates and half_life_uses > 0, got {len(candidates)}, {half_life_uses}")
         self.candidates = list(candidates)
         self.capacity = capacity
-        self.shadows: list[dict[int | None, set[Key]]] = [{} for _ in self.candidates]
+        self.shadows: list[dict[int | None, RankedKeys]] = [{} for _ in self.candidates]
         self.hits = [0.0] * len(self.candidates)  # decayed shadow hits
         self.keep = 0.5 ** (1.0 / half_life_uses)
         self.leader = 0
@@ -129,10 +151,12 @@ class AdaptivePolicy(CachePolicy):
     def leading(self) -> CachePolicy:
         return self.candidates[self.leader]
 
-    def _shadow(self, i: int, key: Key) -> tuple[set[Key], int]:
-        if isinstance(self.capacity, int):
-            return self.shadows[i].setdefault(None, set()), self.capacity
-        return self.shadows[i].setdefault(key[0], set()), self.capacity(key[0])
+    def _shadow(self, i: int, key: Key) -> tuple[RankedKeys, int]:
+        layer = None if isinstance(self.capacity, int) else key[0]
+        tier = self.shadows[i].get(layer)
+        if tier is None:
+            tier = self.shadows[i][layer] = RankedKeys(self.candidates[i].rank)
+        return tier, self.capacity if layer is None else self.capacity(layer)
 
     def touch(self, key: Key, now: int, weight: float, demand: bool = True) -> None:
         if demand:
@@ -142,17 +166,19 @@ class AdaptivePolicy(CachePolicy):
                 if key in tier:
                     self.hits[i] += 1.0
                 elif capacity > 0 and policy.admits(key):
-                    if len(tier) >= capacity:
-                        out = policy.victim(list(tier), now, key)
-                        if out == key:
-                            continue
-                        tier.discard(out)
-                    tier.add(key)
+                    while len(tier) >= capacity:  # the layout may have shrunk since
+                        lowest = tier.lowest()
+                        if policy.keeps_out(key, lowest):
+                            break
+                        tier.discard(lowest)
+                    else:
+                        tier.add(key)
             best = max(range(len(self.hits)), key=self.hits.__getitem__)
             if self.hits[best] > self.hits[self.leader]:
                 self.leader = best
-        for policy in self.candidates:
+        for i, policy in enumerate(self.candidates):
             policy.touch(key, now, weight, demand)
+            self._shadow(i, key)[0].refresh(key)
 
     def admits(self, key: Key) -> bool:
         return self.leading.admits(key)
