@@ -8,21 +8,26 @@ intra-layer schedule, the score policy with pre-gating prefetch, LRU loading eve
 fast tier left empty: all experts on the CPU, Fiddler's baseline); plus hit rate, demand misses, CPU-computed experts, prefetch accuracy
 and bytes moved per token. Greedy tokens are checked to be identical.
 Prints one JSON object; `vs_all_resident` is tokens/s over the all-resident engine's, and
-`vs_lru_on_demand` over LRU-on-demand's.
+`vs_lru_on_demand` over LRU-on-demand's. The engines run in `--repeats` rounds: in each, every
+variant decodes on a fresh engine right after the all-resident engine decodes the same prompts, and
+its ratio is taken against that run; the median over the rounds is reported with its range, since
+a shared VM's speed drifts.
 
-    python bench/expert_cache.py [--fraction 0.5] [--batch 4] [--new-tokens 128] [--device cuda --fraction 0.25]
+    python bench/expert_cache.py [--fraction 0.5] [--batch 4] [--new-tokens 128] [--repeats 3] [--device cuda --fraction 0.25]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from cluster.config import EngineConfig
 from cluster.demo import ensure_demo_model
@@ -58,30 +63,57 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--device", default="cpu", help="the fast tier's device (cuda: pinned host memory below it)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="rounds; each runs every variant on a fresh engine, right after the all-resident one")
     args = ap.parse_args()
+    if args.repeats <= 0:
+        ap.error("--repeats must be > 0")
     model = str(args.model or ensure_demo_model())
     base = EngineConfig(model=model, dtype=args.dtype, device=args.device, max_num_seqs=args.batch)
     out: dict = {"model": model, "fraction": args.fraction, "batch": args.batch, "new_tokens": args.new_tokens,
-                 "threads": torch.get_num_threads()}
-    decode(LLMEngine(base), args.batch, 8)  # warm-up: first-call allocations, oneDNN primitives
-    resident_tps, want = decode(LLMEngine(base), args.batch, args.new_tokens)
-    out["all_resident_tokens_per_s"] = resident_tps
-    for name, policy, prefetch, schedule in VARIANTS:
-        engine = LLMEngine(replace(base, expert_cache_fraction=args.fraction, expert_cache_policy=policy,
-                                   expert_cache_prefetch=prefetch, expert_cache_schedule=schedule))
-        out.setdefault("cost_model", engine.model.experts.cost.as_dict())
-        tps, got = decode(engine, args.batch, args.new_tokens)
-        stats = engine.model.experts.stats.as_dict()
-        tokens = args.batch * (args.new_tokens + 1)
-        out[name] = {"tokens_per_s": tps, "vs_all_resident": tps / resident_tps, "hit_rate": stats["hit_rate"],
-                     "demand_misses_per_token": stats["misses"] / tokens, "prefetch_accuracy": stats["prefetch_accuracy"],
-                     "cpu_computed_per_token": stats["cpu_computed"] / tokens,
-                     "bytes_moved_per_token": stats["bytes_moved"] / tokens, "identical_tokens": got == want,
-                     "fast_tier_bytes": engine.model.experts.nbytes()}
+                 "threads": torch.get_num_threads(), "repeats": args.repeats}
+    resident_engine = LLMEngine(base)
+    decode(resident_engine, args.batch, 8)  # warm-up: first-call allocations, oneDNN primitives
+    runs: dict[str, list[dict]] = {name: [] for name, *_ in VARIANTS}
+    resident: list[float] = []
+    for _ in tqdm(range(args.repeats), desc="rounds", file=sys.stderr):
+        for name, policy, prefetch, schedule in VARIANTS:
+            resident_tps, want = decode(resident_engine, args.batch, args.new_tokens)  # beside each variant
+            resident.append(resident_tps)
+            engine = LLMEngine(replace(base, expert_cache_fraction=args.fraction, expert_cache_policy=policy,
+                                       expert_cache_prefetch=prefetch, expert_cache_schedule=schedule))
+            out.setdefault("cost_model", engine.model.experts.cost.as_dict())
+            tps, got = decode(engine, args.batch, args.new_tokens)
+            runs[name].append(variant_report(engine, args, tps, resident_tps, got == want))
+    out["all_resident_tokens_per_s"] = statistics.median(resident)
     for name, *_ in VARIANTS:
-        out[name]["vs_lru_on_demand"] = out[name]["tokens_per_s"] / out["lru-on-demand"]["tokens_per_s"]
+        out[name] = summarise(runs[name], runs["lru-on-demand"])
     print(json.dumps(out, indent=2))
     return 0
+
+
+def variant_report(engine: LLMEngine, args: argparse.Namespace, tps: float, resident_tps: float,
+                   identical: bool) -> dict:
+    stats = engine.model.experts.stats.as_dict()
+    tokens = args.batch * (args.new_tokens + 1)
+    return {"tokens_per_s": tps, "vs_all_resident": tps / resident_tps, "hit_rate": stats["hit_rate"],
+            "demand_misses_per_token": stats["misses"] / tokens, "prefetch_accuracy": stats["prefetch_accuracy"],
+            "cpu_computed_per_token": stats["cpu_computed"] / tokens,
+            "bytes_moved_per_token": stats["bytes_moved"] / tokens, "identical_tokens": identical,
+            "fast_tier_bytes": engine.model.experts.nbytes()}
+
+
+def summarise(runs: list[dict], on_demand: list[dict]) -> dict:
+    """Medians over the rounds, with the ratios' ranges; tokens must be identical in every round.
+    vs_lru_on_demand: the ratio of the two variants' vs_all_resident in the same round."""
+    out = {key: statistics.median(r[key] for r in runs) if runs[0][key] is not None else None
+           for key in runs[0] if key != "identical_tokens"}
+    out["identical_tokens"] = all(r["identical_tokens"] for r in runs)
+    out["vs_all_resident_range"] = [min(r["vs_all_resident"] for r in runs), max(r["vs_all_resident"] for r in runs)]
+    paired = [r["vs_all_resident"] / d["vs_all_resident"] for r, d in zip(runs, on_demand)]
+    out["vs_lru_on_demand"] = statistics.median(paired)
+    out["vs_lru_on_demand_range"] = [min(paired), max(paired)]
+    return out
 
 
 if __name__ == "__main__":

@@ -159,10 +159,10 @@ class AdaptivePolicy(CachePolicy):
         return tier, self.capacity if layer is None else self.capacity(layer)
 
     def touch(self, key: Key, now: int, weight: float, demand: bool = True) -> None:
+        tiers = [self._shadow(i, key) for i in range(len(self.candidates))]
         if demand:
-            for i, policy in enumerate(self.candidates):  # each decides on its own state before the use
-                self.hits[i] *= self.keep
-                tier, capacity = self._shadow(i, key)
+            for i, (policy, (tier, capacity)) in enumerate(zip(self.candidates, tiers)):
+                self.hits[i] *= self.keep  # each decides on its own state before the use
                 if key in tier:
                     self.hits[i] += 1.0
                 elif capacity > 0 and policy.admits(key):
@@ -176,9 +176,9 @@ class AdaptivePolicy(CachePolicy):
             best = max(range(len(self.hits)), key=self.hits.__getitem__)
             if self.hits[best] > self.hits[self.leader]:
                 self.leader = best
-        for i, policy in enumerate(self.candidates):
+        for policy, (tier, _) in zip(self.candidates, tiers):
             policy.touch(key, now, weight, demand)
-            self._shadow(i, key)[0].refresh(key)
+            tier.refresh(key)
 
     def admits(self, key: Key) -> bool:
         return self.leading.admits(key)

@@ -100,6 +100,7 @@ class CacheStats:
 @dataclass(slots=True)
 class _Layer:
     bank: ExpertBank  # slots rows; bank.slot_of maps resident experts to rows, -1 otherwise
+    slots: int
     free: list[int]
     owned: frozenset[int]  # the experts this cache serves (a shard's share of the layer)
     resident: dict[int, int] = field(default_factory=dict)  # expert -> row
@@ -133,11 +134,12 @@ class CachedExperts:
         slots = self.config.slots(max(1, len(owned)))
         bank = ExpertBank.empty(layer, (), self.spec.num_experts, self.spec.hidden_size, self.spec.expert_intermediate,
                                 self.dtype, self.device, rows=slots)
-        return _Layer(bank, list(range(slots)), frozenset(owned))
+        return _Layer(bank, slots, list(range(slots)), frozenset(owned))
 
     def _slots(self, layer: int) -> int:
         """The layer's fast-tier rows (the adaptive policy's shadow tiers follow re-placements)."""
-        return len(self.layers[layer].bank.buffer) if layer in self.layers else 0
+        lay = self.layers.get(layer)
+        return lay.slots if lay is not None else 0
 
     def set_owned(self, owned: dict[int, tuple[int, ...]]) -> None:
         """Serve `owned` (layer -> experts) from now on (a re-placement): experts no longer owned
@@ -236,7 +238,7 @@ class CachedExperts:
         lay, now = self.layers[layer], self._clock
         gain = {e: self._miss_cost(u) for e, u in enumerate(expected) if u >= MIN_PREFETCH_USES and e in lay.owned}
         protect = set(gain) & set(lay.resident)  # a prediction never evicts another predicted expert
-        for e in sorted(gain, key=lambda e: -gain[e])[:len(lay.bank.buffer)]:
+        for e in sorted(gain, key=lambda e: -gain[e])[:lay.slots]:
             if gain[e] <= 0:
                 break
             if e not in lay.resident and self._load(layer, lay, e, protect, now):
