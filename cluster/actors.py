@@ -30,7 +30,7 @@ from experts.checkpoint import Checkpoint
 from experts.config import load_spec
 from experts.expert_bank import ExpertBank
 from experts.expert_cache import CachedExperts, ExpertCacheConfig
-from experts.loader import load_dense, load_experts, read_expert
+from experts.loader import expert_views, load_dense, load_experts
 from experts.shard import ExpertShard
 from kernels.dispatch import select_kernels
 from router.gating import Gate
@@ -292,7 +292,7 @@ class ShardActor(_Actor):
                 if src >= 0:
                     bank.buffer[row].copy_(old.buffer[src])
                 else:
-                    bank.set_expert(row, *read_expert(self.ckpt, self.spec, layer, e, self.dtype))
+                    bank.set_expert(row, *expert_views(self.ckpt, self.spec, layer, e))
                     read += bank.buffer[row].numel() * bank.buffer.element_size()
             self.shard.banks[layer] = bank
         self.experts = {layer: tuple(ids) for layer, ids in experts.items()}

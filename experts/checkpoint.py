@@ -1,12 +1,17 @@
 """Lazy, per-tensor reads of a HuggingFace safetensors checkpoint.
 
 Opening a checkpoint reads only the safetensors headers; tensors are read one by one on demand
-(memory-mapped), so a component that owns a subset of the experts reads only those.
+(memory-mapped), so a component that owns a subset of the experts reads only those. `view` gives a
+tensor straight over the memory-mapped file, with no copy: the expert cache's slow tier computes
+from it where it lies and moves an expert with one copy into its fast-tier row.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,6 +20,31 @@ from safetensors import SafetensorError, safe_open
 from experts.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+@dataclass(frozen=True, slots=True)
+class _Mapped:
+    """A safetensors file mapped into memory: its header, and its data bytes (after the header)."""
+
+    header: dict
+    data: torch.Tensor  # uint8 [bytes of tensor data]
+
+
+def _map(path: Path) -> _Mapped:
+    """Maps the file privately (pages are read on first touch; nothing is copied up front). The
+    format: an 8-byte little-endian header length, the JSON header (each tensor's dtype, shape and
+    data_offsets, relative to the data after the header), then the data."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    size = path.stat().st_size
+    if 8 + length > size or not isinstance(header, dict):
+        raise ValueError("header larger than the file")
+    whole = torch.from_file(str(path), shared=False, size=size, dtype=torch.uint8)
+    return _Mapped(header, whole[8 + length:])
 
 
 class Checkpoint:
@@ -33,6 +63,7 @@ class Checkpoint:
                 self._shapes[name] = shape
         self._check_index()
         self._handles: dict[Path, object] = {}
+        self._maps: dict[Path, _Mapped] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -47,15 +78,45 @@ class Checkpoint:
         self._check_shape(name, shape)
         return self._read(name, lambda h: h.get_tensor(name)).to(device, dtype)
 
-    def read_row(self, name: str, index: int, shape: tuple[int, ...],
-                 dtype: torch.dtype) -> torch.Tensor:
-        """`tensor[index]` of a stacked tensor, reading only that row; shape is the row's."""
+    def view(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The tensor `name`, checked to have `shape`, in the file's dtype, over the memory-mapped file
+        without a copy (a private mapping: a write would change a copy of the page, never the
+        file); a copy where the data cannot be viewed in place (an unaligned or unusual dtype)."""
+        self._check_shape(name, shape)
+        return self._view(name)
+
+    def view_row(self, name: str, index: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """`tensor[index]` of a stacked tensor, as `view`; shape is the row's."""
         self._require(name)
         full = self._shapes[name]
         if full[1:] != shape or not 0 <= index < full[0]:
             raise CheckpointError(
                 f"{name}: shape {list(full)} has no row {index} of shape {list(shape)}")
-        return self._read(name, lambda h: h.get_slice(name)[index]).to(dtype)
+        return self._view(name)[index]
+
+    def _view(self, name: str) -> torch.Tensor:
+        path = self._where[name]
+        mapped = self._mapped(path)
+        entry = mapped.header.get(name)
+        dtype = SAFETENSORS_DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
+        if dtype is None:
+            return self._read(name, lambda h: h.get_tensor(name))
+        begin, end = entry["data_offsets"]
+        shape = self._shapes[name]
+        size = dtype.itemsize * math.prod(shape)
+        if not 0 <= begin <= end <= mapped.data.numel() or end - begin != size:
+            raise CheckpointError(f"{path.name}: corrupt safetensors file (tensor {name} lies outside its data)")
+        if (mapped.data.storage_offset() + begin) % dtype.itemsize:
+            return self._read(name, lambda h: h.get_tensor(name))
+        return mapped.data[begin:end].view(dtype).view(shape)
+
+    def _mapped(self, path: Path) -> "_Mapped":
+        if path not in self._maps:
+            try:
+                self._maps[path] = _map(path)
+            except (OSError, RuntimeError, ValueError) as exc:
+                raise CheckpointError(f"{path.name}: cannot map safetensors file ({exc})") from exc
+        return self._maps[path]
 
     def _read(self, name: str, fetch) -> torch.Tensor:
         path = self._where[name]

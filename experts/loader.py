@@ -116,17 +116,19 @@ def load_experts(ckpt: Checkpoint, spec: ModelSpec, layer: int, expert_ids: Iter
     h, i = spec.hidden_size, spec.expert_intermediate
     bank = ExpertBank.empty(layer, ids, spec.num_experts, h, i, dtype, device)
     for row, expert in enumerate(ids):
-        bank.set_expert(row, *read_expert(ckpt, spec, layer, expert, dtype))
+        bank.set_expert(row, *expert_views(ckpt, spec, layer, expert))  # one copy each, converting the dtype
     return bank
 
 
-def read_expert(ckpt: Checkpoint, spec: ModelSpec, layer: int, expert: int,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def expert_views(ckpt: Checkpoint, spec: ModelSpec, layer: int,
+                 expert: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gate [I, H], up [I, H], down [H, I] of one expert in the checkpoint's dtype, over the
+    memory-mapped file without a copy (Checkpoint.view): to be read, or copied where they are kept."""
     table = TABLES[spec.family]
     h, i = spec.hidden_size, spec.expert_intermediate
     if expert_name(table, "gate", layer, expert) not in ckpt and fused_name(table, "gate_up", layer) in ckpt:
-        gate_up = ckpt.read_row(fused_name(table, "gate_up", layer), expert, (2 * i, h), dtype)
-        down = ckpt.read_row(fused_name(table, "down", layer), expert, (h, i), dtype)
+        gate_up = ckpt.view_row(fused_name(table, "gate_up", layer), expert, (2 * i, h))
+        down = ckpt.view_row(fused_name(table, "down", layer), expert, (h, i))
         return gate_up[:i], gate_up[i:], down
-    return tuple(ckpt.read(expert_name(table, p, layer, expert), shape, dtype)
+    return tuple(ckpt.view(expert_name(table, p, layer, expert), shape)
                  for p, shape in (("gate", (i, h)), ("up", (i, h)), ("down", (h, i))))

@@ -50,10 +50,24 @@ def test_lazy_expert_load_reads_only_its_experts(tiny_model, monkeypatch):
     spec = load_spec(path)
     ckpt = Checkpoint(path)
     names = []
-    real = Checkpoint.read
-    monkeypatch.setattr(Checkpoint, "read", lambda self, n, *a, **k: names.append(n) or real(self, n, *a, **k))
+    real = Checkpoint.view
+    monkeypatch.setattr(Checkpoint, "view", lambda self, n, *a, **k: names.append(n) or real(self, n, *a, **k))
     load_experts(ckpt, spec, 1, [4], torch.float32)
     assert len(names) == 3 and all(".experts.4." in n and "layers.1." in n for n in names)
+
+
+def test_views_lie_over_the_mapped_file_and_hold_its_values(tiny_model, tmp_path):
+    path = copy_model(tiny_model("mixtral"), tmp_path / "m")
+    spec, ckpt = load_spec(path), Checkpoint(path)
+    name = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
+    shape = (spec.hidden_size, spec.expert_intermediate)
+    view = ckpt.view(name, shape)
+    assert torch.equal(view, load_file(path / "model.safetensors")[name])
+    assert ckpt.view(name, shape).data_ptr() == view.data_ptr()  # the same bytes twice: no copy
+    view.add_(1.0)  # a private mapping: the file keeps its values
+    assert torch.equal(Checkpoint(path).view(name, shape), load_file(path / "model.safetensors")[name])
+    with pytest.raises(CheckpointError, match=r"expected shape \[1, 2\]"):
+        ckpt.view(name, (1, 2))
 
 
 def test_fused_3d_expert_layout_is_read_row_by_row(tiny_model, tmp_path):
