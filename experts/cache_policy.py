@@ -53,8 +53,8 @@ class CachePolicy(ABC):
         return True
 
     def rank(self, key: Key) -> object:
-        """An eviction order that stays put while `key` is not touched (lowest leaves first), for
-        experts.ranked_keys; the static and Belady policies have none."""
+        """An eviction order that stays put while `key` is not touched and never falls when it is
+        (lowest leaves first), for experts.ranked_keys; the static and Belady policies have none."""
         raise NotImplementedError(f"the {self.name} cache policy has no time-invariant rank")
 
     def keeps_out(self, incoming: Key, lowest: Key) -> bool:
@@ -118,8 +118,11 @@ class ScorePolicy(CachePolicy):
         return self.log_score.get(key, -math.inf)
 
     def touch(self, key: Key, now: int, weight: float, demand: bool = True) -> None:
-        total = self.value(key, now) + weight
-        self.log_score[key] = math.log(total) + self.decay * now if total > 0 else -math.inf
+        if weight <= 0:  # adds nothing: the rank stays exactly as it is (ranks never fall)
+            self.log_score.setdefault(key, -math.inf)
+            return
+        rank = math.log(self.value(key, now) + weight) + self.decay * now
+        self.log_score[key] = max(rank, self.rank(key))  # rounding may not lower it either
 
     def keeps_out(self, incoming: Key, lowest: Key) -> bool:
         return self.rank(incoming) < self.rank(lowest)
@@ -142,7 +145,7 @@ class AdaptivePolicy(CachePolicy):
             raise ValueError(f"need candidates and half_life_uses > 0, got {len(candidates)}, {half_life_uses}")
         self.candidates = list(candidates)
         self.capacity = capacity
-        self.shadows: list[dict[int | None, RankedKeys]] = [{} for _ in self.candidates]
+        self.shadows: dict[int | None, list[RankedKeys]] = {}  # layer (None: one tier) -> a tier per candidate
         self.hits = [0.0] * len(self.candidates)  # decayed shadow hits
         self.keep = 0.5 ** (1.0 / half_life_uses)
         self.leader = 0
@@ -151,20 +154,23 @@ class AdaptivePolicy(CachePolicy):
     def leading(self) -> CachePolicy:
         return self.candidates[self.leader]
 
-    def _shadow(self, i: int, key: Key) -> tuple[RankedKeys, int]:
+    def _tiers(self, key: Key) -> tuple[list[RankedKeys], int]:
+        """The candidates' shadow tiers holding `key`'s layer, and their capacity."""
         layer = None if isinstance(self.capacity, int) else key[0]
-        tier = self.shadows[i].get(layer)
-        if tier is None:
-            tier = self.shadows[i][layer] = RankedKeys(self.candidates[i].rank)
-        return tier, self.capacity if layer is None else self.capacity(layer)
+        tiers = self.shadows.get(layer)
+        if tiers is None:
+            tiers = self.shadows[layer] = [RankedKeys(policy.rank) for policy in self.candidates]
+        return tiers, self.capacity if layer is None else self.capacity(layer)
 
     def touch(self, key: Key, now: int, weight: float, demand: bool = True) -> None:
-        tiers = [self._shadow(i, key) for i in range(len(self.candidates))]
         if demand:
-            for i, (policy, (tier, capacity)) in enumerate(zip(self.candidates, tiers)):
-                self.hits[i] *= self.keep  # each decides on its own state before the use
+            tiers, capacity = self._tiers(key)
+            hits = self.hits
+            for i, policy in enumerate(self.candidates):  # each decides on its own state before the use
+                tier = tiers[i]
+                hits[i] *= self.keep
                 if key in tier:
-                    self.hits[i] += 1.0
+                    hits[i] += 1.0
                 elif capacity > 0 and policy.admits(key):
                     while len(tier) >= capacity:  # the layout may have shrunk since
                         lowest = tier.lowest()
@@ -173,12 +179,11 @@ class AdaptivePolicy(CachePolicy):
                         tier.discard(lowest)
                     else:
                         tier.add(key)
-            best = max(range(len(self.hits)), key=self.hits.__getitem__)
-            if self.hits[best] > self.hits[self.leader]:
-                self.leader = best
-        for policy, (tier, _) in zip(self.candidates, tiers):
+            for i in range(len(hits)):
+                if hits[i] > hits[self.leader]:
+                    self.leader = i
+        for policy in self.candidates:
             policy.touch(key, now, weight, demand)
-            tier.refresh(key)
 
     def admits(self, key: Key) -> bool:
         return self.leading.admits(key)

@@ -1,10 +1,13 @@
 """RankedKeys (torch-free): a set of cache keys kept in a policy's eviction order, lowest rank first.
 
-A policy's `rank(key)` is an order that does not change while the key is not touched (LRU's last
-use; the score policy's log-score plus its decay times the step it was updated), so the set keeps a
-min-heap of (rank, entry number, key) and finds the victim in O(log n) instead of ranking every
-resident key at every eviction. The owner calls `refresh(key)` after every change to a key's rank;
-an entry older than its key's latest, or of a key no longer in the set, is dropped when it surfaces.
+A policy's `rank(key)` is an order that does not change while the key is not touched and never
+falls when it is (LRU's last use; LFU's use count and last use; the score policy's log-score plus
+its decay times the step it was updated, since a use only adds to the score). So the set keeps a
+min-heap of (rank when pushed, entry number, key) and re-ranks lazily: an entry that surfaces with
+a rank below its key's current one is pushed again with the current rank; one that surfaces with
+its current rank is the lowest, since every other entry's current rank is at least its pushed one.
+A touch then costs the set nothing, and an eviction O(log n) amortised, instead of ranking every
+resident key. An entry of a key no longer in the set, or older than its key's latest, is dropped.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import heapq
 import itertools
 from typing import Callable, Collection, Hashable, Iterator
 
-Rank = Callable[[Hashable], object]  # any totally ordered value; lower leaves first
+Rank = Callable[[Hashable], object]  # any totally ordered value; lower leaves first; never falls
 
 
 class RankedKeys:
@@ -34,22 +37,23 @@ class RankedKeys:
 
     def add(self, key: Hashable) -> None:
         self._push(key)
-
-    def refresh(self, key: Hashable) -> None:
-        """`key`'s rank changed: re-rank it (nothing if it is not in the set)."""
-        if key in self._entry:
-            self._push(key)
+        if len(self._heap) > 4 * len(self._entry) + 64:  # mostly dropped entries: rebuild
+            self._heap = [(self.rank(k), n, k) for k, n in self._entry.items()]
+            heapq.heapify(self._heap)
 
     def discard(self, key: Hashable) -> None:
         self._entry.pop(key, None)
 
     def lowest(self, skip: Collection[Hashable] = ()) -> Hashable | None:
-        """The key of lowest rank not in `skip` (ties: the one ranked first); None if there is none."""
+        """The key of lowest current rank not in `skip` (ties: the one ranked first); None if none."""
         skipped, found = [], None
         while self._heap:
-            _, number, key = self._heap[0]
+            pushed, number, key = self._heap[0]
             if self._entry.get(key) != number:
-                heapq.heappop(self._heap)  # stale: re-ranked or gone
+                heapq.heappop(self._heap)  # gone, or pushed again since
+            elif self.rank(key) != pushed:
+                heapq.heappop(self._heap)
+                self._push(key)  # touched since: re-ranked now
             elif key in skip:
                 skipped.append(heapq.heappop(self._heap))
             else:
@@ -62,6 +66,3 @@ class RankedKeys:
     def _push(self, key: Hashable) -> None:
         number = self._entry[key] = next(self._numbers)
         heapq.heappush(self._heap, (self.rank(key), number, key))
-        if len(self._heap) > 4 * len(self._entry) + 64:  # mostly stale entries: rebuild
-            self._heap = [(self.rank(k), n, k) for k, n in self._entry.items()]
-            heapq.heapify(self._heap)
