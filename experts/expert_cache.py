@@ -68,8 +68,9 @@ class CacheStats:
 
     def add(self, counts: Mapping[str, Any]) -> None:
         """Add the counters in `counts` (an as_dict() result, or some of the field names)."""
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + int(counts.get(f.name, 0)))
+        for name, value in counts.items():
+            if name in _COUNTERS:
+                setattr(self, name, getattr(self, name) + int(value))
 
     @classmethod
     def summed(cls, stats: Iterable[Mapping[str, Any]]) -> "CacheStats":
@@ -95,6 +96,9 @@ class CacheStats:
                 "bytes_moved": self.bytes_moved, "hit_rate": self.hits / looked_up if looked_up else None,
                 "prefetches": self.prefetches, "prefetch_used": self.prefetch_used,
                 "prefetch_accuracy": self.prefetch_used / self.prefetches if self.prefetches else None}
+
+
+_COUNTERS = frozenset(f.name for f in fields(CacheStats))
 
 
 @dataclass(slots=True)
@@ -208,6 +212,8 @@ class CachedExperts:
     def _schedule(self, tokens: dict[int, int], lay: _Layer, reusable: int) -> tuple[list[int], list[int]]:
         """(missing experts to load, missing experts to compute where they lie)."""
         missing = sorted((e for e in tokens if e not in lay.resident), key=lambda e: (-tokens[e], e))
+        if not missing:
+            return [], []
         if self.config.schedule == "load":
             return missing[:reusable], missing[reusable:]
         if self.config.schedule == "cpu":
