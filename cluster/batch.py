@@ -26,7 +26,10 @@ class StepBatch:
     max_q: int
     logit_rows: torch.Tensor  # [S] int64: rows of T whose next token is sampled
     sample_seq_ids: tuple[int, ...]  # [S] the sequences those rows belong to
-    kv_run: int | None = None  # one sequence whose keys sit in consecutive slots from this one: read in place
+    q_lens: tuple[int, ...] = ()  # [B] new tokens of each sequence (its rows of T, in order)
+    kv_lens: tuple[int, ...] = ()  # [B] keys of each sequence (its context, new tokens included)
+    kv_runs: tuple[int, ...] | None = None  # [B] each sequence's first slot, when every sequence's
+    # keys sit in consecutive slots (attention can then read them in place)
 
     def to(self, device: torch.device) -> "StepBatch":
         """The same batch with its tensors on `device` (itself when they are there already)."""
@@ -53,7 +56,8 @@ def build_batch(out: SchedulerOutput, block_size: int, sliding_window: int | Non
         if c.sample:
             rows.append(len(ids) - 1)
             seq_ids.append(c.seq_id)
-    run = int(kv[0, 0]) if len(chunks) == 1 and (kv[0] == kv[0, 0] + np.arange(max_k)).all() else None
+    kv_lens = [c.start + n for c, n in zip(chunks, lens)]
+    consecutive = all(_consecutive(c.block_ids[:-(-n // block_size)]) for c, n in zip(chunks, kv_lens))
     kv_t = torch.from_numpy(kv)
     positions = torch.tensor(pos, dtype=torch.int64)
     slot_mapping = kv_t.view(-1)[torch.tensor(dest, dtype=torch.int64) // max_q * max_k + positions]
@@ -65,7 +69,12 @@ def build_batch(out: SchedulerOutput, block_size: int, sliding_window: int | Non
         q_dest=torch.tensor(dest, dtype=torch.int64, device=device),
         q_padded=any(n != max_q for n in lens), num_seqs=len(chunks), max_q=max_q,
         logit_rows=torch.tensor(rows, dtype=torch.int64, device=device),
-        sample_seq_ids=tuple(seq_ids), kv_run=run)
+        sample_seq_ids=tuple(seq_ids), q_lens=tuple(lens), kv_lens=tuple(kv_lens),
+        kv_runs=tuple(int(kv[b, 0]) for b in range(len(chunks))) if consecutive else None)
+
+
+def _consecutive(blocks: tuple[int, ...]) -> bool:
+    return all(b - a == 1 for a, b in zip(blocks, blocks[1:]))
 
 
 def _mask(qpos: torch.Tensor, max_k: int, window: int | None) -> torch.Tensor:

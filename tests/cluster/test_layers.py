@@ -48,15 +48,42 @@ def _one_sequence(blocks: tuple[int, ...], start: int, n: int):
 
 def test_a_lone_sequence_in_consecutive_slots_is_read_in_place_with_the_same_bits():
     run = _one_sequence((2, 3, 4), start=9, n=1)  # keys in slots 8..17: consecutive
-    assert run.kv_run == 8
-    assert _one_sequence((2, 5, 4), start=9, n=1).kv_run is None  # block 5 breaks the run
-    pair = (ScheduledChunk(0, (1,), 3, (0,), True), ScheduledChunk(1, (1,), 3, (1,), True))
-    two = build_batch(SchedulerOutput(pair), 4, None, torch.device("cpu"))
-    assert two.kv_run is None  # several sequences are always gathered
+    assert run.kv_runs == (8,) and run.kv_lens == (10,) and run.q_lens == (1,)
+    assert _one_sequence((2, 5, 4), start=9, n=1).kv_runs is None  # block 5 breaks the run
+    assert _one_sequence((2, 3, 9), start=5, n=1).kv_runs == (8,)  # block 9 holds none of its keys yet
     g = torch.Generator().manual_seed(0)
-    k, v = torch.randn(24, 2, 8, generator=g), torch.randn(24, 2, 8, generator=g)
+    k, v = torch.randn(40, 2, 8, generator=g), torch.randn(40, 2, 8, generator=g)
     for n, start in ((1, 9), (3, 7)):  # a decode step and a prefill chunk
         batch = _one_sequence((2, 3, 4), start, n)
         q = torch.randn(n, 4, 8, generator=g)
-        gathered = paged_attention(q, k, v, dataclasses.replace(batch, kv_run=None), 0.3)
+        gathered = paged_attention(q, k, v, dataclasses.replace(batch, kv_runs=None), 0.3)
         assert torch.equal(paged_attention(q, k, v, batch, 0.3), gathered)
+
+
+def test_long_contexts_are_attended_in_place_each_sequence_with_its_lone_bits(monkeypatch):
+    """Several sequences in consecutive slots, decoding and prefilling: each gets exactly the bits
+    it gets alone, and the values of the gathered path."""
+    import cluster.layers as layers
+
+    bs, g = 4, torch.Generator().manual_seed(1)
+    seqs = [((0, 1, 2), 9, 1), ((5, 6), 2, 3), ((3, 4), 6, 1)]  # (blocks, start, new tokens)
+    chunks = tuple(ScheduledChunk(i, tuple(range(n)), start, blocks, True) for i, (blocks, start, n) in enumerate(seqs))
+    batch = build_batch(SchedulerOutput(chunks), bs, None, torch.device("cpu"))
+    assert batch.kv_runs == (0, 20, 12) and batch.kv_lens == (10, 5, 7) and batch.q_lens == (1, 3, 1)
+    k, v = torch.randn(32, 2, 8, generator=g), torch.randn(32, 2, 8, generator=g)
+    q = torch.randn(5, 4, 8, generator=g)
+    calls = []
+    real = layers._attention_in_place
+    monkeypatch.setattr(layers, "_attention_in_place", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(layers, "IN_PLACE_MIN_KEYS", 8)  # mean keys 7.3: gathered
+    gathered = paged_attention(q, k, v, batch, 0.3)
+    assert not calls
+    monkeypatch.setattr(layers, "IN_PLACE_MIN_KEYS", 7)
+    in_place = paged_attention(q, k, v, batch, 0.3)
+    assert calls
+    torch.testing.assert_close(in_place, gathered, rtol=1e-6, atol=1e-6)
+    row = 0
+    for (blocks, start, n), chunk in zip(seqs, chunks):
+        alone = build_batch(SchedulerOutput((chunk,)), bs, None, torch.device("cpu"))
+        assert torch.equal(in_place[row:row + n], paged_attention(q[row:row + n], k, v, alone, 0.3))
+        row += n

@@ -92,3 +92,22 @@ def test_decode_never_runs_out_of_reserved_blocks():
         out = run_step(s)
         c = out.chunks[0]
         assert c.start + len(c.token_ids) <= len(c.block_ids) * 2
+
+
+def test_blocks_are_handed_out_as_the_lowest_long_enough_run_when_there_is_one():
+    from cluster.block_manager import BlockManager
+
+    blocks = BlockManager(10, 4)
+    a, b, c = blocks.allocate(8), blocks.allocate(12), blocks.allocate(4)
+    assert (a, b, c) == ([0, 1], [2, 3, 4], [5])
+    blocks.free(a)
+    blocks.free(c)  # free: 0, 1, 5, 6, 7, 8, 9
+    assert blocks.allocate(9) == [5, 6, 7]  # 0-1 is too short; 5-9 is the lowest run that fits
+    assert blocks.allocate(4) == [0]
+    assert blocks.allocate(12) == [1, 8, 9]  # no run of 3 is left: the lowest free blocks
+    assert blocks.num_free == 0 and not blocks.can_allocate(1)
+    with pytest.raises(RuntimeError, match="need 1 blocks, 0 free"):
+        blocks.allocate(1)
+    blocks.free(b)
+    with pytest.raises(RuntimeError, match="freed twice"):
+        blocks.free([2])

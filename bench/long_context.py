@@ -1,0 +1,81 @@
+"""Decode with long contexts: attention over the keys where they lie against gathering them.
+
+On the decode benchmark's model (bench/decode.py), `--batch` requests of `--context` prompt tokens
+each decode `--new-tokens` tokens (prefill excluded), once with each sequence attended in place
+(cluster/layers.py, the default for long contexts in consecutive slots) and once with every step's
+keys gathered into a padded batch (the path short contexts take); the two alternate `--repeats`
+times and the ratio is the median of the pairs. Greedy tokens are compared. Prints one JSON object.
+
+    python bench/long_context.py [--batch 8] [--context 1000] [--new-tokens 32] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import cluster.layers as layers
+from cluster.config import EngineConfig
+from cluster.engine import LLMEngine
+from cluster.sampling_params import SamplingParams
+
+sys.path.insert(0, str(Path(__file__).parent))
+from decode import bench_model  # noqa: E402
+
+
+def decode(engine: LLMEngine, batch: int, context: int, new_tokens: int) -> tuple[float, list[tuple[int, ...]]]:
+    """(decode tokens/s after each request's first token, every request's tokens)."""
+    g = torch.Generator().manual_seed(context)
+    params = SamplingParams(max_tokens=new_tokens + 1, temperature=0.0, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in torch.randint(0, 256, (batch, context), generator=g).tolist()]
+    final = {}
+    while any(s.num_computed < len(s.prompt_ids) for s in engine.scheduler.seqs.values()):
+        final.update({o.request_id: o for o in engine.step() if o.finished})
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        final.update({o.request_id: o for o in engine.step() if o.finished})
+    return batch * new_tokens / (time.perf_counter() - start), [final[i].token_ids for i in ids]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--context", type=int, default=1000, help="prompt tokens per request")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    if min(args.batch, args.context, args.new_tokens, args.repeats) <= 0:
+        ap.error("--batch, --context, --new-tokens and --repeats must be > 0")
+    model = bench_model(Path.home() / ".cache" / "moe-serve", "float32")
+    engine = LLMEngine(EngineConfig(model=str(model), max_num_seqs=args.batch,
+                                    kv_cache_tokens=args.batch * (args.context + args.new_tokens + 16)))
+    threshold = layers.IN_PLACE_MIN_KEYS
+    runs: dict[str, list[float]] = {"in_place": [], "gathered": []}
+    tokens: dict[str, list] = {}
+    for _ in tqdm(range(args.repeats), desc="rounds", file=sys.stderr):
+        for name, limit in (("in_place", threshold), ("gathered", float("inf"))):
+            layers.IN_PLACE_MIN_KEYS = limit
+            tps, got = decode(engine, args.batch, args.context, args.new_tokens)
+            runs[name].append(tps)
+            tokens.setdefault(name, got)
+    layers.IN_PLACE_MIN_KEYS = threshold
+    ratios = [a / b for a, b in zip(runs["in_place"], runs["gathered"])]
+    print(json.dumps({"model": str(model), "batch": args.batch, "context": args.context,
+                      "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": torch.get_num_threads(),
+                      "in_place_tokens_per_s": statistics.median(runs["in_place"]),
+                      "gathered_tokens_per_s": statistics.median(runs["gathered"]),
+                      "in_place_vs_gathered": statistics.median(ratios),
+                      "in_place_vs_gathered_range": [min(ratios), max(ratios)],
+                      "identical_tokens": tokens["in_place"] == tokens["gathered"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
