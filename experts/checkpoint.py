@@ -9,6 +9,7 @@ from it where it lies and moves an expert with one copy into its fast-tier row.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import struct
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from experts.errors import CheckpointError
 
+log = logging.getLogger(__name__)
 INDEX_FILE = "model.safetensors.index.json"
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -63,7 +65,7 @@ class Checkpoint:
                 self._shapes[name] = shape
         self._check_index()
         self._handles: dict[Path, object] = {}
-        self._maps: dict[Path, _Mapped] = {}
+        self._maps: dict[Path, _Mapped | None] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -97,6 +99,8 @@ class Checkpoint:
     def _view(self, name: str) -> torch.Tensor:
         path = self._where[name]
         mapped = self._mapped(path)
+        if mapped is None:
+            return self._read(name, lambda h: h.get_tensor(name))
         entry = mapped.header.get(name)
         dtype = SAFETENSORS_DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
         if dtype is None:
@@ -110,12 +114,15 @@ class Checkpoint:
             return self._read(name, lambda h: h.get_tensor(name))
         return mapped.data[begin:end].view(dtype).view(shape)
 
-    def _mapped(self, path: Path) -> "_Mapped":
+    def _mapped(self, path: Path) -> "_Mapped | None":
+        """The file's mapping; None where it cannot be mapped (a private mapping counts against a
+        strict overcommit limit, for one), and tensors are then read as copies."""
         if path not in self._maps:
             try:
                 self._maps[path] = _map(path)
             except (OSError, RuntimeError, ValueError) as exc:
-                raise CheckpointError(f"{path.name}: cannot map safetensors file ({exc})") from exc
+                log.warning("%s: cannot map safetensors file (%s); reading its tensors as copies", path.name, exc)
+                self._maps[path] = None
         return self._maps[path]
 
     def _read(self, name: str, fetch) -> torch.Tensor:

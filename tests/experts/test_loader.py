@@ -70,6 +70,22 @@ def test_views_lie_over_the_mapped_file_and_hold_its_values(tiny_model, tmp_path
         ckpt.view(name, (1, 2))
 
 
+def test_a_file_that_cannot_be_mapped_is_read_as_copies(tiny_model, monkeypatch, caplog):
+    import experts.checkpoint as checkpoint
+
+    path = tiny_model("olmoe")
+    spec = load_spec(path)
+    want = load_experts(Checkpoint(path), spec, 1, [2, 5], torch.float32)
+
+    def refuse(p):
+        raise OSError("Cannot allocate memory")
+
+    monkeypatch.setattr(checkpoint, "_map", refuse)
+    ckpt = Checkpoint(path)
+    assert torch.equal(load_experts(ckpt, spec, 1, [2, 5], torch.float32).buffer, want.buffer)
+    assert "cannot map safetensors file (Cannot allocate memory)" in caplog.text
+
+
 def test_fused_3d_expert_layout_is_read_row_by_row(tiny_model, tmp_path):
     path = copy_model(tiny_model("olmoe"), tmp_path / "m")
     spec = load_spec(path)
