@@ -94,25 +94,25 @@ class Checkpoint:
         if full[1:] != shape or not 0 <= index < full[0]:
             raise CheckpointError(
                 f"{name}: shape {list(full)} has no row {index} of shape {list(shape)}")
-        return self._view(name)[index]
+        return self._view(name, index)
 
-    def _view(self, name: str) -> torch.Tensor:
+    def _view(self, name: str, index: int | None = None) -> torch.Tensor:
+        """The whole tensor, or its row `index`: a view where it can be one, else a copy of just that."""
         path = self._where[name]
         mapped = self._mapped(path)
-        if mapped is None:
-            return self._read(name, lambda h: h.get_tensor(name))
-        entry = mapped.header.get(name)
+        entry = mapped.header.get(name) if mapped is not None else None
         dtype = SAFETENSORS_DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
-        if dtype is None:
+        if dtype is not None:
+            begin, end = entry["data_offsets"]
+            shape = self._shapes[name]
+            if not 0 <= begin <= end <= mapped.data.numel() or end - begin != dtype.itemsize * math.prod(shape):
+                raise CheckpointError(f"{path.name}: corrupt safetensors file (tensor {name} lies outside its data)")
+            if (mapped.data.storage_offset() + begin) % dtype.itemsize == 0:
+                whole = mapped.data[begin:end].view(dtype).view(shape)
+                return whole if index is None else whole[index]
+        if index is None:
             return self._read(name, lambda h: h.get_tensor(name))
-        begin, end = entry["data_offsets"]
-        shape = self._shapes[name]
-        size = dtype.itemsize * math.prod(shape)
-        if not 0 <= begin <= end <= mapped.data.numel() or end - begin != size:
-            raise CheckpointError(f"{path.name}: corrupt safetensors file (tensor {name} lies outside its data)")
-        if (mapped.data.storage_offset() + begin) % dtype.itemsize:
-            return self._read(name, lambda h: h.get_tensor(name))
-        return mapped.data[begin:end].view(dtype).view(shape)
+        return self._read(name, lambda h: h.get_slice(name)[index])
 
     def _mapped(self, path: Path) -> "_Mapped | None":
         """The file's mapping; None where it cannot be mapped (a private mapping counts against a

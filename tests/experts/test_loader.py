@@ -70,7 +70,7 @@ def test_views_lie_over_the_mapped_file_and_hold_its_values(tiny_model, tmp_path
         ckpt.view(name, (1, 2))
 
 
-def test_a_file_that_cannot_be_mapped_is_read_as_copies(tiny_model, monkeypatch, caplog):
+def test_a_file_that_cannot_be_mapped_is_read_as_copies(tiny_model, tmp_path, monkeypatch, caplog):
     import experts.checkpoint as checkpoint
 
     path = tiny_model("olmoe")
@@ -84,6 +84,11 @@ def test_a_file_that_cannot_be_mapped_is_read_as_copies(tiny_model, monkeypatch,
     ckpt = Checkpoint(path)
     assert torch.equal(load_experts(ckpt, spec, 1, [2, 5], torch.float32).buffer, want.buffer)
     assert "cannot map safetensors file (Cannot allocate memory)" in caplog.text
+    name = "model.layers.1.mlp.experts.2.up_proj.weight"
+    stacked = torch.stack([ckpt.view(name, tuple(ckpt.shape(name)))] * 3)
+    save_file({"stacked": stacked}, tmp_path / "s.safetensors")
+    ckpt = Checkpoint(tmp_path)
+    assert torch.equal(ckpt.view_row("stacked", 1, tuple(stacked.shape[1:])), stacked[1])  # a row, copied
 
 
 def test_fused_3d_expert_layout_is_read_row_by_row(tiny_model, tmp_path):
