@@ -56,16 +56,16 @@ def main() -> int:
     model = bench_model(Path.home() / ".cache" / "moe-serve", "float32")
     engine = LLMEngine(EngineConfig(model=str(model), max_num_seqs=args.batch,
                                     kv_cache_tokens=args.batch * (args.context + args.new_tokens + 16)))
-    threshold = layers.IN_PLACE_MIN_KEYS
+    threshold = layers.GATHER_MAX_BYTES
     runs: dict[str, list[float]] = {"in_place": [], "gathered": []}
     tokens: dict[str, list] = {}
     for _ in tqdm(range(args.repeats), desc="rounds", file=sys.stderr):
-        for name, limit in (("in_place", threshold), ("gathered", float("inf"))):
-            layers.IN_PLACE_MIN_KEYS = limit
+        for name, limit in (("in_place", 0), ("gathered", float("inf"))):
+            layers.GATHER_MAX_BYTES = limit
             tps, got = decode(engine, args.batch, args.context, args.new_tokens)
             runs[name].append(tps)
             tokens.setdefault(name, got)
-    layers.IN_PLACE_MIN_KEYS = threshold
+    layers.GATHER_MAX_BYTES = threshold
     ratios = [a / b for a, b in zip(runs["in_place"], runs["gathered"])]
     print(json.dumps({"model": str(model), "batch": args.batch, "context": args.context,
                       "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": torch.get_num_threads(),

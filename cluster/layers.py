@@ -52,7 +52,7 @@ def _gather(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return cache.index_select(0, index.reshape(-1)).view(*index.shape, *cache.shape[1:])
 
 
-IN_PLACE_MIN_KEYS = 256  # mean keys per sequence from which a batch is attended in place
+GATHER_MAX_BYTES = 8 * 2**20  # keys (or values) gathered per layer above which a batch is attended in place
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -60,20 +60,28 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """q: [T, nh, D] new tokens; caches: [slots, nkv, D] already holding these tokens' K/V.
 
     Returns [T, nh * D]. When every sequence's keys sit in consecutive slots (as the block manager
-    hands them out) a lone sequence, or a batch with long contexts, is attended where its keys lie,
-    one sequence at a time; otherwise the batch's keys are gathered and attended at once."""
-    if batch.kv_runs is not None and (batch.num_seqs == 1
-                                      or sum(batch.kv_lens) >= IN_PLACE_MIN_KEYS * batch.num_seqs):
+    hands them out), a lone sequence, or a batch whose padded gather would be large, is attended
+    where its keys lie, one sequence at a time; otherwise the batch's keys are gathered into
+    [B, longest] (padded) and attended at once. The gather copies B x longest keys (one long
+    context among short ones makes every sequence's copy long) and slows sharply past a few MiB
+    (fresh pages); the loop costs a call per sequence. On the 2-core VM, one layer (8 KV heads of 64):
+    32 sequences of 96 keys 0.61 ms gathered against 1.33 in place, of 128 keys 6.74 against 1.66;
+    8 of 256 0.32 against 0.45, 8 of 1,000 2.53 against 2.23; 31 of 64 keys beside one of 2,000
+    94 against 1.6."""
+    if batch.kv_runs is not None and (batch.num_seqs == 1 or _gather_bytes(k_cache, batch) > GATHER_MAX_BYTES):
         return _attention_in_place(q, k_cache, v_cache, batch, scale)
     return _attention_gathered(q, k_cache, v_cache, batch, scale)
+
+
+def _gather_bytes(cache: torch.Tensor, batch: StepBatch) -> int:
+    return batch.kv_index.numel() * cache[0].numel() * cache.element_size()
 
 
 def _attention_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         batch: StepBatch, scale: float) -> torch.Tensor:
     """Each sequence's queries over a view of its keys: no copy of the keys, one call per sequence.
     The view has the gathered copy's layout, so a lone sequence gets the gathered path's bits (tests/
-    cluster/test_layers.py). At 8 sequences of 1,000 keys a layer took 1.5 instead of 3.5 ms, at 32
-    of 200 1.6 against 1.4, at 32 of 64 1.0 against 0.44 (2-core VM): hence IN_PLACE_MIN_KEYS."""
+    cluster/test_layers.py)."""
     nh, d = q.shape[1], q.shape[2]
     out = q.new_empty(q.shape[0], nh * d)
     row = 0

@@ -75,10 +75,11 @@ def test_long_contexts_are_attended_in_place_each_sequence_with_its_lone_bits(mo
     calls = []
     real = layers._attention_in_place
     monkeypatch.setattr(layers, "_attention_in_place", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(layers, "IN_PLACE_MIN_KEYS", 8)  # mean keys 7.3: gathered
+    gather = 3 * 10 * 2 * 8 * 4  # bytes: 3 sequences padded to 10 keys of 2 heads x 8 floats
+    monkeypatch.setattr(layers, "GATHER_MAX_BYTES", gather)  # not above it: gathered
     gathered = paged_attention(q, k, v, batch, 0.3)
     assert not calls
-    monkeypatch.setattr(layers, "IN_PLACE_MIN_KEYS", 7)
+    monkeypatch.setattr(layers, "GATHER_MAX_BYTES", gather - 1)
     in_place = paged_attention(q, k, v, batch, 0.3)
     assert calls
     torch.testing.assert_close(in_place, gathered, rtol=1e-6, atol=1e-6)
