@@ -32,6 +32,8 @@ from cluster.sampling_params import SamplingParams
 from experts.config import ModelSpec
 from experts.tiny import make_tiny, olmoe_bench_config
 
+from engine_timing import decode_after_prefill  # bench/engine_timing.py, beside this file
+
 PROMPT_LEN = 32
 
 
@@ -51,14 +53,7 @@ def prompts(batch: int) -> list[list[int]]:
 def ours_decode_seconds(engine: LLMEngine, batch: int, new_tokens: int) -> float:
     """Seconds for `new_tokens` decode steps of `batch` requests (prefill excluded)."""
     params = SamplingParams(max_tokens=new_tokens + 1, temperature=0.0, ignore_eos=True)
-    for p in prompts(batch):
-        engine.add_request(p, params)
-    while any(s.num_computed < len(s.prompt_ids) for s in engine.scheduler.seqs.values()):
-        engine.step()  # prefill, sampling each request's first token
-    start = time.perf_counter()
-    while engine.has_unfinished():
-        engine.step()
-    return time.perf_counter() - start
+    return decode_after_prefill(engine, [engine.add_request(p, params) for p in prompts(batch)])[0]
 
 
 def ours_prefill_seconds(engine: LLMEngine, tokens: list[int]) -> float:

@@ -22,7 +22,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,6 +32,8 @@ from cluster.config import EngineConfig
 from cluster.demo import ensure_demo_model
 from cluster.engine import LLMEngine
 from cluster.sampling_params import SamplingParams
+
+from engine_timing import decode_after_prefill  # bench/engine_timing.py, beside this file
 
 VARIANTS = [  # (name, policy, prefetch, schedule)
     ("lru", "lru", False, "auto"), ("lfu", "lfu", False, "auto"), ("score", "score", False, "auto"),
@@ -45,14 +46,9 @@ PROMPTS = ["def main():\n", "import os\nimport sys\n", "class Parser:\n    def _
 def decode(engine: LLMEngine, batch: int, new_tokens: int) -> tuple[float, list[tuple[int, ...]]]:
     """(decode tokens/s after each request's first token, every request's tokens)."""
     params = SamplingParams(max_tokens=new_tokens + 1, temperature=0.0, ignore_eos=True)
-    ids = [engine.add_request(PROMPTS[i % len(PROMPTS)], params) for i in range(batch)]
-    final = {}
-    while any(s.num_computed < len(s.prompt_ids) for s in engine.scheduler.seqs.values()):
-        final.update({o.request_id: o for o in engine.step() if o.finished})
-    start = time.perf_counter()
-    while engine.has_unfinished():
-        final.update({o.request_id: o for o in engine.step() if o.finished})
-    return batch * new_tokens / (time.perf_counter() - start), [final[i].token_ids for i in ids]
+    seconds, tokens = decode_after_prefill(engine, [engine.add_request(PROMPTS[i % len(PROMPTS)], params)
+                                                    for i in range(batch)])
+    return batch * new_tokens / seconds, tokens
 
 
 def main() -> int:

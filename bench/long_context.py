@@ -17,7 +17,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,20 +29,16 @@ from cluster.sampling_params import SamplingParams
 
 sys.path.insert(0, str(Path(__file__).parent))
 from decode import bench_model  # noqa: E402
+from engine_timing import decode_after_prefill  # noqa: E402
 
 
 def decode(engine: LLMEngine, contexts: list[int], new_tokens: int) -> tuple[float, list[tuple[int, ...]]]:
     """(decode tokens/s after each request's first token, every request's tokens)."""
     g = torch.Generator().manual_seed(sum(contexts))
     params = SamplingParams(max_tokens=new_tokens + 1, temperature=0.0, ignore_eos=True)
-    ids = [engine.add_request(torch.randint(0, 256, (n,), generator=g).tolist(), params) for n in contexts]
-    final = {}
-    while any(s.num_computed < len(s.prompt_ids) for s in engine.scheduler.seqs.values()):
-        final.update({o.request_id: o for o in engine.step() if o.finished})
-    start = time.perf_counter()
-    while engine.has_unfinished():
-        final.update({o.request_id: o for o in engine.step() if o.finished})
-    return len(contexts) * new_tokens / (time.perf_counter() - start), [final[i].token_ids for i in ids]
+    seconds, tokens = decode_after_prefill(engine, [engine.add_request(torch.randint(0, 256, (n,), generator=g).tolist(),
+                                                                       params) for n in contexts])
+    return len(contexts) * new_tokens / seconds, tokens
 
 
 def compare(engine: LLMEngine, contexts: list[int], new_tokens: int, repeats: int) -> dict:
