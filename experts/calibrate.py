@@ -1,7 +1,8 @@
 """Start-up calibration of the expert cost model: time, on this node's own devices, moving one expert
 from the slow tier into a fast-tier row, and computing one expert in each tier for a range of token
-counts; fit a line per tier (experts.cost_model). A tier that reads an expert as a move before
-computing it in place (the checkpoint, on a CPU-only node) costs a move plus a fast-tier computation."""
+counts; fit a line per tier (experts.cost_model). A tier whose computation in place is charged as a
+move (the checkpoint, on a CPU-only node: see experts.slow_tier.CheckpointTier) costs a move plus a
+fast-tier computation."""
 
 from __future__ import annotations
 
