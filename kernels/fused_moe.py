@@ -8,7 +8,11 @@ Semantics follow HF transformers: for every expert ``e`` that received tokens,
     out[tok] += (y * weight).to(x.dtype)
 
 Token-slot pairs are grouped by expert with one argsort, so each expert runs
-once on all of its tokens and its weights are read once. The weight tensors
+once on all of its tokens and its weights are read once; the outputs are
+weighted in one pass at the end and, in float32, added in one pass too, in the
+same order (the same bits as adding each expert's as it is computed, with a
+few ops fewer per expert; in bfloat16 one pass would round the sum less often
+than HF does, so each expert's outputs are added in turn). The weight tensors
 may be strided views into a per-expert parameter bank; they are never copied.
 `linear` computes each projection: the torch reference by default; the CPU
 production path (kernels/fused_moe_torch.py) passes the linear chosen at
@@ -70,21 +74,29 @@ def fused_moe_ref(
     """
     check_moe_args(x, w_gate_up, w_down, topk_ids, topk_weights)
     top_k = topk_ids.shape[1]
-    out = torch.zeros_like(x)  # [T, H]
     flat_ids = topk_ids.reshape(-1)  # [T*K]
-    flat_weights = topk_weights.reshape(-1)  # [T*K]
     order = torch.argsort(flat_ids, stable=True)  # [T*K], slot indices grouped by expert
     experts, counts = torch.unique_consecutive(flat_ids[order], return_counts=True)
-    start = 0
+    tokens = order // top_k  # [T*K] token of each slot, grouped by expert
+    ys = x.new_empty(order.numel(), x.shape[1])  # [T*K, H] expert outputs, grouped the same way
+    groups, start = [], 0  # (start, count) of each expert's slots
     for expert, count in zip(experts.tolist(), counts.tolist()):
-        slots = order[start : start + count]  # [n]
+        if expert >= 0:
+            rows = tokens[start : start + count]  # [n]
+            ys[start : start + count] = expert_mlp(x[rows], w_gate_up[expert], w_down[expert], linear)
+            groups.append((start, count))
         start += count
-        if expert < 0:
-            continue
-        tokens = slots // top_k  # [n]
-        y = expert_mlp(x[tokens], w_gate_up[expert], w_down[expert], linear)  # [n, H]
-        weighted = y * flat_weights[slots, None]  # [n, H], promoted to float32
-        out.index_add_(0, tokens, weighted.to(x.dtype))
+    out = torch.zeros_like(x)  # [T, H]
+    if not groups:
+        return out
+    first = groups[0][0]  # -1 (no expert) sorts first
+    weights = topk_weights.reshape(-1)[order[first:], None]  # [P, 1]
+    weighted = (ys[first:] * weights).to(x.dtype)  # promoted to float32, then x's dtype
+    if x.dtype == torch.float32:  # one pass adds slot after slot, in expert order
+        out.index_add_(0, tokens[first:], weighted)
+    else:  # the sum is rounded after each expert's outputs, as HF adds them
+        for begin, count in groups:
+            out.index_add_(0, tokens[begin : begin + count], weighted[begin - first : begin - first + count])
     return out
 
 
