@@ -36,8 +36,8 @@ def decode(engine: LLMEngine, contexts: list[int], new_tokens: int) -> tuple[flo
     """(decode tokens/s after each request's first token, every request's tokens)."""
     g = torch.Generator().manual_seed(sum(contexts))
     params = SamplingParams(max_tokens=new_tokens + 1, temperature=0.0, ignore_eos=True)
-    seconds, tokens = decode_after_prefill(engine, [engine.add_request(torch.randint(0, 256, (n,), generator=g).tolist(),
-                                                                       params) for n in contexts])
+    prompts = [torch.randint(0, 256, (n,), generator=g).tolist() for n in contexts]
+    seconds, tokens = decode_after_prefill(engine, [engine.add_request(p, params) for p in prompts])
     return len(contexts) * new_tokens / seconds, tokens
 
 
