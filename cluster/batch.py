@@ -30,6 +30,7 @@ class StepBatch:
     kv_lens: tuple[int, ...] = ()  # [B] keys of each sequence (its context, new tokens included)
     kv_runs: tuple[int, ...] | None = None  # [B] each sequence's first slot, when every sequence's
     # keys sit in consecutive slots (attention can then read them in place)
+    sliding_window: int | None = None  # the model's, which attn_mask applies
 
     def to(self, device: torch.device) -> "StepBatch":
         """The same batch with its tensors on `device` (itself when they are there already)."""
@@ -70,7 +71,8 @@ def build_batch(out: SchedulerOutput, block_size: int, sliding_window: int | Non
         q_padded=any(n != max_q for n in lens), num_seqs=len(chunks), max_q=max_q,
         logit_rows=torch.tensor(rows, dtype=torch.int64, device=device),
         sample_seq_ids=tuple(seq_ids), q_lens=tuple(lens), kv_lens=tuple(kv_lens),
-        kv_runs=tuple(int(kv[b, 0]) for b in range(len(chunks))) if consecutive else None)
+        kv_runs=tuple(int(kv[b, 0]) for b in range(len(chunks))) if consecutive else None,
+        sliding_window=sliding_window)
 
 
 def _consecutive(blocks: tuple[int, ...]) -> bool:

@@ -63,11 +63,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     hands them out), a lone sequence, or a batch whose padded gather would be large, is attended
     where its keys lie, one sequence at a time; otherwise the batch's keys are gathered into
     [B, longest] (padded) and attended at once. The gather copies B x longest keys (one long
-    context among short ones makes every sequence's copy long) and slows sharply past a few MiB
-    (fresh pages); the loop costs a call per sequence. On the 2-core VM, one layer (8 KV heads of 64):
-    32 sequences of 96 keys 0.61 ms gathered against 1.33 in place, of 128 keys 6.74 against 1.66;
-    8 of 256 0.32 against 0.45, 8 of 1,000 2.53 against 2.23; 31 of 64 keys beside one of 2,000
-    94 against 1.6."""
+    context among short ones makes every sequence's copy long) and can slow sharply past a few MiB
+    (fresh pages); the loop costs a call per sequence. On the 2-core VM, one layer (8 KV heads of
+    64), gathered against in place: 32 sequences of 64 keys 0.36 against 0.76 ms, of 128 keys
+    1.16-6.74 (two runs) against 1.32, of 256 keys 3.85 against 2.86; 8 of 256 0.32 against 0.32,
+    8 of 1,000 2.53-3.87 against 2.22; 31 of 64 keys beside one of 2,000 94-102 against 1.03."""
     if batch.kv_runs is not None and (batch.num_seqs == 1 or _gather_bytes(k_cache, batch) > GATHER_MAX_BYTES):
         return _attention_in_place(q, k_cache, v_cache, batch, scale)
     return _attention_gathered(q, k_cache, v_cache, batch, scale)
@@ -81,18 +81,27 @@ def _attention_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         batch: StepBatch, scale: float) -> torch.Tensor:
     """Each sequence's queries over a view of its keys: no copy of the keys, one call per sequence.
     The view has the gathered copy's layout, so a lone sequence gets the gathered path's bits (tests/
-    cluster/test_layers.py)."""
+    cluster/test_layers.py). A single query that sees all its keys goes without a mask (adding an
+    all-visible mask's zeros changes no bit), and the views are made in one op each: half the
+    per-sequence cost (32 sequences of 64 keys: 0.67 instead of 1.18 ms a layer)."""
     nh, d = q.shape[1], q.shape[2]
     out = q.new_empty(q.shape[0], nh * d)
-    row = 0
+    window, row = batch.sliding_window, 0
     for b, (n, keys, first) in enumerate(zip(batch.q_lens, batch.kv_lens, batch.kv_runs)):
-        k, v = (cache.narrow(0, first, keys).unsqueeze(0).transpose(1, 2) for cache in (k_cache, v_cache))
-        qb = q[row:row + n].unsqueeze(0).transpose(1, 2)  # [1, nh, n, D]
-        o = F.scaled_dot_product_attention(qb, k, v, attn_mask=batch.attn_mask[b:b + 1, :, :n, :keys],
-                                           scale=scale, enable_gqa=True)  # [1, nh, n, D]
+        k, v = (_seq_view(cache, first, keys) for cache in (k_cache, v_cache))  # [1, nkv, keys, D]
+        qb = _seq_view(q, row, n)  # [1, nh, n, D]
+        sees_all = n == 1 and (window is None or keys <= window)
+        mask = None if sees_all else batch.attn_mask[b:b + 1, :, :n, :keys]
+        o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         out[row:row + n] = o.transpose(1, 2).reshape(n, nh * d)
         row += n
     return out
+
+
+def _seq_view(t: torch.Tensor, first: int, n: int) -> torch.Tensor:
+    """Rows first..first+n of t [rows, heads, D] as [1, heads, n, D], without a copy."""
+    s0, s1, s2 = t.stride()
+    return t.as_strided((1, t.shape[1], n, t.shape[2]), (0, s1, s0, s2), t.storage_offset() + first * s0)
 
 
 def _attention_gathered(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -60,15 +60,17 @@ def test_a_lone_sequence_in_consecutive_slots_is_read_in_place_with_the_same_bit
         assert torch.equal(paged_attention(q, k, v, batch, 0.3), gathered)
 
 
-def test_long_contexts_are_attended_in_place_each_sequence_with_its_lone_bits(monkeypatch):
+@pytest.mark.parametrize("window", [None, 4])
+def test_long_contexts_are_attended_in_place_each_sequence_with_its_lone_bits(monkeypatch, window):
     """Several sequences in consecutive slots, decoding and prefilling: each gets exactly the bits
-    it gets alone, and the values of the gathered path."""
+    it gets alone, and the values of the gathered path (also with a sliding window shorter than
+    the contexts, where a lone decode query must still be masked)."""
     import cluster.layers as layers
 
     bs, g = 4, torch.Generator().manual_seed(1)
     seqs = [((0, 1, 2), 9, 1), ((5, 6), 2, 3), ((3, 4), 6, 1)]  # (blocks, start, new tokens)
     chunks = tuple(ScheduledChunk(i, tuple(range(n)), start, blocks, True) for i, (blocks, start, n) in enumerate(seqs))
-    batch = build_batch(SchedulerOutput(chunks), bs, None, torch.device("cpu"))
+    batch = build_batch(SchedulerOutput(chunks), bs, window, torch.device("cpu"))
     assert batch.kv_runs == (0, 20, 12) and batch.kv_lens == (10, 5, 7) and batch.q_lens == (1, 3, 1)
     k, v = torch.randn(32, 2, 8, generator=g), torch.randn(32, 2, 8, generator=g)
     q = torch.randn(5, 4, 8, generator=g)
@@ -85,6 +87,6 @@ def test_long_contexts_are_attended_in_place_each_sequence_with_its_lone_bits(mo
     torch.testing.assert_close(in_place, gathered, rtol=1e-6, atol=1e-6)
     row = 0
     for (blocks, start, n), chunk in zip(seqs, chunks):
-        alone = build_batch(SchedulerOutput((chunk,)), bs, None, torch.device("cpu"))
+        alone = build_batch(SchedulerOutput((chunk,)), bs, window, torch.device("cpu"))
         assert torch.equal(in_place[row:row + n], paged_attention(q[row:row + n], k, v, alone, 0.3))
         row += n
