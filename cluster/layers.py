@@ -60,7 +60,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     """q: [T, nh, D] new tokens; caches: [slots, nkv, D] already holding these tokens' K/V.
 
     Returns [T, nh * D]. When every sequence's keys sit in consecutive slots (as the block manager
-    hands them out), a lone sequence, or a batch whose padded gather would be large, is attended
+    hands them out), a lone sequence, or on CPU a batch whose padded gather would be large (a GPU
+    gathers at its bandwidth, where a call per sequence costs a launch each), is attended
     where its keys lie, one sequence at a time; otherwise the batch's keys are gathered into
     [B, longest] (padded) and attended at once. The gather copies B x longest keys (one long
     context among short ones makes every sequence's copy long) and can slow sharply past a few MiB
@@ -68,7 +69,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     64), gathered against in place: 32 sequences of 64 keys 0.36 against 0.76 ms, of 128 keys
     1.16-6.74 (two runs) against 1.32, of 256 keys 3.85 against 2.86; 8 of 256 0.32 against 0.32,
     8 of 1,000 2.53-3.87 against 2.22; 31 of 64 keys beside one of 2,000 94-102 against 1.03."""
-    if batch.kv_runs is not None and (batch.num_seqs == 1 or _gather_bytes(k_cache, batch) > GATHER_MAX_BYTES):
+    large = q.device.type == "cpu" and _gather_bytes(k_cache, batch) > GATHER_MAX_BYTES
+    if batch.kv_runs is not None and (batch.num_seqs == 1 or large):
         return _attention_in_place(q, k_cache, v_cache, batch, scale)
     return _attention_gathered(q, k_cache, v_cache, batch, scale)
 
