@@ -9,10 +9,11 @@ Semantics follow HF transformers: for every expert ``e`` that received tokens,
 
 Token-slot pairs are grouped by expert with one argsort, so each expert runs
 once on all of its tokens and its weights are read once; the outputs are
-weighted in one pass at the end and, in float32, added in one pass too, in the
-same order (the same bits as adding each expert's as it is computed, with a
-few ops fewer per expert; in bfloat16 one pass would round the sum less often
-than HF does, so each expert's outputs are added in turn). The weight tensors
+weighted in one pass at the end and, in float32 on CPU, added in one pass too,
+in the same order (the same bits as adding each expert's as it is computed,
+with a few ops fewer per expert; in bfloat16 one pass would round the sum less
+often than HF does, and on CUDA a token's outputs would meet in atomic adds of
+no fixed order, so there each expert's outputs are added in turn). The weight tensors
 may be strided views into a per-expert parameter bank; they are never copied.
 `linear` computes each projection: the torch reference by default; the CPU
 production path (kernels/fused_moe_torch.py) passes the linear chosen at
@@ -92,9 +93,10 @@ def fused_moe_ref(
     first = groups[0][0]  # -1 (no expert) sorts first
     weights = topk_weights.reshape(-1)[order[first:], None]  # [P, 1]
     weighted = (ys[first:] * weights).to(x.dtype)  # promoted to float32, then x's dtype
-    if x.dtype == torch.float32:  # one pass adds slot after slot, in expert order
+    if x.dtype == torch.float32 and x.device.type == "cpu":  # one pass adds slot after slot, in expert order
         out.index_add_(0, tokens[first:], weighted)
-    else:  # the sum is rounded after each expert's outputs, as HF adds them
+    else:  # expert after expert: bfloat16 rounds the sum after each, as HF does; CUDA adds a
+        # token's K outputs of one pass with atomics, in no fixed order
         for begin, count in groups:
             out.index_add_(0, tokens[begin : begin + count], weighted[begin - first : begin - first + count])
     return out
