@@ -4,19 +4,19 @@ row, and how experts are computed where they lie (on the CPU).
 - CheckpointTier (CPU-only node): the memory-mapped checkpoint itself, so a node serves more experts
   than its RAM budget holds (the page cache over the file is the OS's to reclaim). A move copies
   the expert's tensors from the mapping into the row (one copy each, converting the dtype where the
-  file's differs); computing in place reads them straight from the mapping (Fiddler's CPU compute,
-  no copy), converting first only where the file's dtype differs from the engine's. The cost model
-  still charges it a move plus a computation (see CheckpointTier).
+  file's differs); computing in place copies them the same way into a bank of its own first, since
+  the BLAS's bits depend on the weights' alignment (MKL's kernels for a few rows gave other bits
+  for weights not 16-byte aligned; safetensors aligns data to 8 bytes) and an expert must give the
+  same bits wherever it is computed. The cost model charges it a move plus a computation.
 - HostTier (GPU fast tier): every expert in host memory, pinned, in the bank's row layout, so a
   move is one contiguous copy, issued on a separate CUDA stream that runs beside the computation.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Protocol
+from typing import Callable, Protocol
 
 import torch
-import torch.nn.functional as F
 
 from experts.checkpoint import Checkpoint
 from experts.config import ModelSpec
@@ -67,11 +67,7 @@ def _pairs(bank: ExpertBank, x: torch.Tensor, pair_row: torch.Tensor, pair_exper
 
 class CheckpointTier:
     name = "checkpoint"
-    # Computing in place reads the expert's pages as a move would: from the disk where the page cache
-    # has dropped them, the case a RAM budget is for. Calibration sees a warm page cache, where it
-    # would price in place below a move, and the schedule would then never load an expert that later
-    # steps reuse (on the demo model: 0.73x the all-resident engine against 0.87x loading every miss).
-    compute_is_a_move = True
+    compute_is_a_move = True  # computing in place copies the expert out of the mapping as a move does
 
     def __init__(self, ckpt: Checkpoint, spec: ModelSpec, dtype: torch.dtype) -> None:
         self.ckpt, self.spec, self.dtype = ckpt, spec, dtype
@@ -82,66 +78,17 @@ class CheckpointTier:
 
     def compute(self, layer: int, experts: list[int], x: torch.Tensor, ids: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
-        return _weighted_in_place(self._weights(layer, experts), x, ids, weights, self.linear)
+        return _weighted(load_experts(self.ckpt, self.spec, layer, experts, self.dtype, CPU), experts, x, ids,
+                         weights, self.linear)
 
     def pair_outputs(self, layer: int, x: torch.Tensor, pair_row: torch.Tensor,
                      pair_expert: torch.Tensor) -> torch.Tensor:
-        weights = self._weights(layer, sorted(set(pair_expert.tolist())))
-        return _pairs_in_place(weights, x, pair_row, pair_expert, self.linear)
-
-    def _weights(self, layer: int, experts: list[int]) -> dict[int, tuple[torch.Tensor, ...]]:
-        """expert -> (gate, up, down) over the mapped file where they can be used as they lie, else
-        copies (`computable`)."""
-        return {e: tuple(computable(w, self.dtype) for w in expert_views(self.ckpt, self.spec, layer, e))
-                for e in experts}
+        needed = sorted(set(pair_expert.tolist()))
+        return _pairs(load_experts(self.ckpt, self.spec, layer, needed, self.dtype, CPU), x, pair_row, pair_expert,
+                      self.linear)
 
     def set_owned(self, owned: dict[int, tuple[int, ...]]) -> None:
         pass  # every expert is in the checkpoint
-
-
-ALIGNMENT = 64  # bytes: torch's CPU allocator's, so every fast-tier row and bank starts aligned
-
-
-def computable(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`w` (a view over the mapped file) itself when it is in `dtype` and aligned like an allocated
-    tensor, else a copy that is. The BLAS's bits depend on the alignment (MKL's kernels for a few
-    rows gave other bits for weights not 16-byte aligned, which safetensors does not promise), and
-    an expert computed where it lies must give the bits of the same expert resident."""
-    if w.dtype != dtype:
-        return w.to(dtype)
-    return w if w.data_ptr() % ALIGNMENT == 0 else w.clone()
-
-
-def _mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, linear: Linear) -> torch.Tensor:
-    """kernels.fused_moe.expert_mlp with the gate and up projections apart (as the file stores them):
-    the same bits, row for row (tests/experts/test_expert_cache.py)."""
-    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
-
-
-def _weighted_in_place(weights: Mapping[int, tuple[torch.Tensor, ...]], x: torch.Tensor, ids: torch.Tensor,
-                       gates: torch.Tensor, linear: Linear) -> torch.Tensor:
-    """SlowTier.compute from each expert's own (gate, up, down): the weighted outputs of the experts
-    in `weights` only, added in ascending expert id as kernels.fused_moe.fused_moe_ref adds them."""
-    xc, ids_cpu, gates = x.to(CPU), ids.to(CPU), gates.to(CPU)
-    out = torch.zeros_like(xc)
-    for e in sorted(weights):
-        tokens, slots = (ids_cpu == e).nonzero(as_tuple=True)
-        if tokens.numel():
-            y = _mlp(xc[tokens], *weights[e], linear) * gates[tokens, slots, None]
-            out.index_add_(0, tokens, y.to(xc.dtype))
-    return out.to(x.device)
-
-
-def _pairs_in_place(weights: Mapping[int, tuple[torch.Tensor, ...]], x: torch.Tensor, pair_row: torch.Tensor,
-                    pair_expert: torch.Tensor, linear: Linear) -> torch.Tensor:
-    """SlowTier.pair_outputs from each expert's own (gate, up, down), on x's device; each expert runs
-    once on its rows in pair order, as kernels.fused_moe.expert_pair_outputs_ref runs it."""
-    xc, rows, experts = x.to(CPU), pair_row.to(CPU), pair_expert.to(CPU)
-    out = xc.new_empty(rows.numel(), xc.shape[1])
-    for e, w in weights.items():
-        pairs = (experts == e).nonzero(as_tuple=True)[0]
-        out[pairs] = _mlp(xc[rows[pairs]], *w, linear)
-    return out.to(x.device)
 
 
 class HostTier:

@@ -192,36 +192,6 @@ def test_a_shards_cache_returns_the_same_pair_outputs_as_its_resident_experts(ti
         cache.pair_outputs(spec.moe_layers[0], x, torch.tensor([0]), torch.tensor([0]))
 
 
-def test_an_expert_is_computed_where_it_lies_when_aligned_else_from_an_aligned_copy():
-    """The checkpoint tier's in-place weights give the bits of the same expert resident: used as they
-    lie when aligned like an allocation; copied when not (the BLAS's bits depend on alignment)."""
-    from experts.expert_bank import ExpertBank
-    from experts.slow_tier import ALIGNMENT, _mlp, computable
-    from kernels.fused_moe import expert_mlp
-    from kernels.linear import select_linear
-
-    h, i = 64, 32
-    g = torch.Generator().manual_seed(3)
-    gate, up, down = torch.randn(i, h, generator=g), torch.randn(i, h, generator=g), torch.randn(h, i, generator=g)
-    bank = ExpertBank.empty(0, (0,), 1, h, i, torch.float32)
-    bank.set_expert(0, gate, up, down)
-    file = torch.empty(3 * i * h + ALIGNMENT)  # stands in for the mapping; starts aligned
-    linear = select_linear(torch.device("cpu"), torch.float32)
-    for offset in (0, 1, 2):  # floats: aligned, then 4 and 8 bytes off
-        lying = []
-        for start, w in zip((0, i * h, 2 * i * h), (gate, up, down)):
-            view = file[offset + start: offset + start + w.numel()].view(w.shape)
-            view.copy_(w)
-            lying.append(view)
-        used = [computable(w, torch.float32) for w in lying]
-        assert all((u.data_ptr() == w.data_ptr()) == (offset == 0) for u, w in zip(used, lying))
-        assert all(u.data_ptr() % ALIGNMENT == 0 for u in used)
-        for tokens in (1, 3, 9):  # the weight-major projections and oneDNN's
-            x = torch.randn(tokens, h, generator=g)
-            assert torch.equal(_mlp(x, *used, linear), expert_mlp(x, bank.w_gate_up[0], bank.w_down[0], linear))
-    assert computable(gate, torch.bfloat16).dtype == torch.bfloat16
-
-
 LOADS_PAY = ExpertCostModel(expert_bytes=1, transfer_s=5.0, fast=LinearTime(0.0, 0.0), slow=LinearTime(1.0, 1.0),
                             overlap=False)  # a miss of t tokens costs min(5, 1 + t): a prefetch saves that
 
