@@ -17,13 +17,14 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self._is_free = np.ones(num_blocks, dtype=bool)
+        self._num_free = num_blocks
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     @property
     def num_free(self) -> int:
-        return int(self._is_free.sum())
+        return self._num_free
 
     @property
     def usage(self) -> float:
@@ -34,12 +35,12 @@ class BlockManager:
 
     def allocate(self, num_tokens: int) -> list[int]:
         n = self.blocks_for(num_tokens)
-        free = self.num_free
-        if n > free:
-            raise RuntimeError(f"KV cache: need {n} blocks, {free} free")
+        if n > self._num_free:
+            raise RuntimeError(f"KV cache: need {n} blocks, {self._num_free} free")
         start = _first_run(self._is_free, n)
         blocks = list(range(start, start + n)) if start is not None else np.flatnonzero(self._is_free)[:n].tolist()
         self._is_free[blocks] = False
+        self._num_free -= n
         return blocks
 
     def free(self, block_ids: list[int]) -> None:
@@ -48,6 +49,7 @@ class BlockManager:
         if self._is_free[block_ids].any():
             raise RuntimeError(f"KV cache: blocks {block_ids} freed twice")
         self._is_free[block_ids] = True
+        self._num_free += len(block_ids)
 
 
 def _first_run(free: np.ndarray, n: int) -> int | None:

@@ -104,12 +104,15 @@ _COUNTERS = frozenset(f.name for f in fields(CacheStats))
 @dataclass(slots=True)
 class _Layer:
     bank: ExpertBank  # slots rows; bank.slot_of maps resident experts to rows, -1 otherwise
-    slots: int
     free: list[int]
     owned: frozenset[int]  # the experts this cache serves (a shard's share of the layer)
     resident: dict[int, int] = field(default_factory=dict)  # expert -> row
     prefetched: set[int] = field(default_factory=set)  # loaded ahead, not used since
     last_use: object = None  # CUDA event after the last computation that read the bank
+
+    @property
+    def slots(self) -> int:
+        return len(self.free) + len(self.resident)
 
 
 class CachedExperts:
@@ -138,7 +141,7 @@ class CachedExperts:
         slots = self.config.slots(max(1, len(owned)))
         bank = ExpertBank.empty(layer, (), self.spec.num_experts, self.spec.hidden_size, self.spec.expert_intermediate,
                                 self.dtype, self.device, rows=slots)
-        return _Layer(bank, slots, list(range(slots)), frozenset(owned))
+        return _Layer(bank, list(range(slots)), frozenset(owned))
 
     def _slots(self, layer: int) -> int:
         """The layer's fast-tier rows (the adaptive policy's shadow tiers follow re-placements)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from typing import Callable, Collection, Hashable, Iterator
+from typing import Callable, Hashable
 
 Rank = Callable[[Hashable], object]  # any totally ordered value; lower leaves first; never falls
 
@@ -32,9 +32,6 @@ class RankedKeys:
     def __len__(self) -> int:
         return len(self._entry)
 
-    def __iter__(self) -> Iterator[Hashable]:
-        return iter(self._entry)
-
     def add(self, key: Hashable) -> None:
         self._push(key)
         if len(self._heap) > 4 * len(self._entry) + 64:  # mostly dropped entries: rebuild
@@ -44,9 +41,8 @@ class RankedKeys:
     def discard(self, key: Hashable) -> None:
         self._entry.pop(key, None)
 
-    def lowest(self, skip: Collection[Hashable] = ()) -> Hashable | None:
-        """The key of lowest current rank not in `skip` (ties: the one ranked first); None if none."""
-        skipped, found = [], None
+    def lowest(self) -> Hashable | None:
+        """The key of lowest current rank (ties: the one ranked first); None if the set is empty."""
         while self._heap:
             pushed, number, key = self._heap[0]
             if self._entry.get(key) != number:
@@ -54,14 +50,9 @@ class RankedKeys:
             elif self.rank(key) != pushed:
                 heapq.heappop(self._heap)
                 self._push(key)  # touched since: re-ranked now
-            elif key in skip:
-                skipped.append(heapq.heappop(self._heap))
             else:
-                found = key
-                break
-        for entry in skipped:
-            heapq.heappush(self._heap, entry)
-        return found
+                return key
+        return None
 
     def _push(self, key: Hashable) -> None:
         number = self._entry[key] = next(self._numbers)

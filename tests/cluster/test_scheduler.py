@@ -111,3 +111,4 @@ def test_blocks_are_handed_out_as_the_lowest_long_enough_run_when_there_is_one()
     blocks.free(b)
     with pytest.raises(RuntimeError, match="freed twice"):
         blocks.free([2])
+    assert blocks.num_free == 3 and blocks.can_allocate(12) and not blocks.can_allocate(13)
