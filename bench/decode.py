@@ -128,7 +128,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.prefill_tokens < 1:
         ap.error(f"--prefill-tokens must be >= 1, got {args.prefill_tokens}")
-    batches = [int(b) for b in args.batches.split(",")]
+    if min(args.new_tokens, args.repeats) < 1:
+        ap.error(f"--new-tokens and --repeats must be >= 1, got {args.new_tokens} and {args.repeats}")
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        ap.error(f"--batches must be comma-separated integers, got {args.batches!r}")
+    if min(batches) < 1:
+        ap.error(f"--batches must be >= 1 each, got {args.batches}")
     path = bench_model(args.cache, args.dtype)
     engine = LLMEngine(EngineConfig(model=str(path), dtype=args.dtype,
                                     kv_cache_tokens=max(max(batches) * 128, args.prefill_tokens + 16),

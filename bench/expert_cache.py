@@ -62,8 +62,10 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3,
                     help="rounds; each runs every variant on a fresh engine, right after the all-resident one")
     args = ap.parse_args()
-    if args.repeats <= 0:
-        ap.error("--repeats must be > 0")
+    if min(args.repeats, args.batch, args.new_tokens) <= 0:
+        ap.error("--repeats, --batch and --new-tokens must be > 0")
+    if not 0.0 < args.fraction <= 1.0:
+        ap.error(f"--fraction must be in (0, 1], got {args.fraction}")
     model = str(args.model or ensure_demo_model())
     base = EngineConfig(model=model, dtype=args.dtype, device=args.device, max_num_seqs=args.batch)
     out: dict = {"model": model, "fraction": args.fraction, "batch": args.batch, "new_tokens": args.new_tokens,
@@ -99,11 +101,17 @@ def variant_report(engine: LLMEngine, args: argparse.Namespace, tps: float, resi
             "fast_tier_bytes": engine.model.experts.nbytes()}
 
 
+def _median_of_known(values) -> float | None:
+    """The median of the values that are not None (prefetch accuracy is None in a round that
+    prefetched nothing); None if none is known."""
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
 def summarise(runs: list[dict], on_demand: list[dict]) -> dict:
     """Medians over the rounds, with the ratios' ranges; tokens must be identical in every round.
     vs_lru_on_demand: the ratio of the two variants' vs_all_resident in the same round."""
-    out = {key: statistics.median(r[key] for r in runs) if runs[0][key] is not None else None
-           for key in runs[0] if key != "identical_tokens"}
+    out = {key: _median_of_known(r[key] for r in runs) for key in runs[0] if key != "identical_tokens"}
     out["identical_tokens"] = all(r["identical_tokens"] for r in runs)
     out["vs_all_resident_range"] = [min(r["vs_all_resident"] for r in runs), max(r["vs_all_resident"] for r in runs)]
     paired = [r["vs_all_resident"] / d["vs_all_resident"] for r, d in zip(runs, on_demand)]

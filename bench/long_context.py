@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -68,10 +69,12 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=1000, help="prompt tokens of the long requests")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    cache = Path(os.environ.get("MOE_SERVE_CACHE", Path.home() / ".cache/moe-serve"))
+    ap.add_argument("--cache", type=Path, default=cache, help="where bench/decode.py's model is built (and reused)")
     args = ap.parse_args()
     if min(args.batch, args.context, args.new_tokens, args.repeats) <= 0:
         ap.error("--batch, --context, --new-tokens and --repeats must be > 0")
-    model = bench_model(Path.home() / ".cache" / "moe-serve", "float32")
+    model = bench_model(args.cache, "float32")
     engine = LLMEngine(EngineConfig(model=str(model), max_num_seqs=args.batch,
                                     kv_cache_tokens=args.batch * (args.context + args.new_tokens + 16)))
     cases = {"long": [args.context] * args.batch, "mixed": [args.context] + [64] * (args.batch - 1)}
