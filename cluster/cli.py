@@ -327,6 +327,8 @@ def _replay(args: argparse.Namespace) -> int:
         return 0
     from router.replay import replay_placement, summary
 
+    if args.replicas < 0:
+        raise ValueError(f"--replicas must be >= 0, got {args.replicas}")
     report = replay_placement(records, args.nodes, hidden_size=args.hidden_size, dtype_bytes=args.dtype_bytes,
                               fit_fraction=args.fit_fraction, kv_elems=args.kv_elems,
                               replicas_per_layer=args.replicas)

@@ -58,10 +58,14 @@ class EngineConfig:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
         if self.microbatches not in (1, 2):
             raise ValueError(f"microbatches must be 1 or 2, got {self.microbatches}")
-        if self.replan_every_steps is not None and (self.replan_every_steps <= 0 or self.engine != "ray"):
-            raise ValueError("replan_every_steps must be > 0 and needs engine='ray'")
-        if self.expert_replicas < 0 or (self.expert_replicas and self.replan_every_steps is None):
-            raise ValueError("expert_replicas must be >= 0 and is applied by re-planning: set replan_every_steps")
+        if self.replan_every_steps is not None and self.replan_every_steps <= 0:
+            raise ValueError(f"replan_every_steps must be > 0, got {self.replan_every_steps}")
+        if self.replan_every_steps is not None and self.engine != "ray":
+            raise ValueError("replan_every_steps needs engine='ray' (it moves experts between shards)")
+        if self.expert_replicas < 0:
+            raise ValueError(f"expert_replicas must be >= 0, got {self.expert_replicas}")
+        if self.expert_replicas and self.replan_every_steps is None:
+            raise ValueError("expert_replicas is applied by re-planning: set replan_every_steps")
         if self.request_shuffling and self.engine != "ray":
             raise ValueError("request_shuffling needs engine='ray' (it moves sequences between attention workers)")
         if self.num_expert_shards is not None and self.num_expert_shards <= 0:

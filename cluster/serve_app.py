@@ -192,8 +192,10 @@ class MoeServeDeployment(GrpcMethods):
 
 
 def build_app(args: dict | None = None) -> Application:
-    """Serve application builder (``import_path: cluster.serve_app:build_app``)."""
+    """Serve application builder (``import_path: cluster.serve_app:build_app``). Settings that only
+    conflict together (EngineConfig's checks) are refused here too, before anything is deployed."""
     parsed = AppArgs.parse(args)
+    parsed.engine_config(parsed.model or "demo")  # checks only: EngineConfig reads no file
     deployment = serve.deployment(MoeServeDeployment, name="MoeServeDeployment",
                                   max_ongoing_requests=parsed.max_ongoing_requests())
     return deployment.bind(parsed.model_dump())

@@ -161,8 +161,22 @@ def test_periodic_replanning_with_copies_keeps_the_tokens(ray_cluster, tiny_mode
 
 
 def test_copies_need_periodic_replanning(tiny_model):
-    with pytest.raises(ValueError, match="replan_every_steps"):
-        EngineConfig(model=str(tiny_model("olmoe")), engine="ray", expert_replicas=1)
+    model = str(tiny_model("olmoe"))
+    with pytest.raises(ValueError, match="expert_replicas is applied by re-planning: set replan_every_steps"):
+        EngineConfig(model=model, engine="ray", expert_replicas=1)
+    with pytest.raises(ValueError, match="expert_replicas must be >= 0, got -1"):
+        EngineConfig(model=model, engine="ray", replan_every_steps=4, expert_replicas=-1)
+    with pytest.raises(ValueError, match="replan_every_steps needs engine='ray'"):
+        EngineConfig(model=model, replan_every_steps=4)
+
+
+def test_the_serve_builder_refuses_conflicting_settings_before_deploying():
+    from cluster.serve_app import build_app
+
+    for args, words in (({"request_shuffling": True}, "request_shuffling needs engine='ray'"),
+                        ({"engine": "ray", "expert_replicas": 2}, "set replan_every_steps")):
+        with pytest.raises(ValueError, match=words):
+            build_app(args)
 
 
 def test_a_worker_killed_while_sequences_move_is_replaced_and_requests_complete(ray_cluster, tiny_model, tmp_path,

@@ -79,4 +79,4 @@ def test_the_command_line_prints_the_report_as_json(tmp_path):
                 "max_over_mean_load", "with_copies"):
         assert key in report
     res = subprocess.run(run + ["--replicas", "-1"], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2 and "replicas_per_layer" in res.stderr
+    assert res.returncode == 2 and "--replicas must be >= 0, got -1" in res.stderr
