@@ -129,7 +129,6 @@ class AttentionActor(_Actor):
         self.worker = AttentionWorker(self.spec, dense, num_kv_slots, self.dtype, self.device, self.ops)
         self.gate = Gate(self.spec, [lw.router for lw in dense.layers], self.ops)
         self._owner: dict[int, np.ndarray] = {}
-        self._owner_t: dict[int, torch.Tensor] = {}
         self._affinity = AffinityTally(self.spec.num_experts)
         self._prefetch = cfg.expert_cache is not None and cfg.expert_cache.prefetch  # hint the shards' caches
 
@@ -144,7 +143,6 @@ class AttentionActor(_Actor):
     def set_owner(self, owner: dict[int, tuple[int, ...]]) -> None:
         """Experts moved between shards: route each layer's tokens by the new owner table."""
         self._owner = {layer: np.array(o, dtype=np.int64) for layer, o in owner.items()}
-        self._owner_t = {layer: torch.from_numpy(o) for layer, o in self._owner.items()}
 
     @torch.inference_mode()
     def step(self, batches: list[StepBatch], record_routes: bool = False, pregate: bool = False,
@@ -158,8 +156,8 @@ class AttentionActor(_Actor):
         self._record, self._pregate = record_routes, pregate
         self._routes: list[dict] = [{} for _ in batches]
         self._guesses: list[dict] = [{} for _ in batches]
-        self._hits: list[torch.Tensor] | None = (
-            [torch.zeros(b.input_ids.numel(), self.topology.num_shards, dtype=torch.int16) for b in batches]
+        self._hits: list[np.ndarray] | None = (
+            [np.zeros((b.input_ids.numel(), self.topology.num_shards), dtype=np.int16) for b in batches]
             if shard_hits else None)
         self._affinity.new_step(len(batches))
         batches = [b.to(self.device) for b in batches]  # the driver builds them in host memory
@@ -177,7 +175,7 @@ class AttentionActor(_Actor):
         logits = torch.cat([self.worker.logits(h, b) for h, b in zip(hs, batches)]).cpu()
         return StepResult(logits, self.transport.take_stats().to_dict(), counts, self._round_trips,
                           self._routes if record_routes else [], self._guesses if pregate else [],
-                          [h.numpy() for h in self._hits] if self._hits is not None else [])
+                          self._hits if self._hits is not None else [])
 
     def export_kv(self, slots: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every layer's (K, V) rows at `slots`, in host memory (a sequence moving to another worker)."""
@@ -213,17 +211,18 @@ class AttentionActor(_Actor):
                 hint = torch.bincount(guess.reshape(-1), minlength=self.spec.num_experts)
         # The data plane carries host memory: a GPU worker stages its tokens and route there (no copy on CPU).
         ids, weights = route.ids.cpu(), route.weights.cpu()
-        if self._hits is not None:
-            self._hits[m].add_(torch.zeros_like(self._hits[m]).scatter_(1, self._owner_t[layer][ids], 1))
-        return (time.perf_counter(), self._dispatch(layer, x.cpu(), ids, weights, hint)), (ids, weights), dense
+        hits = self._hits[m] if self._hits is not None else None
+        return (time.perf_counter(), self._dispatch(layer, x.cpu(), ids, weights, hint, hits)), (ids, weights), dense
 
     def _dispatch(self, layer: int, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                  hint: torch.Tensor | None) -> list:
+                  hint: torch.Tensor | None, hits: np.ndarray | None) -> list:
         """Send each shard its tokens (and the next layer's `hint` for its cache); post the receives of
-        their outputs. -> [(slice, out, works)]"""
+        their outputs; count in `hits` [T, S] the tokens each shard gets. -> [(slice, out, works)]"""
         top = self.topology
         pending = []
         for s, sl in enumerate(split_route(ids, weights, self._owner[layer], top.num_shards)):
+            if hits is not None:
+                hits[sl.rows_np, s] += 1  # rows_np: each token once
             dst = top.num_attention + s
             message, works, out = pack_parts(x, sl, hint), [], None
             if sl.rows_np.size > 0:  # the receive of its outputs is posted before the tokens leave

@@ -54,7 +54,7 @@ def test_attention_worker_and_two_shards_match_the_in_process_model(tiny_model, 
     serving = [threading.Thread(target=lambda s=s: served.append(s.serve_step([1], len(prompt)))) for s in shards]
     for th in serving:
         th.start()
-    result = attention.step([batch])
+    result = attention.step([batch], record_routes=True, shard_hits=True)
     for th in serving:
         th.join(timeout=60)
     for a in actors:
@@ -67,3 +67,9 @@ def test_attention_worker_and_two_shards_match_the_in_process_model(tiny_model, 
     torch.testing.assert_close(result.logits, expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
     assert result.logits.argmax(-1).tolist() == expected.argmax(-1).tolist()
     assert len(served) == 2 and all(s["bytes_recv"] > 0 for s in served)  # both shards served tokens
+    hits = [[0, 0] for _ in prompt]  # per token: the MoE layers at which it reached each shard (e % 2)
+    for ids, _ in result.routes[0].values():
+        for t, experts in enumerate(ids):
+            for s in {e % 2 for e in experts}:
+                hits[t][s] += 1
+    assert result.shard_hits[0].tolist() == hits and sum(map(sum, hits)) > len(prompt)
