@@ -27,3 +27,7 @@ def test_a_replica_that_would_unbalance_the_shards_is_left_out():
     counts = [{0: [10, 10, 10, 0]}, {0: [0, 0, 0, 5]}]
     assert plan_replicas(OWNER, 2, [0, 1], counts, per_layer=1, max_load_ratio=1.25) == [{}, {}]
     assert plan_replicas(OWNER, 2, [0, 1], counts, per_layer=1, max_load_ratio=2.0) == [{0: (2,)}, {}]
+    # worker 0's next most used remote expert (3, one token) replaces the refused copy of expert 2:
+    # shard 0 then gets 21 tokens against shard 1's 15 (max/mean 1.17)
+    counts = [{0: [10, 10, 10, 1]}, {0: [0, 0, 0, 5]}]
+    assert plan_replicas(OWNER, 2, [0, 1], counts, per_layer=1, max_load_ratio=1.25) == [{0: (3,)}, {}]
