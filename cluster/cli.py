@@ -38,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     _engine_args(gen)
+    gen.add_argument("--address", help="(ray) Ray cluster to join; default: start a local one")
+    gen.add_argument("--record-trace", type=Path, help="write every routing decision to this JSONL trace")
     gen.set_defaults(run=_generate)
     tiny = sub.add_parser("make-tiny", help="write a tiny random checkpoint of a family (via transformers)")
     tiny.add_argument("--family", required=True)
@@ -94,9 +96,7 @@ def _add_grpc(sub) -> None:
     g.add_argument("--served-model-name", help="model name clients send (default: the directory's name)")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=9000)
-    g.add_argument("--dtype", default="float32", choices=DTYPES)
-    g.add_argument("--max-model-len", type=int)
-    g.add_argument("--kv-cache-tokens", type=int, default=16384)
+    _engine_args(g)
     g.set_defaults(run=_grpc)
 
 
@@ -104,35 +104,11 @@ def _add_up(sub) -> None:
     up = sub.add_parser("up", help="serve over HTTP (OpenAI API) and gRPC through Ray Serve until Ctrl-C")
     up.add_argument("--model", help="HF model directory (default: the built-in demo model)")
     up.add_argument("--served-model-name", help="model id clients send (default: the directory's name)")
-    up.add_argument("--address", help="Ray cluster to join; default: start a local one")
+    up.add_argument("--address", help="Ray cluster to join; default: start a local one (the engine uses the same)")
     up.add_argument("--host", default="127.0.0.1", help="HTTP bind address (0.0.0.0 for all interfaces)")
     up.add_argument("--http-port", type=int, default=8000)
     up.add_argument("--grpc-port", type=int, default=9000)
-    up.add_argument("--engine", default="inprocess", choices=ENGINES,
-                    help="inprocess: the replica runs the model; ray: attention workers and expert shards")
-    up.add_argument("--cluster", help="(ray) cluster description file or built-in name")
-    up.add_argument("--transport", choices=TRANSPORTS, help="(ray) the data plane between actors (default: tcp)")
-    up.add_argument("--attention-workers", type=int, help="(ray) number of attention workers (default: 1)")
-    up.add_argument("--shuffle-requests", action="store_true",
-                    help="(ray) move sequences to the attention worker beside their predicted expert shards")
-    up.add_argument("--replan-every", type=int, metavar="STEPS",
-                    help="(ray) re-plan expert placement from live routing every STEPS engine steps")
-    up.add_argument("--expert-replicas", type=int, metavar="N",
-                    help="(ray, with --replan-every) copies per layer and node of the remote experts its "
-                         "sequences use most")
-    up.add_argument("--dtype", choices=DTYPES)
-    up.add_argument("--max-model-len", type=int)
-    up.add_argument("--kv-cache-tokens", type=int)
-    up.add_argument("--max-num-seqs", type=int)
-    up.add_argument("--expert-cache", type=float, metavar="FRACTION",
-                    help="keep only this fraction of each layer's experts resident (ray: of each shard's)")
-    up.add_argument("--expert-cache-policy", choices=ONLINE_POLICIES)
-    up.add_argument("--expert-cache-prefetch", action="store_true", help="pre-gating prefetch into the expert cache")
-    up.add_argument("--expert-cache-schedule", choices=SCHEDULES,
-                    help="where missing experts compute: auto (the calibrated cost model), load "
-                         "(every miss), cpu (every miss where it lies)")
-    up.add_argument("--route-prediction", action="store_true",
-                    help="run the route predictors live; recall goes to the metrics")
+    _engine_args(up)
     up.set_defaults(run=_up)
 
 
@@ -161,42 +137,70 @@ def _add_replay(sub) -> None:
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", default="float32", choices=DTYPES)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--kernel-backend", default="auto", choices=BACKENDS)
-    p.add_argument("--max-model-len", type=int)
-    p.add_argument("--kv-cache-tokens", type=int, default=16384)
-    p.add_argument("--record-trace", type=Path, help="write every routing decision to this JSONL trace")
-    p.add_argument("--route-prediction", action="store_true",
-                   help="run the route predictors live and print their recall at the end")
-    p.add_argument("--expert-cache", type=float, metavar="FRACTION",
+    """The engine's flags, shared by `generate` and `up`. Each one's dest is its EngineConfig field and its
+    default None, so a flag not given leaves EngineConfig's own default (one default per setting)."""
+    p.add_argument("--dtype", choices=DTYPES, help=_default("dtype"))
+    p.add_argument("--device", help=_default("device"))
+    p.add_argument("--kernel-backend", choices=BACKENDS, help=_default("kernel_backend"))
+    p.add_argument("--max-model-len", type=int, help="default: the model's max_position_embeddings")
+    p.add_argument("--kv-cache-tokens", type=int, help="KV-cache budget in tokens, over all sequences; "
+                   + _default("kv_cache_tokens"))
+    p.add_argument("--max-num-seqs", type=int, help="sequences in the running batch at most; "
+                   + _default("max_num_seqs"))
+    p.add_argument("--route-prediction", action="store_true", default=None,
+                   help="run the route predictors live; their recall goes to the metrics (generate: and is "
+                        "printed at the end)")
+    p.add_argument("--expert-cache", type=float, metavar="FRACTION", dest="expert_cache_fraction",
                    help="keep only this fraction of each layer's experts resident, moving the rest in from the slow "
                         "tier on demand (with --engine ray: of each expert shard's experts)")
-    p.add_argument("--expert-cache-policy", default="adaptive", choices=ONLINE_POLICIES)
-    p.add_argument("--expert-cache-prefetch", action="store_true",
+    p.add_argument("--expert-cache-policy", choices=ONLINE_POLICIES, help=_default("expert_cache_policy"))
+    p.add_argument("--expert-cache-prefetch", action="store_true", default=None,
                    help="load the experts pre-gating predicts for the next layer ahead of it")
-    p.add_argument("--expert-cache-schedule", default="auto", choices=SCHEDULES,
+    p.add_argument("--expert-cache-schedule", choices=SCHEDULES,
                    help="where missing experts compute: auto (the calibrated cost model decides per expert), "
-                        "load (every miss is loaded), cpu (every miss is computed where it lies)")
-    p.add_argument("--engine", default="inprocess", choices=ENGINES,
-                   help="inprocess: one process; ray: attention workers and expert shards as Ray actors")
+                        "load (every miss is loaded), cpu (every miss is computed where it lies); "
+                        + _default("expert_cache_schedule"))
+    p.add_argument("--engine", choices=ENGINES,
+                   help="inprocess: one process; ray: attention workers and expert shards as Ray actors; "
+                        + _default("engine"))
     p.add_argument("--cluster", help="(ray) cluster description file or built-in name (local, "
                    "example-hetero); default: described from the live Ray nodes")
-    p.add_argument("--address", help="(ray) Ray cluster to join; default: start a local one")
-    p.add_argument("--expert-shards", type=int, help="(ray) number of expert shards")
-    p.add_argument("--replan-every", type=int, metavar="STEPS",
+    p.add_argument("--expert-shards", type=int, metavar="N", dest="num_expert_shards",
+                   help="(ray) number of expert shards; default: one per node that may host experts")
+    p.add_argument("--attention-workers", type=int, metavar="N", dest="num_attention_workers",
+                   help="(ray) number of attention workers; " + _default("num_attention_workers"))
+    p.add_argument("--replan-every", type=int, metavar="STEPS", dest="replan_every_steps",
                    help="(ray) re-plan expert placement from live routing every STEPS engine steps")
-    p.add_argument("--attention-workers", type=int, default=1, help="(ray) number of attention workers")
-    p.add_argument("--expert-replicas", type=int, default=0, metavar="N",
+    p.add_argument("--expert-replicas", type=int, metavar="N",
                    help="(ray, with --replan-every) at each re-plan, copy to each node the N remote experts per "
-                        "layer its sequences use most")
-    p.add_argument("--shuffle-requests", action="store_true",
+                        "layer its sequences use most; " + _default("expert_replicas"))
+    p.add_argument("--shuffle-requests", action="store_true", default=None, dest="request_shuffling",
                    help="(ray) move each sequence, KV cache and all, to the attention worker on the node of the "
                         "expert shards its tokens are predicted to reach")
-    p.add_argument("--microbatches", type=int, default=2, choices=(1, 2),
-                   help="(ray) ping-pong micro-batches per attention worker (1 = off)")
-    p.add_argument("--transport", default="tcp", choices=TRANSPORTS,
-                   help="(ray) the data plane between actors: tcp (sockets driven by the waiting thread) or gloo")
+    p.add_argument("--microbatches", type=int, choices=(1, 2),
+                   help="(ray) ping-pong micro-batches per attention worker (1 = off); " + _default("microbatches"))
+    p.add_argument("--transport", choices=TRANSPORTS,
+                   help="(ray) the data plane between actors: tcp (sockets driven by the waiting thread) or gloo; "
+                        + _default("transport"))
+
+
+ENGINE_FLAGS = ("dtype", "device", "kernel_backend", "max_model_len", "kv_cache_tokens", "max_num_seqs",
+                "route_prediction", "expert_cache_fraction", "expert_cache_policy", "expert_cache_prefetch",
+                "expert_cache_schedule", "engine", "cluster", "num_expert_shards", "num_attention_workers",
+                "replan_every_steps", "expert_replicas", "request_shuffling", "microbatches", "transport")
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    """The EngineConfig fields the command line set (the dest of each flag of _engine_args)."""
+    return {name: getattr(args, name) for name in ENGINE_FLAGS if getattr(args, name) is not None}
+
+
+def _default(field: str) -> str:
+    from dataclasses import fields
+
+    from cluster.config import EngineConfig
+
+    return f"default: {next(f.default for f in fields(EngineConfig) if f.name == field)}"
 
 
 def _model_dir(args: argparse.Namespace) -> str:
@@ -214,16 +218,8 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
     engine = LLMEngine(EngineConfig(
-        model=_model_dir(args), dtype=args.dtype, device=args.device, kernel_backend=args.kernel_backend,
-        max_model_len=args.max_model_len, kv_cache_tokens=args.kv_cache_tokens, show_progress=True,
-        engine=args.engine, cluster=args.cluster, address=args.address, num_expert_shards=args.expert_shards,
-        microbatches=args.microbatches, replan_every_steps=args.replan_every, transport=args.transport,
-        num_attention_workers=args.attention_workers, request_shuffling=args.shuffle_requests,
-        expert_replicas=args.expert_replicas,
-        record_trace=str(args.record_trace) if args.record_trace else None,
-        expert_cache_fraction=args.expert_cache, expert_cache_policy=args.expert_cache_policy,
-        expert_cache_prefetch=args.expert_cache_prefetch, expert_cache_schedule=args.expert_cache_schedule,
-        route_prediction=args.route_prediction))
+        model=_model_dir(args), show_progress=True, address=args.address,
+        record_trace=str(args.record_trace) if args.record_trace else None, **_engine_kwargs(args)))
     try:
         if len(args.prompt) == 1:
             return _print_stream(engine, args.prompt[0], params)
@@ -282,16 +278,9 @@ def _plan(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     from cluster.up import run_up
 
-    app_args = {"served_model_name": args.served_model_name, "dtype": args.dtype,
-                "max_model_len": args.max_model_len, "kv_cache_tokens": args.kv_cache_tokens,
-                "max_num_seqs": args.max_num_seqs, "expert_cache_fraction": args.expert_cache,
-                "expert_cache_policy": args.expert_cache_policy, "route_prediction": args.route_prediction or None,
-                "expert_cache_prefetch": args.expert_cache_prefetch or None,
-                "expert_cache_schedule": args.expert_cache_schedule, "transport": args.transport,
-                "num_attention_workers": args.attention_workers, "request_shuffling": args.shuffle_requests or None,
-                "replan_every_steps": args.replan_every, "expert_replicas": args.expert_replicas}
-    return run_up(args.model, args.address, args.http_port, args.grpc_port, args.engine, args.cluster,
-                  host=args.host, app_args={k: v for k, v in app_args.items() if v is not None})
+    app_args = {**_engine_kwargs(args), "served_model_name": args.served_model_name}
+    return run_up(args.model, args.address, args.http_port, args.grpc_port, host=args.host,
+                  app_args={k: v for k, v in app_args.items() if v is not None})
 
 
 def _grpc(args: argparse.Namespace) -> int:
@@ -299,8 +288,7 @@ def _grpc(args: argparse.Namespace) -> int:
     from cluster.grpc_server import run_grpc_server
 
     model = _model_dir(args)
-    config = EngineConfig(model=model, dtype=args.dtype, max_model_len=args.max_model_len,
-                          kv_cache_tokens=args.kv_cache_tokens)
+    config = EngineConfig(model=model, **_engine_kwargs(args))
     name = args.served_model_name or ("moe-serve-demo" if args.model is None else Path(model).resolve().name)
     return run_grpc_server(config, name, args.host, args.port)
 

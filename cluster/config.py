@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from experts.cache_policy import ONLINE_POLICIES  # both torch-free
 from experts.cost_model import SCHEDULES
@@ -11,6 +11,9 @@ DTYPES = ("float32", "bfloat16")
 BACKENDS = ("auto", "torch", "triton")
 ENGINES = ("inprocess", "ray")
 TRANSPORTS = ("tcp", "gloo")  # the cluster's data plane (cluster/socket_transport.py, cluster/transport.py)
+# Settings of the actors and the data plane, which an in-process engine does not have.
+RAY_ONLY = ("cluster", "address", "num_attention_workers", "num_expert_shards", "microbatches",
+            "min_microbatch_tokens", "actor_threads", "transport_timeout_s", "transport")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +61,8 @@ class EngineConfig:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
         if self.microbatches not in (1, 2):
             raise ValueError(f"microbatches must be 1 or 2, got {self.microbatches}")
+        if self.engine != "ray":
+            self._refuse_ray_only()
         if self.replan_every_steps is not None and self.replan_every_steps <= 0:
             raise ValueError(f"replan_every_steps must be > 0, got {self.replan_every_steps}")
         if self.replan_every_steps is not None and self.engine != "ray":
@@ -87,6 +92,14 @@ class EngineConfig:
                              f"got {self.expert_cache_schedule!r}")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be > 0, got {self.max_model_len}")
+
+    def _refuse_ray_only(self) -> None:
+        """An in-process engine would silently ignore these: name each one set away from its default."""
+        set_ = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+                if f.name in RAY_ONLY and getattr(self, f.name) != f.default]
+        if set_:
+            raise ValueError(f"{', '.join(set_)} only apply with engine='ray' (the in-process engine has no "
+                             f"actors or data plane)")
 
     @property
     def num_blocks(self) -> int:

@@ -52,11 +52,14 @@ class AppArgs(BaseModel):
     cluster: str | None = None  # cluster description for engine="ray"
     transport: Literal["tcp", "gloo"] | None = None  # engine="ray": the data plane
     num_attention_workers: int | None = Field(None, ge=1)  # engine="ray"
+    num_expert_shards: int | None = Field(None, ge=1)  # engine="ray"; None: one per node that may host experts
+    microbatches: Literal[1, 2] | None = None  # engine="ray": ping-pong micro-batches per attention worker
     request_shuffling: bool | None = None  # engine="ray": sequences move toward their predicted shards
     replan_every_steps: int | None = Field(None, ge=1)  # engine="ray": re-plan expert placement every N steps
     expert_replicas: int | None = Field(None, ge=0)  # engine="ray": copies per layer and node at each re-plan
     dtype: Literal["float32", "bfloat16"] | None = None
     device: str | None = None
+    kernel_backend: Literal["auto", "torch", "triton"] | None = None
     max_model_len: int | None = Field(None, ge=1)
     kv_cache_tokens: int | None = Field(None, ge=1)
     max_num_seqs: int | None = Field(None, ge=1)

@@ -11,13 +11,12 @@ APP_NAME = "moe-serve"
 GRPC_SERVICER = "protos.moe_serve_pb2_grpc.add_MoeServeServicer_to_server"
 
 
-def run_up(model: str | None, address: str | None, http_port: int, grpc_port: int, engine: str,
-           cluster: str | None, host: str = "127.0.0.1", app_args: dict | None = None,
-           out: TextIO = sys.stdout) -> int:
+def run_up(model: str | None, address: str | None, http_port: int, grpc_port: int, host: str = "127.0.0.1",
+           app_args: dict | None = None, out: TextIO = sys.stdout) -> int:
     """Deploy `cluster.serve_app:build_app` and block until Ctrl-C (or SIGTERM); 0 after a clean stop.
 
     `address`: a Ray cluster to join; None starts a new local one (stopped again on exit).
-    `app_args`: further application args (AppArgs), e.g. {"max_model_len": 4096}."""
+    `app_args`: further application args (AppArgs), e.g. {"engine": "ray", "max_model_len": 4096}."""
     import ray
     from ray import serve
     from ray.serve.config import HTTPOptions, gRPCOptions
@@ -25,7 +24,7 @@ def run_up(model: str | None, address: str | None, http_port: int, grpc_port: in
     from cluster.ray_setup import start_local
     from cluster.serve_app import AppArgs, build_app
 
-    args = {**(app_args or {}), "model": model, "engine": engine, "cluster": cluster}
+    args = {**(app_args or {}), "model": model}
     args = {k: v for k, v in args.items() if v is not None}
     app = build_app(args)  # bad args fail here, before anything starts
     if address is None:
@@ -36,7 +35,8 @@ def run_up(model: str | None, address: str | None, http_port: int, grpc_port: in
         serve.start(http_options=HTTPOptions(host=host, port=http_port),
                     grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=[GRPC_SERVICER]))
         serve.run(app, name=APP_NAME, route_prefix="/")
-        _banner(out, AppArgs.parse(args).served_name, engine, host, http_port, grpc_port)
+        parsed = AppArgs.parse(args)
+        _banner(out, parsed.served_name, parsed.engine, host, http_port, grpc_port)
         _wait_for_interrupt()
     except KeyboardInterrupt:
         pass

@@ -1,0 +1,62 @@
+"""EngineConfig's checks, and the command line's engine flags: one set, one default per setting."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from cluster.cli import ENGINE_FLAGS, _engine_kwargs, _parser
+from cluster.config import RAY_ONLY, EngineConfig
+from cluster.serve_app import AppArgs, build_app
+
+# A value away from the default for every Ray-only setting.
+RAY_VALUES = {"cluster": "local", "address": "auto", "num_attention_workers": 2, "num_expert_shards": 2,
+              "microbatches": 1, "min_microbatch_tokens": 8, "actor_threads": 2, "transport_timeout_s": 5.0,
+              "transport": "gloo"}
+
+# Every engine flag with a value away from its default, and the EngineConfig it must give.
+FLAGS = ["--dtype", "bfloat16", "--device", "cuda:1", "--kernel-backend", "torch", "--max-model-len", "200",
+         "--kv-cache-tokens", "4096", "--max-num-seqs", "4", "--route-prediction", "--expert-cache", "0.5",
+         "--expert-cache-policy", "lru", "--expert-cache-prefetch", "--expert-cache-schedule", "load",
+         "--engine", "ray", "--cluster", "local", "--expert-shards", "3", "--attention-workers", "2",
+         "--replan-every", "7", "--expert-replicas", "1", "--shuffle-requests", "--microbatches", "1",
+         "--transport", "gloo"]
+WANT = {"dtype": "bfloat16", "device": "cuda:1", "kernel_backend": "torch", "max_model_len": 200, "kv_cache_tokens": 4096,
+        "max_num_seqs": 4, "route_prediction": True, "expert_cache_fraction": 0.5, "expert_cache_policy": "lru",
+        "expert_cache_prefetch": True, "expert_cache_schedule": "load", "engine": "ray", "cluster": "local",
+        "num_expert_shards": 3, "num_attention_workers": 2, "replan_every_steps": 7, "expert_replicas": 1,
+        "request_shuffling": True, "microbatches": 1, "transport": "gloo"}
+
+
+def test_ray_only_settings_are_refused_in_process_naming_each():
+    assert set(RAY_VALUES) == set(RAY_ONLY)
+    for name, value in RAY_VALUES.items():
+        with pytest.raises(ValueError, match=f"{name}={value!r} only apply with engine='ray'"):
+            EngineConfig(model="m", **{name: value})
+        assert getattr(EngineConfig(model="m", engine="ray", **{name: value}), name) == value
+    with pytest.raises(ValueError, match="num_attention_workers=2, transport='gloo' only apply"):
+        EngineConfig(model="m", num_attention_workers=2, transport="gloo")
+    EngineConfig(model="m")  # the defaults are not "set"
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["up"], ["grpc"]])
+def test_every_engine_command_takes_the_same_flags_to_the_same_fields(command):
+    assert set(WANT) == set(ENGINE_FLAGS)
+    args = _parser().parse_args([*command, *FLAGS])
+    assert _engine_kwargs(args) == WANT
+    assert _engine_kwargs(_parser().parse_args(command)) == {}  # nothing given: EngineConfig's own defaults
+
+
+def test_up_flags_reach_the_same_engine_config_as_generate():
+    generate = EngineConfig(model="m", **_engine_kwargs(_parser().parse_args(["generate", "--prompt", "x", *FLAGS])))
+    up = AppArgs.parse(_engine_kwargs(_parser().parse_args(["up", *FLAGS]))).engine_config("m")
+    assert up == generate
+    for field in dataclasses.fields(EngineConfig):
+        if field.name in WANT:
+            assert getattr(up, field.name) == WANT[field.name] != field.default, field.name
+
+
+def test_the_serve_builder_refuses_ray_only_settings_in_process():
+    with pytest.raises(ValueError, match="num_expert_shards=2 only apply with engine='ray'"):
+        build_app({"num_expert_shards": 2})
