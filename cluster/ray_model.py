@@ -25,6 +25,7 @@ from cluster.batch import build_batch
 from cluster.builder import start_attention, start_shard
 from cluster.errors import ClusterRecovered
 from cluster.live_placement import LivePlacement
+from cluster.plan_cli import DTYPE_BYTES, footprint_of
 from cluster.scheduler import ScheduledChunk, SchedulerOutput
 from cluster.sequence_homes import KVMove, SequenceHomes, row_order
 from experts.config import ModelSpec
@@ -95,10 +96,10 @@ class RayModel(LivePlacement):
         self._rows: list[tuple[int, int, int]] = []  # engine row order of the last step: (result, mb, row)
         self._results: list[StepResult] = []
         self.homes = SequenceHomes(len(self.attention), config.block_size)  # sequence -> attention worker
-        self._migrated = self._moved = 0  # cross-node bytes of KV moved before this step, and sequences
-        self._connect()
+        self._migrated = self._moved = 0  # KV bytes copied across nodes, and sequences moved, not yet reported
         if config.shuffle is not None:
-            self.shuffler = RequestShuffler(config.shuffle, self.homes.geometry)
+            self.shuffler = RequestShuffler(config.shuffle)
+        self._connect()
 
     @property
     def shuffler(self):
@@ -150,15 +151,12 @@ class RayModel(LivePlacement):
         if any(self.replicas):
             self._send_tables()
         self.homes.geometry = self.shuffle_geometry()  # a restarted actor may sit on another node
-        if isinstance(self.shuffler, RequestShuffler):
-            self.shuffler.geometry = self.homes.geometry
 
     def shuffle_geometry(self) -> ShuffleGeometry:
         """Where the attention workers and shards run, and the bytes a token and a KV position take."""
-        nodes, a, spec = self.topology.node_of, len(self.attention), self.spec
-        elem = torch.tensor([], dtype=getattr(torch, self.config.actor.dtype)).element_size()
-        kv = 2 * spec.num_layers * spec.num_kv_heads * spec.head_dim * elem
-        return ShuffleGeometry(tuple(nodes[:a]), tuple(nodes[a:]), spec.hidden_size * elem, kv)
+        nodes, a, dtype = self.topology.node_of, len(self.attention), self.config.actor.dtype
+        return ShuffleGeometry(tuple(nodes[:a]), tuple(nodes[a:]), self.spec.hidden_size * DTYPE_BYTES[dtype],
+                               footprint_of(self.spec, dtype).kv_bytes_per_token)
 
     # ---- one step ----------------------------------------------------------------------------
     def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, tuple[int, ...]]:
@@ -194,7 +192,7 @@ class RayModel(LivePlacement):
             raise ClusterRecovered(f"cluster step failed and was recovered: {_reason(exc)}") from exc
         self._account(results, shard_stats, called)
         self._results = results
-        self.homes.observe(placed, [r.shard_hits for r in results])
+        self.homes.observe_step(placed, [r.shard_hits for r in results])
         every = self.config.replan_every_steps
         if every is not None and self.traffic.steps % every == 0:
             log.info("re-planned expert placement: %s", self.replan_experts())
@@ -205,9 +203,12 @@ class RayModel(LivePlacement):
         writes = [self.attention[m.dst].import_kv.remote(m.slots, self.attention[m.src].export_kv.remote(m.slots))
                   for m in moves]
         ray.get(writes, timeout=self.config.start_timeout_s)
-        self._migrated = sum(m.cross_node_bytes for m in moves)
-        self._moved = len(moves)
+        # Counted once copied: a step that then fails has still moved them (reported with the next step).
+        copied = sum(m.cross_node_bytes for m in moves)
+        self.traffic.migrate_bytes += copied
         self.traffic.sequences_moved += len(moves)
+        self._migrated += copied
+        self._moved += len(moves)
 
     def release(self, seq_id: int) -> None:
         """The engine finished (or aborted) the sequence: forget where it was."""
@@ -220,7 +221,6 @@ class RayModel(LivePlacement):
 
     def _account(self, results: list[StepResult], shard_stats: list[dict], called: list[int]) -> None:
         self.traffic.steps += 1
-        self.traffic.migrate_bytes += self._migrated
         counts: dict[int, list[int]] = {}
         for r, worker in zip(results, called):
             self.traffic.add(r.traffic)
@@ -233,6 +233,7 @@ class RayModel(LivePlacement):
         self.last_step = {"traffic": [r.traffic for r in results], "shard_traffic": shard_stats,
                           "expert_tokens": counts, "round_trip_ms": [r.round_trip_ms for r in results],
                           "migrate_bytes": self._migrated, "sequences_moved": self._moved}
+        self._migrated = self._moved = 0
 
     def step_stats(self) -> dict:
         """The last step's MoE statistics, as cluster.metrics reads them: tokens per (layer, expert) and

@@ -1,9 +1,8 @@
 """Which attention worker holds each sequence's KV cache, and how a step is split among the workers
 (torch- and ray-free bookkeeping for cluster/ray_model.py).
 
-A new sequence (its first chunk starts at 0: nothing cached) goes to worker seq_id mod A. With a
-shuffler (router/shuffle.py: anything with observe / plan / forget), a running sequence may move
-between two steps: `place` returns the KV copies to make first, with their cross-node bytes.
+`router.shuffle.Homes` keeps each sequence's worker (a new one: seq_id mod A) and plans the moves of
+request shuffling; here chunks are placed, a move gets the KV slots it copies, and a step is split.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import numpy as np
 
 from cluster.block_manager import context_slots
 from cluster.scheduler import ScheduledChunk
-from router.shuffle import ShuffleGeometry
+from router.shuffle import Homes
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,31 +25,19 @@ class KVMove:
     cross_node_bytes: int
 
 
-class SequenceHomes:
-    def __init__(self, num_workers: int, block_size: int, geometry: ShuffleGeometry | None = None,
-                 shuffler=None) -> None:
-        self.num_workers, self.block_size = num_workers, block_size
-        self.geometry = geometry  # where the actors sit (needed with a shuffler)
-        self.shuffler = shuffler
-        self.kv_at: dict[int, int] = {}  # seq_id -> the worker holding its KV cache
+class SequenceHomes(Homes):
+    def __init__(self, num_workers: int, block_size: int, geometry=None, shuffler=None) -> None:
+        super().__init__(num_workers, geometry, shuffler)
+        self.block_size = block_size
 
     def place(self, chunks: tuple[ScheduledChunk, ...]) -> list[KVMove]:
         """Assign every chunk's sequence a worker for this step; -> the KV copies to make before it."""
         for c in chunks:
-            if c.start == 0 or c.seq_id not in self.kv_at:
-                self.kv_at[c.seq_id] = c.seq_id % self.num_workers
-        if self.shuffler is None:
-            return []
-        running = {c.seq_id: (self.kv_at[c.seq_id], c.start) for c in chunks if c.start > 0}
-        load = np.bincount(list(self.kv_at.values()), minlength=self.num_workers).tolist()
+            self.arrive(c.seq_id, fresh=c.start == 0)
         by_seq = {c.seq_id: c for c in chunks}
-        moves = []
-        for sid, dst in self.shuffler.plan(running, load).items():
-            src, c = self.kv_at[sid], by_seq[sid]
-            moves.append(KVMove(sid, src, dst, context_slots(c.block_ids, c.start, self.block_size),
-                                self.geometry.move_bytes(src, dst, c.start)))
-            self.kv_at[sid] = dst
-        return moves
+        moves = self.shuffle({c.seq_id: c.start for c in chunks if c.start > 0})
+        return [KVMove(m.seq_id, m.src, m.dst, context_slots(by_seq[m.seq_id].block_ids, by_seq[m.seq_id].start,
+                                                             self.block_size), m.cross_node_bytes) for m in moves]
 
     def split(self, chunks: tuple[ScheduledChunk, ...], parts) -> list[list[list[ScheduledChunk]]]:
         """Chunks -> per worker -> micro-batches balanced by token count; `parts(chunks)` -> 1 or 2."""
@@ -59,7 +46,7 @@ class SequenceHomes:
             groups[self.kv_at[c.seq_id]].append(c)
         return [balance(g, parts(g)) for g in groups]
 
-    def observe(self, placed: list[list[list[ScheduledChunk]]], hits: list[list[np.ndarray]]) -> None:
+    def observe_step(self, placed: list[list[list[ScheduledChunk]]], hits: list[list[np.ndarray]]) -> None:
         """hits[call][micro-batch]: [T, S] MoE layers at which each token reached each shard."""
         if self.shuffler is None:
             return
@@ -67,13 +54,8 @@ class SequenceHomes:
             for mb, h in zip(microbatches, per_mb):
                 row = 0
                 for c in mb:
-                    self.shuffler.observe(c.seq_id, h[row:row + len(c.token_ids)])
+                    self.observe(c.seq_id, h[row:row + len(c.token_ids)])
                     row += len(c.token_ids)
-
-    def release(self, seq_id: int) -> None:
-        self.kv_at.pop(seq_id, None)
-        if self.shuffler is not None:
-            self.shuffler.forget(seq_id)
 
 
 def balance(chunks: list[ScheduledChunk], parts: int) -> list[list[ScheduledChunk]]:

@@ -18,9 +18,12 @@ Cost model (every byte crossing a node boundary counts; `assumptions` in the rep
   dispatch from a_next. Attention can run anywhere only if every node holds the KV cache of every
   request, so each token's new K/V at each layer (kv_elems values) is sent to the N-1 other nodes:
   that replication is counted as KV bytes of these schemes (and costs N x the KV memory).
-- Request shuffling (router/shuffle.py, what the cluster engine runs live): attention stays pinned,
-  but before each of a request's tokens the request may move to another node, its KV for the
-  positions so far (pos x num_layers x kv_elems values) copied there and counted as migrate bytes.
+- Request shuffling (router/shuffle.py, what the cluster engine runs live, with the same policy and
+  bookkeeping, `Homes`): attention stays pinned, but before each step (one position of every request
+  that has it) the step's requests may move to another node, their KV for the positions so far
+  (pos x num_layers x kv_elems values) copied there and counted as migrate bytes. Every request is
+  running from the first step (decoding is concurrent) until its last token, and counts toward the
+  nodes' load until then.
   The policy sees the fit part's tokens (to learn each request's shards) and moves only in the
   report part, where the first move copies half the request's context. With replicas
   (router/replicas.py), each node also holds copies of the `replicas_per_layer` remote experts that
@@ -42,9 +45,9 @@ from router.grouping import (GroupingConfig, Placement, align, group_experts, ma
                              round_robin)
 from router.predictors import (AffinityPredictor, MixturePredictor, PreviousRoutePredictor, RecallMeter,
                                RouteContext, top_k_ids)
-from router.replay_requests import fit_replicas, hosts, make_shuffler, node_hits, token_routes
-from router.replicas import Replicas
-from router.shuffle import RequestShuffler
+from router.replay_requests import fit_replicas, make_homes, node_hits, token_routes
+from router.replicas import Replicas, worker_tables
+from router.shuffle import Homes
 from router.stats import MISSING, RouteTable, coactivation, popularity, route_table, transitions
 from router.traces import RouteRecord
 
@@ -78,8 +81,7 @@ class Scheme:
     placement: Placement
     mobile: bool  # attention follows the token (speculative token shuffling)
     oracle: bool = False  # the next node is chosen from the actual next route (a bound, not a scheme)
-    shuffler: RequestShuffler | None = None  # pinned attention whose requests move between nodes
-    homes: dict[int, int] = field(default_factory=dict)  # request index -> node (request shuffling)
+    homes: Homes | None = None  # request shuffling: pinned attention whose requests move between nodes
     replicas: Replicas | None = None  # per node: layer -> experts it holds copies of
     migrate_bytes: int = 0
     requests_moved: int = 0
@@ -89,10 +91,23 @@ class Scheme:
     local: int = 0  # token-layers whose experts all sat on a_l
     expert_load: np.ndarray = field(init=False)  # [L, N] token-expert assignments
     attention_load: np.ndarray = field(init=False)  # [N] token-layers attended
+    tables: list[dict[int, tuple[int, ...]]] = field(init=False)  # per node a: layer -> node serving each expert
 
     def __post_init__(self) -> None:
-        self.expert_load = np.zeros((self.placement.node_of.shape[0], self.placement.nodes))
-        self.attention_load = np.zeros(self.placement.nodes)
+        nodes = self.placement.nodes
+        self.expert_load = np.zeros((self.placement.node_of.shape[0], nodes))
+        self.attention_load = np.zeros(nodes)
+        owner = dict(enumerate(self.placement.node_of.tolist()))  # node n runs expert shard n
+        self.tables = worker_tables(owner, self.replicas or [{} for _ in range(nodes)], range(nodes))
+
+    def hosts(self, layer: int, ids: tuple[int, ...], at: int) -> list[int]:
+        """The node serving each expert for a token attended on node `at` (a copy there, else the owner)."""
+        row = self.tables[at][layer]
+        return [row[e] for e in ids]
+
+    def home(self, r: int) -> int:
+        """Where request r attends now (pinned: r mod N)."""
+        return r % self.placement.nodes if self.homes is None else self.homes.kv_at[r]
 
 
 def split_fit(table: RouteTable, fraction: float) -> np.ndarray:
@@ -135,7 +150,7 @@ def _next_node(scheme: Scheme, here: set[int], layer: int, probs: np.ndarray | N
 
 
 def _visit(scheme: Scheme, layer: int, ids: tuple[int, ...], at: int, dest: int) -> None:
-    served = hosts(scheme.placement, scheme.replicas, layer, ids, at)
+    served = scheme.hosts(layer, ids, at)
     nodes = set(served)
     scheme.dispatch += len(nodes - {at})
     scheme.combine += len(nodes - {dest})
@@ -153,54 +168,73 @@ def warm_up(predictor: MixturePredictor, table: RouteTable, order: np.ndarray) -
             predictor.observe(request, pos, layer, ids)
 
 
-def _move_request(s: Scheme, r: int, home: int, pos: int) -> int:
-    """Request shuffling before one of request r's tokens: -> the node it attends on."""
-    at = s.homes.setdefault(r, home)
-    load = np.bincount(list(s.homes.values()), minlength=s.placement.nodes).tolist()
-    dst = s.shuffler.plan({r: (at, pos)}, load).get(r, at)
-    if dst != at:
-        s.migrate_bytes += s.shuffler.geometry.move_bytes(at, dst, pos)
-        s.requests_moved += 1
-        s.homes[r] = dst
-    return dst
+def steps(table: RouteTable, order: np.ndarray) -> list[np.ndarray]:
+    """Tokens in decode order cut into engine steps: one position of every request that has it."""
+    return np.split(order, np.nonzero(np.diff(table.pos[order]))[0] + 1) if len(order) else []
 
 
-def observe_requests(table: RouteTable, order: np.ndarray, schemes: list[Scheme], nodes: int) -> None:
-    """The request shufflers learn from the fit tokens (no moves: each request at its home)."""
-    for t in order:
-        r = int(table.request_index[t])
-        for s in schemes:
-            if s.shuffler is not None:
-                s.shuffler.observe(r, node_hits(s.placement, s.replicas, token_routes(table, t), r % nodes))
+def _shuffle(s: Scheme, table: RouteTable, step: np.ndarray) -> None:
+    """Request shuffling before a step, as the live engine plans it: the step's requests may move."""
+    running = {int(table.request_index[t]): int(table.pos[t]) for t in step}
+    for r, pos in running.items():
+        s.homes.arrive(r, fresh=pos == 0)
+    moved = s.homes.shuffle(running)
+    s.migrate_bytes += sum(m.cross_node_bytes for m in moved)
+    s.requests_moved += len(moved)
+
+
+def observe_requests(table: RouteTable, order: np.ndarray, schemes: list[Scheme], done: np.ndarray) -> None:
+    """The request shufflers learn from the fit tokens (no moves: each request at its home); requests
+    whose tokens all fit (`done`: request indices) then leave."""
+    for s in (s for s in schemes if s.homes is not None):
+        for t in order:
+            r = int(table.request_index[t])
+            at = s.homes.arrive(r, fresh=table.pos[t] == 0)
+            s.homes.observe(r, node_hits(s.tables[at], token_routes(table, t), s.placement.nodes))
+        for r in done:
+            s.homes.release(int(r))
 
 
 def simulate(table: RouteTable, order: np.ndarray, schemes: list[Scheme], predictor: MixturePredictor,
              meters: dict[str, RecallMeter], config: ReplayConfig) -> None:
-    """Walks the report tokens layer by layer: predict, measure recall, move tokens, count bytes."""
-    k, depth = table.top_k, config.max_distance
-    for t in order:
-        request, pos = table.requests[table.request_index[t]], int(table.pos[t])
-        r = int(table.request_index[t])
-        home = r % config.nodes
-        routes, route = token_routes(table, t), {}
-        homes = {s.name: home if s.shuffler is None else _move_request(s, r, home, pos) for s in schemes}
-        where = dict(homes)
-        for i, (layer, ids) in enumerate(routes):
-            predictor.observe(request, pos, layer, ids)
-            route[layer] = ids
-            ctx = RouteContext(request, pos, layer, route)
-            nxt = routes[i + 1] if i + 1 < len(routes) else None
-            mixed = _measure(predictor, ctx, table.experts[t], meters, k, depth, nxt[0] if nxt else None)
-            for s in schemes:
-                at = where[s.name]
-                here = set(hosts(s.placement, s.replicas, layer, ids, at))
-                dest = (homes[s.name] if nxt is None or not s.mobile
-                        else _next_node(s, here, nxt[0], mixed, nxt[1], at, k))
-                _visit(s, layer, ids, at, dest)
-                where[s.name] = dest
+    """Walks the report tokens step by step and layer by layer: predict, measure recall, move requests
+    and tokens, count bytes. A request leaves (its KV freed, the shuffler forgets it) after its last token."""
+    last = {int(table.request_index[t]): i for i, step in enumerate(steps(table, order)) for t in step}
+    for i, step in enumerate(steps(table, order)):
         for s in schemes:
-            if s.shuffler is not None:
-                s.shuffler.observe(r, node_hits(s.placement, s.replicas, routes, homes[s.name]))
+            if s.homes is not None:
+                _shuffle(s, table, step)
+        for t in step:
+            _token(table, t, schemes, predictor, meters, config)
+        for r in (int(table.request_index[t]) for t in step if last[int(table.request_index[t])] == i):
+            for s in schemes:
+                if s.homes is not None:
+                    s.homes.release(r)
+
+
+def _token(table: RouteTable, t: int, schemes: list[Scheme], predictor: MixturePredictor,
+           meters: dict[str, RecallMeter], config: ReplayConfig) -> None:
+    k, depth = table.top_k, config.max_distance
+    request, pos, r = table.requests[table.request_index[t]], int(table.pos[t]), int(table.request_index[t])
+    routes, route = token_routes(table, t), {}
+    homes = {s.name: s.home(r) for s in schemes}
+    where = dict(homes)
+    for i, (layer, ids) in enumerate(routes):
+        predictor.observe(request, pos, layer, ids)
+        route[layer] = ids
+        ctx = RouteContext(request, pos, layer, route)
+        nxt = routes[i + 1] if i + 1 < len(routes) else None
+        mixed = _measure(predictor, ctx, table.experts[t], meters, k, depth, nxt[0] if nxt else None)
+        for s in schemes:
+            at = where[s.name]
+            here = set(s.hosts(layer, ids, at))
+            dest = (homes[s.name] if nxt is None or not s.mobile
+                    else _next_node(s, here, nxt[0], mixed, nxt[1], at, k))
+            _visit(s, layer, ids, at, dest)
+            where[s.name] = dest
+    for s in schemes:
+        if s.homes is not None:
+            s.homes.observe(r, node_hits(s.tables[homes[s.name]], routes, s.placement.nodes))
 
 
 def _measure(predictor: MixturePredictor, ctx: RouteContext, actual: np.ndarray, meters: dict[str, RecallMeter],
@@ -267,18 +301,19 @@ def replay_placement(records: Iterable[RouteRecord], nodes: int, hidden_size: in
     schemes = [Scheme("naive", naive, False), Scheme("grouping", grouped["pinned"], False),
                Scheme("shuffling", naive, True), Scheme("grouping+shuffling", grouped["mobile"], True),
                Scheme("grouping+shuffling (perfect prediction)", grouped["mobile"], True, oracle=True),
-               Scheme("request shuffling", naive, False, shuffler=make_shuffler(table, config.nodes, vector, kv)),
+               Scheme("request shuffling", naive, False, homes=make_homes(table, config.nodes, vector, kv)),
                Scheme("grouping+request shuffling", grouped["mobile"], False,
-                      shuffler=make_shuffler(table, config.nodes, vector, kv)),
+                      homes=make_homes(table, config.nodes, vector, kv)),
                Scheme("grouping+request shuffling+replicas", grouped["mobile"], False,
-                      shuffler=make_shuffler(table, config.nodes, vector, kv),
+                      homes=make_homes(table, config.nodes, vector, kv),
                       replicas=fit_replicas(table.select(fit), grouped["mobile"], config.replicas_per_layer,
                                             config.max_load_ratio))]
     L, E = table.num_layers, table.num_experts
     predictor = MixturePredictor([AffinityPredictor(L, E, max_distance), PreviousRoutePredictor(L, E)])
     meters = {name: RecallMeter(max_distance, L) for name in ("affinity", "previous", "mixture")}
     warm_up(predictor, table, decode_order(table, fit))
-    observe_requests(table, decode_order(table, fit), schemes, nodes)
+    all_fit = np.setdiff1d(table.request_index, table.request_index[~fit])  # requests with no report tokens
+    observe_requests(table, decode_order(table, fit), schemes, all_fit)
     simulate(table, decode_order(table, ~fit), schemes, predictor, meters, config)
     return _report(table, fit, schemes, meters, grouped, config)
 

@@ -1,5 +1,5 @@
-"""Request shuffling and expert copies in the placement replay (torch-free): where a token's experts
-are served, what the shufflers observe, and the copies fitted on the fit part (router/replay.py)."""
+"""Request shuffling and expert copies in the placement replay (torch-free): what the shufflers
+observe, and the copies fitted on the fit part (router/replay.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import numpy as np
 
 from router.grouping import Placement
 from router.replicas import Replicas, plan_replicas
-from router.shuffle import RequestShuffler, ShuffleConfig, ShuffleGeometry
+from router.shuffle import Homes, RequestShuffler, ShuffleConfig, ShuffleGeometry
 from router.stats import MISSING, RouteTable
 
 
@@ -17,21 +17,12 @@ def token_routes(table: RouteTable, t: int) -> list[tuple[int, tuple[int, ...]]]
             if row[0] != MISSING]
 
 
-def hosts(placement: Placement, replicas: Replicas | None, layer: int, ids: tuple[int, ...], at: int) -> list[int]:
-    """The node serving each expert for a token attended on node `at` (a copy there, else the owner)."""
-    own = placement.node_of[layer, list(ids)].tolist()
-    if replicas is None:
-        return own
-    copies = replicas[at].get(layer, ())
-    return [at if e in copies else n for e, n in zip(ids, own)]
-
-
-def node_hits(placement: Placement, replicas: Replicas | None, routes: list[tuple[int, tuple[int, ...]]],
-              at: int) -> np.ndarray:
-    """[1, N]: at how many of the token's layers it reached each node."""
-    hits = np.zeros((1, placement.nodes))
+def node_hits(table: dict[int, tuple[int, ...]], routes: list[tuple[int, tuple[int, ...]]], nodes: int) -> np.ndarray:
+    """[1, N]: at how many of the token's layers it reached each node; table: layer -> the node serving
+    each expert for tokens attended where the token is (router/replicas.worker_tables)."""
+    hits = np.zeros((1, nodes))
     for layer, ids in routes:
-        hits[0, list(set(hosts(placement, replicas, layer, ids, at)))] += 1
+        hits[0, list({table[layer][e] for e in ids})] += 1
     return hits
 
 
@@ -46,8 +37,9 @@ def fit_replicas(fit: RouteTable, placement: Placement, per_layer: int, max_load
     return plan_replicas(owner, nodes, list(range(nodes)), counts, per_layer, max_load_ratio)
 
 
-def make_shuffler(table: RouteTable, nodes: int, vector_bytes: int, kv_bytes_per_layer: int) -> RequestShuffler:
-    """The live policy with its defaults; node n runs attention worker n and expert shard n."""
+def make_homes(table: RouteTable, nodes: int, vector_bytes: int, kv_bytes_per_layer: int) -> Homes:
+    """Request shuffling as the live engine runs it (its policy with the defaults, its bookkeeping);
+    node n runs attention worker n and expert shard n."""
     names = tuple(str(n) for n in range(nodes))
     geometry = ShuffleGeometry(names, names, vector_bytes, table.num_layers * kv_bytes_per_layer)
-    return RequestShuffler(ShuffleConfig(), geometry)
+    return Homes(nodes, geometry, RequestShuffler(ShuffleConfig()))

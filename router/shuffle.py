@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import numpy as np
 
@@ -70,7 +71,6 @@ class _Seen:
 @dataclass(slots=True)
 class RequestShuffler:
     config: ShuffleConfig
-    geometry: ShuffleGeometry
     _seen: dict[int, _Seen] = field(default_factory=dict)
 
     def observe(self, seq_id: int, hits: np.ndarray) -> None:
@@ -90,26 +90,27 @@ class RequestShuffler:
     def forget(self, seq_id: int) -> None:
         self._seen.pop(seq_id, None)
 
-    def remote_bytes(self, seq_id: int) -> np.ndarray | None:
+    def remote_bytes(self, seq_id: int, geometry: ShuffleGeometry) -> np.ndarray | None:
         """[A] predicted cross-node dispatch + combine bytes per token of the sequence on each worker."""
         seen = self._seen.get(seq_id)
         if seen is None:
             return None
-        return 2.0 * self.geometry.vector_bytes * (self.geometry.remote @ seen.hits)
+        return 2.0 * geometry.vector_bytes * (geometry.remote @ seen.hits)
 
-    def plan(self, running: dict[int, tuple[int, int]], load: list[int]) -> dict[int, int]:
+    def plan(self, running: dict[int, tuple[int, int]], load: list[int],
+             geometry: ShuffleGeometry) -> dict[int, int]:
         """running: seq_id -> (its worker, positions in its KV cache); load: sequences per worker
         (all of them, `running` or not). -> seq_id -> new worker, best predicted saving first."""
         load = list(load)
         cap = max(1, math.ceil(self.config.max_load_ratio * sum(load) / len(load)))
         offers = []
         for sid, (here, kv_tokens) in running.items():
-            cost = self.remote_bytes(sid)
+            cost = self.remote_bytes(sid, geometry)
             if cost is None or self._seen[sid].tokens < self.config.min_tokens:
                 continue
             there = int(np.argmin(cost))
             saving = (cost[here] - cost[there]) * self.config.payback_tokens
-            copy = self.geometry.move_bytes(here, there, kv_tokens)
+            copy = geometry.move_bytes(here, there, kv_tokens)
             if there != here and saving > copy:
                 offers.append((saving - copy, sid, here, there))
         moves = {}
@@ -119,3 +120,54 @@ class RequestShuffler:
                 load[there] += 1
                 moves[sid] = there
         return moves
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    seq_id: int
+    src: int  # attention worker holding the sequence's KV before the move
+    dst: int
+    cross_node_bytes: int  # KV copied across nodes (0 between workers of one node)
+
+
+class Homes:
+    """Which attention worker holds each sequence's KV cache, for the live engine
+    (cluster/sequence_homes.py) and the replay (router/replay.py) alike. A new sequence goes to worker
+    seq_id mod A. With a shuffler (RequestShuffler, or anything with observe / plan / forget) a
+    running sequence may move between two steps: `shuffle` plans the moves and applies them."""
+
+    def __init__(self, num_workers: int, geometry: ShuffleGeometry | None = None, shuffler=None) -> None:
+        self.num_workers = num_workers
+        self.geometry = geometry  # where the actors sit (needed with a shuffler)
+        self.shuffler = shuffler
+        self.kv_at: dict[int, int] = {}  # seq_id -> the worker holding its KV cache
+
+    def arrive(self, seq_id: int, fresh: bool) -> int:
+        """The sequence's worker for the coming step; a fresh one (nothing cached) starts on its home."""
+        if fresh or seq_id not in self.kv_at:
+            self.kv_at[seq_id] = seq_id % self.num_workers
+        return self.kv_at[seq_id]
+
+    def shuffle(self, running: Mapping[int, int]) -> list[Move]:
+        """running: seq_id -> positions in its KV cache, for sequences of the coming step already placed
+        (arrive). The shuffler's moves, applied; a move copies those positions' KV."""
+        if self.shuffler is None or not running:
+            return []
+        load = np.bincount(list(self.kv_at.values()), minlength=self.num_workers).tolist()
+        plan = self.shuffler.plan({sid: (self.kv_at[sid], n) for sid, n in running.items()}, load, self.geometry)
+        moves = []
+        for sid, dst in plan.items():
+            src = self.kv_at[sid]
+            moves.append(Move(sid, src, dst, self.geometry.move_bytes(src, dst, running[sid])))
+            self.kv_at[sid] = dst
+        return moves
+
+    def observe(self, seq_id: int, hits: np.ndarray) -> None:
+        """hits: [T, S] at how many MoE layers each of the sequence's tokens of a step reached each shard."""
+        if self.shuffler is not None:
+            self.shuffler.observe(seq_id, hits)
+
+    def release(self, seq_id: int) -> None:
+        self.kv_at.pop(seq_id, None)
+        if self.shuffler is not None:
+            self.shuffler.forget(seq_id)

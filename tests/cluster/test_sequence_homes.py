@@ -21,7 +21,7 @@ class ToWorker1:
     def forget(self, seq_id) -> None:
         self.seen.pop(seq_id, None)
 
-    def plan(self, running, load):
+    def plan(self, running, load, geometry):
         return {sid: 1 for sid, (here, _) in running.items() if here != 1}
 
 
@@ -50,7 +50,7 @@ def test_a_moving_sequence_brings_the_slots_of_its_cached_positions():
     assert move.cross_node_bytes == 6 * 10
     assert homes.kv_at[4] == 1 and homes.place((_chunk(4, 7, 1),)) == []
     placed = [[[_chunk(4, 7, 1)]]]
-    homes.observe(placed, [[np.zeros((1, 2))]])
+    homes.observe_step(placed, [[np.zeros((1, 2))]])
     assert policy.seen == {4: 1}
     homes.release(4)
     assert policy.seen == {} and homes.kv_at == {}

@@ -14,6 +14,7 @@ from cluster.config import EngineConfig  # noqa: E402
 from cluster.engine import LLMEngine  # noqa: E402
 from cluster.moe_dispatch import HEADER_BYTES  # noqa: E402
 from cluster.sampling_params import SamplingParams  # noqa: E402
+from router.shuffle import RequestShuffler, ShuffleConfig  # noqa: E402
 from tests.conftest import NODE_LABEL  # noqa: E402
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9], list(range(10, 40)), [5, 4, 3, 2, 1, 0]]
@@ -33,7 +34,7 @@ class Contrary:
     def forget(self, seq_id) -> None:
         pass
 
-    def plan(self, running, load):
+    def plan(self, running, load, geometry):
         return {sid: (here + 1) % self.workers for sid, (here, _) in running.items()}
 
 
@@ -99,12 +100,20 @@ def test_the_shuffling_policy_keeps_the_tokens_and_reports_what_it_moved(ray_clu
     engine = LLMEngine(EngineConfig(model=str(tiny_model("olmoe")), engine="ray", cluster=_colocated(tmp_path),
                                     num_attention_workers=2, num_expert_shards=2, request_shuffling=True))
     try:
+        m = engine.model
+        # The real policy, eager: any predicted saving pays for the copy, and one worker may hold them all.
+        m.shuffler = RequestShuffler(ShuffleConfig(payback_tokens=10**9, max_load_ratio=2.0))
+        planned, shuffle, steps = [], m.homes.shuffle, []
+        m.homes.shuffle = lambda running: planned.append(shuffle(running)) or planned[-1]
+        execute = m.execute
+        m.execute = lambda out: (execute(out), steps.append(m.step_stats()))[0]
         assert _generate(engine, GREEDY, SAMPLED) == expected
-        traffic = engine.model.traffic
-        assert traffic.migrate_bytes % _kv_bytes_per_token(engine) == 0
-        assert (traffic.migrate_bytes > 0) == (traffic.sequences_moved > 0)
-        step = engine.model.step_stats()
-        assert "migrate" in step["cross_node_bytes"] and "sequences_moved" in step
+        moves = [move for step in planned for move in step]
+        assert moves and all(move.src != move.dst for move in moves)
+        assert m.traffic.sequences_moved == len(moves) == sum(s["sequences_moved"] for s in steps)
+        assert m.traffic.migrate_bytes == sum(move.cross_node_bytes for move in moves) > 0
+        assert sum(s["cross_node_bytes"]["migrate"] for s in steps) == m.traffic.migrate_bytes
+        assert m.traffic.migrate_bytes % _kv_bytes_per_token(engine) == 0
     finally:
         engine.shutdown()
 

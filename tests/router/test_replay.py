@@ -49,6 +49,21 @@ def test_request_shuffling_stays_when_the_kv_copy_costs_more_than_it_saves():
     assert moved["cross_node_bytes_per_token"] == report["naive_cross_node_bytes_per_token"]
 
 
+def test_request_shuffling_plans_per_step_over_the_requests_still_running():
+    """As the live engine: every request counts toward its node's load until its last token, and no longer.
+    a, c (home node 0) and b, d (home 1) all use node 1's experts; b has 4 tokens, a 8, c and d 16."""
+    lengths, expert = {"a": 8, "b": 4, "c": 16, "d": 16}, {"a": 1, "b": 3, "c": 1, "d": 3}
+    trace = [RouteRecord(req, pos, layer, (expert[req],), (1.0,)) for req, n in lengths.items()
+             for pos in range(n) for layer in range(2)]
+    moved = replay_placement(trace, nodes=2, hidden_size=64, dtype_bytes=2, kv_elems=16)["schemes"]["request shuffling"]
+    # at position 4 all four run ([2, 2] requests per node, at most 3 a node): a moves, copying 4 positions
+    # x 2 layers x 16 values x 2 bytes; at position 8 a and b have left ([1, 1], at most 2): c moves (8 positions)
+    assert moved["requests_moved"] == 2
+    report_tokens = 4 + 2 + 8 + 8
+    assert moved["migrate_bytes_per_token"] == (256 + 512) / report_tokens
+    assert moved["dispatch_combine_bytes_per_token"] == 0
+
+
 def test_copies_of_the_experts_a_node_uses_keep_its_requests_local():
     # 2 experts, one per node, and every token uses both at both layers: no placement keeps a token
     # on one node, but a copy of the other expert on each node does
