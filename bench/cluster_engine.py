@@ -39,10 +39,11 @@ LABEL = "moe-serve/node-kind"
 NODES = {"cpu-highmem": {"cpu_highmem": 4}, "gpu": {"fake_gpu": 4}, "cpu": {}}
 
 
-def start_cluster() -> Cluster:
+def start_cluster(nodes: dict[str, dict] = NODES) -> Cluster:
+    """A local Ray cluster: a head and one node of each kind (label -> custom resources), 4 CPUs each."""
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 4, "labels": {LABEL: "head"}, "include_dashboard": False})
-    for kind, resources in NODES.items():
+    for kind, resources in nodes.items():
         cluster.add_node(num_cpus=4, labels={LABEL: kind}, resources=resources)
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
     cluster.wait_for_nodes()

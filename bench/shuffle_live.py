@@ -32,18 +32,17 @@ from pathlib import Path
 
 import numpy as np
 import ray
-from ray.cluster_utils import Cluster
 
 from cluster.config import EngineConfig
 from cluster.demo import ensure_demo_model
 from cluster.engine import LLMEngine
 from cluster.sampling_params import SamplingParams
+from cluster_engine import LABEL, start_cluster  # bench/cluster_engine.py, beside this file
 from placement_live import FIT, HELD_OUT  # bench/placement_live.py, beside this file
 from router.grouping import max_over_mean
 from router.replicas import shard_loads
 from router.shuffle import RequestShuffler, ShuffleConfig
 
-LABEL = "moe-serve/node-kind"
 CLUSTER_YAML = f"""
 label_key: {LABEL}
 nodes:
@@ -51,16 +50,6 @@ nodes:
   - {{kind: node-a, memory_gb: 4, role: any}}
   - {{kind: node-b, memory_gb: 4, role: any}}
 """
-
-
-def start_cluster() -> Cluster:
-    cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 4, "labels": {LABEL: "head"}, "include_dashboard": False})
-    for kind in ("node-a", "node-b"):
-        cluster.add_node(num_cpus=4, labels={LABEL: kind})
-    ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
-    cluster.wait_for_nodes()
-    return cluster
 
 
 def run(engine: LLMEngine, prompts: list[str], params: SamplingParams) -> dict:
@@ -88,7 +77,7 @@ def main() -> int:
     args = ap.parse_args()
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     model = str(ensure_demo_model())
-    cluster = start_cluster()
+    cluster = start_cluster({"node-a": {}, "node-b": {}})
     runs: dict[str, dict] = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -101,7 +90,7 @@ def main() -> int:
         colocated = nodes[0] != nodes[1] and sorted(nodes[:2]) == sorted(nodes[2:])
         run(engine, FIT, params)
         owner = rm.planned_owner()  # from the fit prompts' routing only
-        shuffler = RequestShuffler(ShuffleConfig(), rm.shuffle_geometry())
+        shuffler = RequestShuffler(ShuffleConfig())
         for name, grouped, shuffled in (("off", False, False), ("shuffling", False, True),
                                         ("grouping", True, False), ("grouping+shuffling", True, True)):
             if grouped and rm.owner != {layer: tuple(o) for layer, o in owner.items()}:
