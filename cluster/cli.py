@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--presence-penalty", type=float, default=0.0, help="[-2, 2], OpenAI's")
+    gen.add_argument("--frequency-penalty", type=float, default=0.0, help="[-2, 2], OpenAI's")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="> 0, 1 = off (as transformers)")
     _engine_args(gen)
     gen.add_argument("--address", help="(ray) Ray cluster to join; default: start a local one")
     gen.add_argument("--record-trace", type=Path, help="write every routing decision to this JSONL trace")
@@ -216,7 +219,9 @@ def _generate(args: argparse.Namespace) -> int:
     from cluster.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop))
+                            top_k=args.top_k, seed=args.seed, stop=tuple(args.stop),
+                            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                            repetition_penalty=args.repetition_penalty)
     engine = LLMEngine(EngineConfig(
         model=_model_dir(args), show_progress=True, address=args.address,
         record_trace=str(args.record_trace) if args.record_trace else None, **_engine_kwargs(args)))

@@ -13,6 +13,7 @@ from cluster.config import EngineConfig, expert_cache_config
 from cluster.detokenizer import IncrementalText
 from cluster.model import InProcessModel
 from cluster.errors import ClusterRecovered
+from cluster.logits_processors import adjust_logits
 from cluster.request import Request, RequestOutput
 from cluster.sampler import new_generator, sample, token_logprobs
 from cluster.sampling_params import SamplingParams
@@ -80,6 +81,9 @@ class LLMEngine:
         request_id = request_id or f"req-{seq_id}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
+        biased = [t for t, _ in params.logit_bias if t >= self.spec.vocab_size]
+        if biased:
+            raise ValueError(f"logit_bias token ids out of range [0, {self.spec.vocab_size}): {biased[:5]}")
         seq = Sequence(seq_id, self.tokenize(prompt), params.max_tokens)
         self.scheduler.add(seq)
         text = IncrementalText(self.tokenizer.decode, params.stop) if self.tokenizer else None
@@ -126,8 +130,10 @@ class LLMEngine:
         if self.recorder is not None or self.route_meter is not None:
             self._observe_routes(out)
         reqs = [self._by_seq[sid] for sid in seq_ids]
-        tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
-        self._record_logprobs(logits, reqs, tokens)
+        params = [r.params for r in reqs]
+        adjusted = adjust_logits(logits, params, [r.seq.prompt_ids for r in reqs], [r.seq.output_ids for r in reqs])
+        tokens = sample(adjusted, params, [r.generator for r in reqs])
+        self._record_logprobs(logits, reqs, tokens)  # the model's own distribution, before any adjustment
         return dict(zip(seq_ids, tokens))
 
     def _observe_routes(self, out: SchedulerOutput) -> None:

@@ -37,7 +37,8 @@ HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 HEALTH_SERVICES = ("", SERVICE_NAME)  # "" is the whole server
 WATCH_POLL_S = 0.25
 # GenerateRequest fields that map 1:1 onto SamplingParams when set (unset: SamplingParams' default)
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed")
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty",
+                   "repetition_penalty")
 
 
 class NotFound(LookupError):
@@ -90,7 +91,8 @@ def to_engine_args(request: pb.GenerateRequest) -> tuple[str | list[int], Sampli
     if not prompt:
         raise ValueError(f"prompt is empty ({kind})")
     given = {name: getattr(request, name) for name in SAMPLING_FIELDS if request.HasField(name)}
-    params = SamplingParams(**given, stop=tuple(request.stop), ignore_eos=request.ignore_eos)
+    params = SamplingParams(**given, stop=tuple(request.stop), ignore_eos=request.ignore_eos,
+                            logit_bias=tuple(sorted(request.logit_bias.items())))
     return prompt, params
 
 

@@ -2,7 +2,7 @@
 
 Requests are strict (no string-to-number coercion) and forbid unknown fields, so a typo is a 400
 naming the field rather than a silently ignored setting. Parameters the engine cannot honour
-(penalties, logit_bias, prompt logprobs, suffix, best_of > 1) are rejected when set, never ignored.
+(prompt logprobs, suffix, best_of > 1) are rejected when set, never ignored.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from cluster.openai_logprobs import ChatLogprobs, CompletionLogprobs
-from cluster.sampling_params import MAX_LOGPROBS
+from cluster.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY
 
 MAX_N = 16  # choices per prompt
 MAX_CHOICES = 64  # prompts x n per request
 MAX_STOP = 16
+MAX_REPETITION_PENALTY = 10.0
 StopString = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[list[int], Field(min_length=1)]
 
@@ -45,23 +46,27 @@ class _SamplingRequest(_Request):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM extension
     user: str | None = None  # accepted for compatibility; not used
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, value: float) -> float:
-        if value != 0.0:
-            raise ValueError("penalties are not supported by this server (only 0)")
-        return value
+    presence_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)  # None: 0
+    frequency_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=MAX_REPETITION_PENALTY)  # vLLM extension; None: 1
+    logit_bias: dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = None
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value:
-            raise ValueError("logit_bias is not supported by this server")
+    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        bad = [key for key in value or {} if not (key.isascii() and key.isdigit())]
+        if bad:
+            raise ValueError(f"keys must be token ids (non-negative integers as strings), got {bad[:5]}")
         return value
+
+    @property
+    def adjustments(self) -> dict:
+        """The SamplingParams fields of the logit bias and the penalties that are set."""
+        out = {name: getattr(self, name) for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")
+               if getattr(self, name) is not None}
+        if self.logit_bias:
+            out["logit_bias"] = tuple((int(k), float(v)) for k, v in self.logit_bias.items())
+        return out
 
     @property
     def stop_strings(self) -> tuple[str, ...]:

@@ -5,12 +5,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on a logit_bias value
+MAX_PENALTY = 2.0  # OpenAI's bound on presence and frequency penalties (either sign)
 
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """temperature 0 means greedy; top_k 0 and top_p 1 disable those filters; `logprobs` N asks for
-    each sampled token's log-probability and the N most likely alternatives (None: none)."""
+    each sampled token's log-probability and the N most likely alternatives (None: none).
+
+    Before temperature and the filters (greedy included), the logits are adjusted as OpenAI and vLLM
+    do (cluster/logits_processors.py): `logit_bias` ((token id, bias) pairs) is added; a token already
+    in the prompt or the output has its logit divided by `repetition_penalty` when positive, multiplied
+    when negative (1: off); each token of the output so far lowers its logit by `frequency_penalty`
+    per occurrence plus `presence_penalty` once."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -20,6 +28,10 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         _check(_integer(self.max_tokens) and self.max_tokens >= 1,
@@ -36,10 +48,27 @@ class SamplingParams:
                f"stop must be a tuple of non-empty strings, got {self.stop!r}")
         _check(self.logprobs is None or (_integer(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_number(value) and -MAX_PENALTY <= value <= MAX_PENALTY,
+                   f"{name} must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {value!r}")
+        _check(_number(self.repetition_penalty) and 0.0 < self.repetition_penalty < float("inf"),
+               f"repetition_penalty must be a number > 0, got {self.repetition_penalty!r}")
+        _check(isinstance(self.logit_bias, tuple) and all(
+            isinstance(pair, tuple) and len(pair) == 2 and _integer(pair[0]) and pair[0] >= 0 and _number(pair[1])
+            and abs(pair[1]) <= MAX_LOGIT_BIAS for pair in self.logit_bias),
+            f"logit_bias must be (token id >= 0, bias in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]) pairs, "
+            f"got {self.logit_bias!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether any logit bias or penalty is set."""
+        return bool(self.logit_bias) or bool(self.presence_penalty) or bool(self.frequency_penalty) \
+            or self.repetition_penalty != 1.0
 
 
 def _integer(x: object) -> bool:

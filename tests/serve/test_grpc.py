@@ -115,6 +115,17 @@ def test_token_id_prompt(loop, engine, stub):
     assert responses[-1].usage.prompt_tokens == len(prompt) and responses[0].request_id
 
 
+def test_penalties_and_logit_bias_reach_the_engine(loop, engine, stub):
+    request = pb.GenerateRequest(text="hello", max_tokens=8, temperature=0.0, ignore_eos=True, frequency_penalty=1.5,
+                                 repetition_penalty=1.3, logit_bias={7: 3.0, 9: -100.0})
+    _, params = to_engine_args(request)
+    assert (params.frequency_penalty, params.presence_penalty, params.repetition_penalty) == (1.5, 0.0, 1.3)
+    assert params.logit_bias == ((7, 3.0), (9, -100.0))
+    ids, _ = direct(loop, engine, "hello", params)
+    plain, _ = direct(loop, engine, "hello", SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
+    assert tuple(t for r in stub.Generate(request) for t in r.new_token_ids) == ids != plain
+
+
 def test_model_info(stub, tiny_model):
     spec = load_spec(serving_model(tiny_model))
     info = stub.GetModelInfo(pb.ModelInfoRequest())
@@ -135,6 +146,10 @@ BAD = {
     "empty_ids": (pb.GenerateRequest(token_ids=pb.TokenIds()), "empty"),
     "no_prompt": (pb.GenerateRequest(max_tokens=3), "prompt is required"),
     "too_long": (pb.GenerateRequest(text="hi", max_tokens=MAX_MODEL_LEN), "max_model_len"),
+    "penalty": (pb.GenerateRequest(text="hi", presence_penalty=3.0), "presence_penalty"),
+    "repetition": (pb.GenerateRequest(text="hi", repetition_penalty=-1.0), "repetition_penalty"),
+    "bias_value": (pb.GenerateRequest(text="hi", logit_bias={5: 200.0}), "logit_bias"),
+    "bias_token": (pb.GenerateRequest(text="hi", logit_bias={10**6: 1.0}), "logit_bias token ids out of range"),
 }
 
 

@@ -66,6 +66,22 @@ def test_completion_matches_the_engine_with_usage(client, serve_app, reference):
                                "total_tokens": prompt_tokens + len(want.token_ids)}
 
 
+def test_penalties_and_logit_bias_reach_the_engine(client, reference):
+    body = {"prompt": "def add(a, b):", "max_tokens": 12, "temperature": 0, "frequency_penalty": 1.5,
+            "presence_penalty": 0.5, "repetition_penalty": 1.2, "logit_bias": {"7": 2.5, "200": -100}}
+    result = client.post("/v1/completions", json=body)
+    assert result.status_code == 200, result.text
+    want = reference.generate(["def add(a, b):"], SamplingParams(
+        max_tokens=12, temperature=0.0, frequency_penalty=1.5, presence_penalty=0.5, repetition_penalty=1.2,
+        logit_bias=((7, 2.5), (200, -100.0))))[0]
+    plain = reference.generate(["def add(a, b):"], SamplingParams(max_tokens=12, temperature=0.0))[0]
+    assert result.json()["choices"][0]["text"] == want.text != plain.text
+    chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                                                     "logit_bias": {"42": 100}})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["choices"][0]["message"]["content"] == reference.tokenizer.decode([42] * 3)
+
+
 def test_streamed_completion_equals_the_whole_one(client):
     body = {"prompt": [5, 6, 7], "max_tokens": 10, "temperature": 0, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
@@ -126,7 +142,11 @@ def test_chat_uses_the_template_and_streams_the_same_text(client, serve_app, ref
     ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
     ({"prompt": "x", "n": 0}, "n"),
     ({"prompt": "x", "temperature": "hot"}, "temperature"),
-    ({"prompt": "x", "frequency_penalty": 0.5}, "penalties"),
+    ({"prompt": "x", "frequency_penalty": 2.5}, "frequency_penalty"),
+    ({"prompt": "x", "repetition_penalty": 0}, "repetition_penalty"),
+    ({"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
+    ({"prompt": "x", "logit_bias": {"99999999": 1}}, "logit_bias token ids out of range"),
     ({"prompt": "x", "logprobs": 21}, "logprobs"),
     ({"prompt": "x", "logprobs": 1, "echo": True}, "echo"),
     ({"prompt": "x", "max_tokenz": 3}, "max_tokenz"),
