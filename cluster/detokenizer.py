@@ -19,17 +19,19 @@ class IncrementalText:
         self._done = ""  # the text of output_ids[:_read], final
         self._prefix = self._read = 0  # the decode window starts at _prefix; _read tokens are in _done
 
-    def update(self, output_ids: list[int], final: bool = False) -> tuple[str, bool]:
-        """Decode the output; returns (newly released text, whether a stop string was hit)."""
+    def update(self, output_ids: list[int], final: bool = False, check_stop: bool = True) -> tuple[str, bool]:
+        """Decode the output; returns (newly released text, whether a stop string was hit). With
+        check_stop False (the output is shorter than min_tokens) stop strings are neither looked for
+        nor held back; afterwards they are looked for in the text not yet released (and across its edge)."""
         text = self._decoded(output_ids)
-        hit = self._find_stop(text)
+        hit = self._find_stop(text) if check_stop else None
         if hit is not None:
             self.text = text[:hit]
             return self._release(len(self.text)), True
         self.text = text
         if final:
             return self._release(len(text)), False
-        return self._release(len(text) - self._holdback(text)), False
+        return self._release(len(text) - self._holdback(text, check_stop)), False
 
     def _decoded(self, ids: list[int]) -> str:
         """decode(ids), decoding only the tokens since the last complete text and the chunk before
@@ -65,10 +67,10 @@ class IncrementalText:
         found = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
         return min(found) if found else None
 
-    def _holdback(self, text: str) -> int:
+    def _holdback(self, text: str, check_stop: bool = True) -> int:
         """Characters at the end of `text` that are not final yet."""
         n = len(text) - len(text.rstrip(_INCOMPLETE))
-        for s in self.stop:
+        for s in self.stop if check_stop else ():
             for k in range(min(len(s) - 1, len(text)), 0, -1):
                 if text.endswith(s[:k]):
                     n = max(n, k)

@@ -81,9 +81,10 @@ class LLMEngine:
         request_id = request_id or f"req-{seq_id}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
-        biased = [t for t, _ in params.logit_bias if t >= self.spec.vocab_size]
-        if biased:
-            raise ValueError(f"logit_bias token ids out of range [0, {self.spec.vocab_size}): {biased[:5]}")
+        for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)):
+            bad = [t for t in ids if t >= self.spec.vocab_size]
+            if bad:
+                raise ValueError(f"{name} token ids out of range [0, {self.spec.vocab_size}): {bad[:5]}")
         seq = Sequence(seq_id, self.tokenize(prompt), params.max_tokens)
         self.scheduler.add(seq)
         text = IncrementalText(self.tokenizer.decode, params.stop) if self.tokenizer else None
@@ -131,7 +132,8 @@ class LLMEngine:
             self._observe_routes(out)
         reqs = [self._by_seq[sid] for sid in seq_ids]
         params = [r.params for r in reqs]
-        adjusted = adjust_logits(logits, params, [r.seq.prompt_ids for r in reqs], [r.seq.output_ids for r in reqs])
+        adjusted = adjust_logits(logits, params, [r.seq.prompt_ids for r in reqs], [r.seq.output_ids for r in reqs],
+                                 [r.stop_ids for r in reqs])
         tokens = sample(adjusted, params, [r.generator for r in reqs])
         self._record_logprobs(logits, reqs, tokens)  # the model's own distribution, before any adjustment
         return dict(zip(seq_ids, tokens))
@@ -162,7 +164,7 @@ class LLMEngine:
     def _report(self, req: Request) -> RequestOutput:
         new_text = ""
         if req.text is not None:
-            new_text, req.stopped = req.text.update(req.seq.output_ids)
+            new_text, req.stopped = req.text.update(req.seq.output_ids, check_stop=req.may_stop)
         reason = req.finish_reason()
         if reason is not None:
             return self._finish(req, reason, prefix_text=new_text)
@@ -177,7 +179,7 @@ class LLMEngine:
         self.requests.pop(req.request_id, None)
         self._by_seq.pop(req.seq.seq_id, None)
         if req.text is not None and reason != "stop":
-            prefix_text += req.text.update(req.seq.output_ids, final=True)[0]
+            prefix_text += req.text.update(req.seq.output_ids, final=True, check_stop=req.may_stop)[0]
         return self._output(req, prefix_text, reason, error)
 
     def _output(self, req: Request, new_text: str, reason: str | None = None,

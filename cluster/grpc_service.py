@@ -38,7 +38,7 @@ HEALTH_SERVICES = ("", SERVICE_NAME)  # "" is the whole server
 WATCH_POLL_S = 0.25
 # GenerateRequest fields that map 1:1 onto SamplingParams when set (unset: SamplingParams' default)
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty",
-                   "repetition_penalty")
+                   "repetition_penalty", "min_tokens")
 
 
 class NotFound(LookupError):
@@ -92,7 +92,8 @@ def to_engine_args(request: pb.GenerateRequest) -> tuple[str | list[int], Sampli
         raise ValueError(f"prompt is empty ({kind})")
     given = {name: getattr(request, name) for name in SAMPLING_FIELDS if request.HasField(name)}
     params = SamplingParams(**given, stop=tuple(request.stop), ignore_eos=request.ignore_eos,
-                            logit_bias=tuple(sorted(request.logit_bias.items())))
+                            logit_bias=tuple(sorted(request.logit_bias.items())),
+                            stop_token_ids=tuple(request.stop_token_ids))
     return prompt, params
 
 

@@ -50,6 +50,8 @@ class _SamplingRequest(_Request):
     frequency_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
     repetition_penalty: float | None = Field(None, gt=0.0, le=MAX_REPETITION_PENALTY)  # vLLM extension; None: 1
     logit_bias: dict[str, Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]] | None = None
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP)] | None = None  # vLLM
+    min_tokens: int = Field(0, ge=0)  # vLLM extension
 
     @field_validator("logit_bias")
     @classmethod
@@ -60,12 +62,16 @@ class _SamplingRequest(_Request):
         return value
 
     @property
-    def adjustments(self) -> dict:
-        """The SamplingParams fields of the logit bias and the penalties that are set."""
+    def extra_sampling(self) -> dict:
+        """The SamplingParams fields set beyond the basic ones: penalties, logit bias, stop tokens, min_tokens."""
         out = {name: getattr(self, name) for name in ("presence_penalty", "frequency_penalty", "repetition_penalty")
                if getattr(self, name) is not None}
         if self.logit_bias:
             out["logit_bias"] = tuple((int(k), float(v)) for k, v in self.logit_bias.items())
+        if self.stop_token_ids:
+            out["stop_token_ids"] = tuple(self.stop_token_ids)
+        if self.min_tokens:
+            out["min_tokens"] = self.min_tokens
         return out
 
     @property

@@ -115,7 +115,7 @@ class OpenAIServing:
                 temperature = 1.0 if req.temperature is None else req.temperature
                 params = _params(max_tokens=want, temperature=temperature, top_p=req.top_p or 1.0,
                                  top_k=top_k, seed=seed, stop=req.stop_strings, ignore_eos=req.ignore_eos,
-                                 logprobs=logprobs, **req.adjustments)
+                                 logprobs=logprobs, **req.extra_sampling)
                 choices.append(_Choice(p * req.n + j, ids, params, echo[p]))
         return choices
 

@@ -41,12 +41,23 @@ class Request:
     stopped: bool = field(default=False)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, if asked for
 
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        """The tokens that end this request: eos (unless ignored) and its stop tokens."""
+        eos = frozenset() if self.params.ignore_eos else self.eos_ids
+        return eos | frozenset(self.params.stop_token_ids)
+
+    @property
+    def may_stop(self) -> bool:
+        """Whether the output is long enough (min_tokens) for eos, stop tokens and stop strings to end it."""
+        return len(self.seq.output_ids) >= self.params.min_tokens
+
     def finish_reason(self) -> str | None:
         """Why this request is done after its latest token, or None to continue."""
         out = self.seq.output_ids
         if self.stopped:
             return "stop"
-        if out and not self.params.ignore_eos and out[-1] in self.eos_ids:
+        if out and self.may_stop and out[-1] in self.stop_ids:
             return "stop"
         if len(out) >= self.params.max_tokens:
             return "length"

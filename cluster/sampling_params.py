@@ -13,6 +13,8 @@ MAX_PENALTY = 2.0  # OpenAI's bound on presence and frequency penalties (either 
 class SamplingParams:
     """temperature 0 means greedy; top_k 0 and top_p 1 disable those filters; `logprobs` N asks for
     each sampled token's log-probability and the N most likely alternatives (None: none).
+    `stop_token_ids` end the request as eos does, even with `ignore_eos`; until `min_tokens` tokens
+    are out, eos and the stop tokens cannot be drawn and stop strings are not looked for.
 
     Before temperature and the filters (greedy included), the logits are adjusted as OpenAI and vLLM
     do (cluster/logits_processors.py): `logit_bias` ((token id, bias) pairs) is added; a token already
@@ -32,6 +34,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    stop_token_ids: tuple[int, ...] = ()  # tokens that end the request as eos does (kept in the output)
+    min_tokens: int = 0  # tokens before eos, a stop token or a stop string may end the request
 
     def __post_init__(self) -> None:
         _check(_integer(self.max_tokens) and self.max_tokens >= 1,
@@ -59,6 +63,10 @@ class SamplingParams:
             and abs(pair[1]) <= MAX_LOGIT_BIAS for pair in self.logit_bias),
             f"logit_bias must be (token id >= 0, bias in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]) pairs, "
             f"got {self.logit_bias!r}")
+        _check(isinstance(self.stop_token_ids, tuple) and all(_integer(t) and t >= 0 for t in self.stop_token_ids),
+               f"stop_token_ids must be a tuple of token ids >= 0, got {self.stop_token_ids!r}")
+        _check(_integer(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens,
+               f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
 
     @property
     def greedy(self) -> bool:
@@ -66,9 +74,9 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        """Whether any logit bias or penalty is set."""
+        """Whether any logit bias, penalty or minimum length is set."""
         return bool(self.logit_bias) or bool(self.presence_penalty) or bool(self.frequency_penalty) \
-            or self.repetition_penalty != 1.0
+            or self.repetition_penalty != 1.0 or self.min_tokens > 0
 
 
 def _integer(x: object) -> bool:

@@ -103,11 +103,15 @@ def test_adjust_logits_leaves_plain_rows_and_the_input_alone():
     logits = torch.tensor([[1.0, -2.0, 3.0, 0.5], [1.0, -2.0, 3.0, 0.5]])
     params = [SamplingParams(), SamplingParams(repetition_penalty=2.0, presence_penalty=0.25, frequency_penalty=0.5,
                                                logit_bias=((3, 1.0),))]
-    out = adjust_logits(logits, params, [[0], [0, 1]], [[2], [2, 2]])
+    out = adjust_logits(logits, params, [[0], [0, 1]], [[2], [2, 2]], [{3}, {3}])
     assert out[0].tolist() == logits[0].tolist() and logits[1].tolist() == [1.0, -2.0, 3.0, 0.5]
     # token 0 and 1 in the prompt, 2 twice in the output, 3 biased
     assert out[1].tolist() == [0.5, -4.0, 3.0 / 2 - 2 * 0.5 - 0.25, 1.5]
-    assert adjust_logits(logits, [SamplingParams()] * 2, [[0]] * 2, [[1]] * 2) is logits
+    assert adjust_logits(logits, [SamplingParams()] * 2, [[0]] * 2, [[1]] * 2, [{3}] * 2) is logits
+    short = adjust_logits(logits, [SamplingParams(min_tokens=2), SamplingParams(min_tokens=1)], [[0]] * 2, [[1]] * 2,
+                          [{0, 3}, {0, 3}])
+    assert short[0].tolist() == [float("-inf"), -2.0, 3.0, float("-inf")]  # 1 token out of 2: eos and stops held
+    assert short[1].tolist() == logits[1].tolist()  # min_tokens reached
 
 
 @pytest.mark.parametrize("bad, words", [
@@ -129,3 +133,44 @@ def test_a_bias_on_a_token_outside_the_vocabulary_is_refused(olmoe):
     with pytest.raises(ValueError, match=rf"logit_bias token ids out of range \[0, {vocab}\): \[{vocab}\]"):
         engine.add_request(PROMPT, SamplingParams(logit_bias=((vocab, 1.0),)))
     assert not engine.has_unfinished()
+
+
+def test_stop_token_ids_end_the_request_as_eos_does(olmoe):
+    engine, _ = olmoe
+    plain = _greedy(engine)
+    stop = plain[5]
+    end = plain.index(stop) + 1
+    out = engine.generate([PROMPT], SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True,
+                                                   stop_token_ids=(stop,)))[0]
+    assert out.token_ids == tuple(plain[:end]) and out.finish_reason == "stop"
+
+
+def test_min_tokens_holds_back_eos_and_stop_tokens(olmoe):
+    engine, _ = olmoe
+    (eos,) = engine.eos_ids
+    pushed = SamplingParams(max_tokens=NEW, temperature=0.0, logit_bias=((eos, 100.0),))
+    assert engine.generate([PROMPT], pushed)[0].token_ids == (eos,)
+    out = engine.generate([PROMPT], SamplingParams(max_tokens=NEW, temperature=0.0, logit_bias=((eos, 100.0),),
+                                                   min_tokens=5))[0]
+    assert len(out.token_ids) == 6 and out.token_ids[-1] == eos and eos not in out.token_ids[:5]
+    assert out.finish_reason == "stop"
+    forced = SamplingParams(max_tokens=NEW, temperature=0.8, seed=1, ignore_eos=True, logit_bias=((42, 100.0),),
+                            stop_token_ids=(42,), min_tokens=3)
+    out = engine.generate([PROMPT], forced)[0]
+    assert len(out.token_ids) == 4 and out.token_ids[-1] == 42 and 42 not in out.token_ids[:3]
+
+
+def test_min_tokens_looks_for_stop_strings_only_once_reached():
+    from cluster.demo import ensure_demo_model
+
+    engine = LLMEngine(EngineConfig(model=str(ensure_demo_model())))
+    greedy = dict(max_tokens=32, temperature=0.0, ignore_eos=True)
+    plain = engine.generate(["def add(a, b):"], SamplingParams(**greedy))[0]
+    stop = "self"
+    first = plain.text.index(stop)
+    early = engine.generate(["def add(a, b):"], SamplingParams(**greedy, stop=(stop,)))[0]
+    assert early.text == plain.text[:first] and early.finish_reason == "stop"
+    out = engine.generate(["def add(a, b):"], SamplingParams(**greedy, stop=(stop,), min_tokens=6))[0]
+    assert len(out.token_ids) >= 6 and out.token_ids == plain.token_ids[:len(out.token_ids)]
+    assert stop in out.text and plain.text.startswith(out.text)  # the early occurrence did not stop it
+    assert out.finish_reason == "stop" and plain.text[len(out.text):].startswith(stop)  # the next one did

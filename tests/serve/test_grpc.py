@@ -117,10 +117,11 @@ def test_token_id_prompt(loop, engine, stub):
 
 def test_penalties_and_logit_bias_reach_the_engine(loop, engine, stub):
     request = pb.GenerateRequest(text="hello", max_tokens=8, temperature=0.0, ignore_eos=True, frequency_penalty=1.5,
-                                 repetition_penalty=1.3, logit_bias={7: 3.0, 9: -100.0})
+                                 repetition_penalty=1.3, logit_bias={7: 3.0, 9: -100.0}, stop_token_ids=[11, 12],
+                                 min_tokens=6)
     _, params = to_engine_args(request)
     assert (params.frequency_penalty, params.presence_penalty, params.repetition_penalty) == (1.5, 0.0, 1.3)
-    assert params.logit_bias == ((7, 3.0), (9, -100.0))
+    assert (params.logit_bias, params.stop_token_ids, params.min_tokens) == (((7, 3.0), (9, -100.0)), (11, 12), 6)
     ids, _ = direct(loop, engine, "hello", params)
     plain, _ = direct(loop, engine, "hello", SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))
     assert tuple(t for r in stub.Generate(request) for t in r.new_token_ids) == ids != plain
@@ -150,6 +151,8 @@ BAD = {
     "repetition": (pb.GenerateRequest(text="hi", repetition_penalty=-1.0), "repetition_penalty"),
     "bias_value": (pb.GenerateRequest(text="hi", logit_bias={5: 200.0}), "logit_bias"),
     "bias_token": (pb.GenerateRequest(text="hi", logit_bias={10**6: 1.0}), "logit_bias token ids out of range"),
+    "stop_token": (pb.GenerateRequest(text="hi", stop_token_ids=[10**6]), "stop_token_ids token ids out of range"),
+    "min_tokens": (pb.GenerateRequest(text="hi", max_tokens=4, min_tokens=5), "min_tokens"),
 }
 
 

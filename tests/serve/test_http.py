@@ -76,10 +76,11 @@ def test_penalties_and_logit_bias_reach_the_engine(client, reference):
         logit_bias=((7, 2.5), (200, -100.0))))[0]
     plain = reference.generate(["def add(a, b):"], SamplingParams(max_tokens=12, temperature=0.0))[0]
     assert result.json()["choices"][0]["text"] == want.text != plain.text
-    chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
-                                                     "logit_bias": {"42": 100}})
+    chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8,
+                                                     "logit_bias": {"42": 100}, "stop_token_ids": [42], "min_tokens": 2})
     assert chat.status_code == 200, chat.text
-    assert chat.json()["choices"][0]["message"]["content"] == reference.tokenizer.decode([42] * 3)
+    choice = chat.json()["choices"][0]  # 42 was held back for two tokens, then ended the request
+    assert choice["finish_reason"] == "stop" and chat.json()["usage"]["completion_tokens"] == 3
 
 
 def test_streamed_completion_equals_the_whole_one(client):
@@ -147,6 +148,9 @@ def test_chat_uses_the_template_and_streams_the_same_text(client, serve_app, ref
     ({"prompt": "x", "logit_bias": {"abc": 1}}, "logit_bias"),
     ({"prompt": "x", "logit_bias": {"5": 101}}, "logit_bias"),
     ({"prompt": "x", "logit_bias": {"99999999": 1}}, "logit_bias token ids out of range"),
+    ({"prompt": "x", "stop_token_ids": [99999999]}, "stop_token_ids token ids out of range"),
+    ({"prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),
+    ({"prompt": "x", "max_tokens": 5, "min_tokens": 6}, "min_tokens"),
     ({"prompt": "x", "logprobs": 21}, "logprobs"),
     ({"prompt": "x", "logprobs": 1, "echo": True}, "echo"),
     ({"prompt": "x", "max_tokenz": 3}, "max_tokenz"),
