@@ -20,8 +20,9 @@ from cluster.chat_template import ChatTemplateError, render_chat, special_tokens
 from cluster.openai_logprobs import ChatLogprobs, CompletionLogprobs, chat_logprobs, completion_logprobs
 from cluster.openai_schema import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-    ChatCompletionResponse, ChatDelta, CompletionChoice, CompletionRequest, CompletionResponse, ErrorDetail,
-    ErrorResponse, ModelCard, ModelList, Usage, new_id, now)
+    ChatCompletionResponse, ChatDelta, CompletionChoice, CompletionRequest, CompletionResponse, DetokenizeRequest,
+    DetokenizeResponse, ErrorDetail, ErrorResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse, Usage,
+    new_id, now)
 from cluster.request import RequestOutput
 from cluster.sampling_params import SamplingParams
 
@@ -199,7 +200,7 @@ class OpenAIServing:
     async def chat(self, body: bytes) -> ChatCompletionResponse | AsyncIterator[str]:
         req = parse(ChatCompletionRequest, body)
         self._check_model(req.model)
-        ids = self._tokenize(self._render(req), "messages")
+        ids = self._tokenize(self._render(req.messages, req.add_generation_prompt), "messages")
         choices = self._choices(req, [ids], req.token_limit, [""], "messages", req.logprob_count)
         streams = await self._open(choices)
         rid = new_id("chatcmpl")
@@ -213,12 +214,37 @@ class OpenAIServing:
                      for i, f in enumerate(finals)],
             usage=_usage(len(ids), finals))
 
-    def _render(self, req: ChatCompletionRequest) -> str:
+    def _render(self, messages: list, add_generation_prompt: bool) -> str:
         tok = self.engine.tokenizer
-        if tok is None:
-            raise ChatTemplateError("this model has no tokenizer, so no chat template")
-        return render_chat(tok.chat_template, [m.as_template_input() for m in req.messages],
-                           req.add_generation_prompt, **special_tokens(tok.config))
+        try:
+            if tok is None:
+                raise ChatTemplateError("this model has no tokenizer, so no chat template")
+            return render_chat(tok.chat_template, [m.as_template_input() for m in messages], add_generation_prompt,
+                               **special_tokens(tok.config))
+        except ChatTemplateError as exc:
+            raise OpenAIError(400, str(exc), param="messages") from None
+
+    # ---- tokenizer routes (vLLM's) -------------------------------------------------------------
+    async def tokenize(self, body: bytes) -> TokenizeResponse:
+        """The token ids a completion prompt, or chat messages with the template, become."""
+        req = parse(TokenizeRequest, body)
+        self._check_model(req.model)
+        if req.prompt is not None:
+            ids = self._tokenize(req.prompt, "prompt")
+        else:
+            ids = self._tokenize(self._render(req.messages, req.add_generation_prompt), "messages")
+        return TokenizeResponse(count=len(ids), max_model_len=self.engine.max_model_len, tokens=ids)
+
+    async def detokenize(self, body: bytes) -> DetokenizeResponse:
+        req = parse(DetokenizeRequest, body)
+        self._check_model(req.model)
+        if self.engine.tokenizer is None:
+            raise OpenAIError(400, "this model has no tokenizer", param="tokens")
+        vocab = self.engine.spec.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise OpenAIError(400, f"token ids out of range [0, {vocab}): {bad[:5]}", param="tokens")
+        return DetokenizeResponse(prompt=self.engine.tokenizer.decode(req.tokens))
 
     async def _chat_events(self, req: ChatCompletionRequest, rid: str, streams: list[Stream],
                            usage_prompt: int) -> AsyncIterator[str]:

@@ -9,7 +9,7 @@ Serve config: ``import_path: cluster.serve_app:build_app`` with ``args`` as in A
         args: {model: /models/olmoe, max_model_len: 4096}
 
 Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions,
-GET /v1/stats (engine load and metric totals), GET /health. gRPC (Serve's gRPC proxy): the
+POST /tokenize and /detokenize (vLLM's), GET /v1/stats (engine load and metric totals), GET /health. gRPC (Serve's gRPC proxy): the
 moeserve.v1.MoeServe and grpc.health.v1.Health methods of GrpcMethods.
 
 No ``from __future__ import annotations`` here: FastAPI reads the route signatures at run time, and
@@ -171,6 +171,14 @@ class MoeServeDeployment(GrpcMethods):
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         return await _respond(self.openai.chat, request)
+
+    @api.post("/tokenize")
+    async def tokenize(self, request: Request) -> Response:
+        return await _respond(self.openai.tokenize, request)
+
+    @api.post("/detokenize")
+    async def detokenize(self, request: Request) -> Response:
+        return await _respond(self.openai.detokenize, request)
 
     @api.get("/v1/stats")
     async def stats(self) -> dict:

@@ -83,6 +83,26 @@ def test_penalties_and_logit_bias_reach_the_engine(client, reference):
     assert choice["finish_reason"] == "stop" and chat.json()["usage"]["completion_tokens"] == 3
 
 
+def test_tokenize_and_detokenize(client, serve_app, reference):
+    body = client.post("/tokenize", json={"prompt": "def add(a, b):"}).json()
+    ids = reference.tokenize("def add(a, b):")
+    assert body == {"count": len(ids), "max_model_len": MAX_MODEL_LEN, "tokens": ids}
+    assert client.post("/detokenize", json={"model": serve_app.model, "tokens": ids}).json() == {
+        "prompt": reference.tokenizer.decode(ids)}
+    messages = [{"role": "user", "content": "hi"}]
+    chat = client.post("/tokenize", json={"messages": messages}).json()
+    usage = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1}).json()["usage"]
+    assert chat["count"] == len(chat["tokens"]) == usage["prompt_tokens"]
+    bare = client.post("/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
+    assert bare["count"] < chat["count"] and chat["tokens"][:bare["count"]] == bare["tokens"]
+    for path, bad, words in (("/tokenize", {"prompt": "x", "messages": messages}, "exactly one of prompt and messages"),
+                             ("/tokenize", {}, "exactly one of prompt and messages"),
+                             ("/detokenize", {"tokens": [1, 10**9]}, "out of range"),
+                             ("/detokenize", {"tokens": ["a"]}, "tokens")):
+        assert words in error_of(client.post(path, json=bad), 400)["message"]
+    assert error_of(client.post("/tokenize", json={"model": "gpt-4", "prompt": "x"}), 404)["code"] == "model_not_found"
+
+
 def test_streamed_completion_equals_the_whole_one(client):
     body = {"prompt": [5, 6, 7], "max_tokens": 10, "temperature": 0, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
