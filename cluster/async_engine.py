@@ -259,6 +259,9 @@ class AsyncLLMEngine:
         sched = self.engine.scheduler
         stats = {"running": len(sched.running), "waiting": len(sched.waiting),
                  "kv_cache_usage": sched.blocks.usage, "num_requests": len(self._live), "moe": moe}
+        if sched.config.prefix_caching:  # prompt tokens over all admissions: queried, and found cached
+            stats["prefix_cache_queries"] = sched.prefix_query_tokens
+            stats["prefix_cache_hits"] = sched.prefix_hit_tokens
         self.metrics.on_step(stats)
         self._stats = {k: v for k, v in stats.items() if k != "moe"}
 

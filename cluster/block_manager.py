@@ -1,30 +1,41 @@
-"""KV-cache block accounting (torch-free): a free list of fixed-size blocks."""
+"""KV-cache block accounting (torch-free): fixed-size blocks, reference-counted, with an optional
+prefix cache (cluster/prefix_cache.py) whose unreferenced blocks stay readable until reused."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from cluster.prefix_cache import PrefixTable
 
 
 class BlockManager:
     """Hands out whole KV blocks; a sequence reserves every block it may need when admitted. A
     reservation takes the lowest run of consecutive free blocks long enough when there is one, so
     a sequence's keys usually sit in consecutive slots and attention reads them in place
-    (cluster/layers.py); else the lowest free blocks."""
+    (cluster/layers.py); else the lowest free blocks.
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    With prefix caching, a block whose K/V is complete may be registered under its tokens; sequences
+    that start with the same tokens share it (`acquire`, one reference each), and when its last
+    reference is freed it stays cached, counted as free, until an allocation needs it (least
+    recently freed first)."""
+
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = False) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError("num_blocks and block_size must be > 0")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._is_free = np.ones(num_blocks, dtype=bool)
+        self.prefix: PrefixTable | None = PrefixTable() if prefix_caching else None
+        self._is_free = np.ones(num_blocks, dtype=bool)  # unreferenced and not cached
         self._num_free = num_blocks
+        self._refs = np.zeros(num_blocks, dtype=np.int64)
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
     @property
     def num_free(self) -> int:
-        return self._num_free
+        """Blocks an allocation may take: free ones and unreferenced cached ones."""
+        return self._num_free + (len(self.prefix.evictable) if self.prefix is not None else 0)
 
     @property
     def usage(self) -> float:
@@ -34,22 +45,71 @@ class BlockManager:
         return self.blocks_for(num_tokens) <= self.num_free
 
     def allocate(self, num_tokens: int) -> list[int]:
-        n = self.blocks_for(num_tokens)
-        if n > self._num_free:
-            raise RuntimeError(f"KV cache: need {n} blocks, {self._num_free} free")
+        return self.allocate_blocks(self.blocks_for(num_tokens))
+
+    def allocate_blocks(self, n: int) -> list[int]:
+        if n > self.num_free:
+            raise RuntimeError(f"KV cache: need {n} blocks, {self.num_free} free")
+        while n > self._num_free:  # reuse the least recently freed cached blocks
+            block = next(iter(self.prefix.evictable))
+            self.prefix.drop(block)
+            self._release(block)
         start = _first_run(self._is_free, n)
         blocks = list(range(start, start + n)) if start is not None else np.flatnonzero(self._is_free)[:n].tolist()
         self._is_free[blocks] = False
         self._num_free -= n
+        self._refs[blocks] = 1
         return blocks
 
     def free(self, block_ids: list[int]) -> None:
+        """Drop one reference to each block; a block left unreferenced is free again, or stays cached."""
         if not block_ids:
             return
-        if self._is_free[block_ids].any():
+        if (self._refs[block_ids] <= 0).any():
             raise RuntimeError(f"KV cache: blocks {block_ids} freed twice")
-        self._is_free[block_ids] = True
-        self._num_free += len(block_ids)
+        for block in block_ids:
+            self._refs[block] -= 1
+            if self._refs[block]:
+                continue
+            if self.prefix is not None and block in self.prefix.key_of:
+                self.prefix.evictable[block] = None
+            else:
+                self._release(block)
+
+    def _release(self, block: int) -> None:
+        self._is_free[block] = True
+        self._num_free += 1
+
+    # ---- prefix caching ------------------------------------------------------------------------
+    def cached_prefix(self, tokens: list[int]) -> list[tuple[int, int]]:
+        """(KV block, node) of the cached blocks `tokens` starts with; the block holding the last
+        token is never one of them (its logits must be computed). Nothing is taken: see `acquire`."""
+        if self.prefix is None:
+            return []
+        bs, full = self.block_size, (len(tokens) - 1) // self.block_size
+        return self.prefix.match([tuple(tokens[i * bs:(i + 1) * bs]) for i in range(full)])
+
+    def num_evictable(self, block_ids: list[int]) -> int:
+        """How many of these cached blocks are unreferenced (counted in num_free until acquired)."""
+        return 0 if self.prefix is None else sum(b in self.prefix.evictable for b in block_ids)
+
+    def acquire(self, block_ids: list[int]) -> None:
+        """One more reference to each of these cached blocks."""
+        for block in block_ids:
+            if not self._refs[block]:
+                del self.prefix.evictable[block]
+            self._refs[block] += 1
+
+    def register(self, block: int, parent: int, tokens: tuple[int, ...]) -> int:
+        """Block `block` holds the complete K/V of `tokens` after node `parent` (prefix_cache.ROOT: the
+        start of a sequence); -> the node to continue from."""
+        return self.prefix.register(block, parent, tokens)
+
+    def clear_cache(self) -> None:
+        """The KV cache's contents were lost: forget every cached block."""
+        if self.prefix is not None:
+            for block in self.prefix.clear():
+                self._release(block)
 
 
 def _first_run(free: np.ndarray, n: int) -> int | None:

@@ -150,6 +150,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    + _default("kv_cache_tokens"))
     p.add_argument("--max-num-seqs", type=int, help="sequences in the running batch at most; "
                    + _default("max_num_seqs"))
+    p.add_argument("--enable-prefix-caching", action="store_true", default=None,
+                   help="reuse the K/V of prompt blocks earlier requests computed (shared system prompts, "
+                        "multi-turn chat); with --engine ray, one attention worker")
     p.add_argument("--route-prediction", action="store_true", default=None,
                    help="run the route predictors live; their recall goes to the metrics (generate: and is "
                         "printed at the end)")
@@ -188,6 +191,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 
 ENGINE_FLAGS = ("dtype", "device", "kernel_backend", "max_model_len", "kv_cache_tokens", "max_num_seqs",
+                "enable_prefix_caching",
                 "route_prediction", "expert_cache_fraction", "expert_cache_policy", "expert_cache_prefetch",
                 "expert_cache_schedule", "engine", "cluster", "num_expert_shards", "num_attention_workers",
                 "replan_every_steps", "expert_replicas", "request_shuffling", "microbatches", "transport")

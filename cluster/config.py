@@ -27,6 +27,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     kv_cache_tokens: int = 16384  # KV-cache budget in tokens, over all sequences
     block_size: int = 16
+    enable_prefix_caching: bool = False  # reuse the K/V of prompt blocks other sequences computed
     show_progress: bool = False
     record_trace: str | None = None  # JSONL file that receives every routing decision
     route_prediction: bool = False  # run the route predictors live; recall to the metrics
@@ -71,6 +72,9 @@ class EngineConfig:
             raise ValueError(f"expert_replicas must be >= 0, got {self.expert_replicas}")
         if self.expert_replicas and self.replan_every_steps is None:
             raise ValueError("expert_replicas is applied by re-planning: set replan_every_steps")
+        if self.enable_prefix_caching and (self.num_attention_workers > 1 or self.request_shuffling):
+            raise ValueError("enable_prefix_caching needs one attention worker and no request_shuffling (a cached "
+                             "block's K/V lives on the worker that computed it)")
         if self.request_shuffling and self.engine != "ray":
             raise ValueError("request_shuffling needs engine='ray' (it moves sequences between attention workers)")
         if self.num_expert_shards is not None and self.num_expert_shards <= 0:

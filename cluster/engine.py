@@ -43,7 +43,8 @@ class LLMEngine:
                              f"max_position_embeddings {self.spec.max_position_embeddings}")
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-            block_size=config.block_size, num_blocks=config.num_blocks, max_model_len=max_len))
+            block_size=config.block_size, num_blocks=config.num_blocks, max_model_len=max_len,
+            prefix_caching=config.enable_prefix_caching))
         eos = set(self.spec.eos_token_ids)
         if self.tokenizer and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)

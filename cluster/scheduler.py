@@ -4,6 +4,9 @@ Every step: running sequences that decode get one token each, partly prefilled p
 then waiting requests are admitted first-come-first-served while a sequence slot, the token budget
 and KV blocks for their whole length (prompt + max_tokens) are available. Reserving the whole
 length at admission means a running sequence never runs out of cache and is never preempted.
+
+With prefix caching, a sequence admitted with a prompt whose leading full blocks are cached shares
+those blocks and starts computing after them; each block a sequence completes is registered.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from cluster.block_manager import BlockManager
+from cluster.prefix_cache import ROOT
 from cluster.sequence import Sequence, SeqStatus
 
 
@@ -26,6 +30,7 @@ class SchedulerConfig:
     block_size: int = 16
     num_blocks: int = 512
     max_model_len: int = 2048
+    prefix_caching: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_blocks", "max_model_len"):
@@ -56,7 +61,9 @@ class SchedulerOutput:
 class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
-        self.blocks = BlockManager(config.num_blocks, config.block_size)
+        self.blocks = BlockManager(config.num_blocks, config.block_size, config.prefix_caching)
+        self.prefix_hit_tokens = 0  # prompt tokens whose K/V came from the prefix cache, over all admissions
+        self.prefix_query_tokens = 0  # prompt tokens admitted with prefix caching on
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.seqs: dict[int, Sequence] = {}
@@ -95,9 +102,21 @@ class Scheduler:
         return SchedulerOutput(tuple(chunks))
 
     def _admit(self, seq: Sequence) -> bool:
-        if len(self.running) >= self.config.max_num_seqs or not self.blocks.can_allocate(seq.max_len):
+        if len(self.running) >= self.config.max_num_seqs:
             return False
-        seq.block_ids = self.blocks.allocate(seq.max_len)
+        caching = self.config.prefix_caching
+        hits = self.blocks.cached_prefix(seq.tokens(0, seq.num_tokens)) if caching else []
+        shared = [block for block, _ in hits]
+        fresh = self.blocks.blocks_for(seq.max_len) - len(shared)
+        if fresh > self.blocks.num_free - self.blocks.num_evictable(shared):
+            return False
+        self.blocks.acquire(shared)
+        seq.block_ids = shared + self.blocks.allocate_blocks(fresh)
+        seq.num_cached_blocks, seq.cache_node = len(shared), hits[-1][1] if hits else ROOT
+        seq.num_computed = len(shared) * self.config.block_size
+        if caching:
+            self.prefix_hit_tokens += seq.num_computed
+            self.prefix_query_tokens += seq.num_tokens
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
         return True
@@ -120,12 +139,25 @@ class Scheduler:
             seq.num_computed = chunk.start + len(chunk.token_ids)
             if chunk.seq_id in sampled:
                 seq.output_ids.append(sampled[chunk.seq_id])
+            if self.config.prefix_caching:
+                self._register_blocks(seq)
+
+    def _register_blocks(self, seq: Sequence) -> None:
+        """Register the blocks whose K/V the sequence has just completed with the prefix cache."""
+        bs = self.config.block_size
+        while (seq.num_cached_blocks + 1) * bs <= seq.num_computed:
+            i = seq.num_cached_blocks
+            tokens = tuple(seq.tokens(i * bs, (i + 1) * bs))
+            seq.cache_node = self.blocks.register(seq.block_ids[i], seq.cache_node, tokens)
+            seq.num_cached_blocks += 1
 
     def recompute_running(self) -> None:
         """Forget every running sequence's cached K/V (its cache was lost): the next steps
-        prefill prompt + output so far again, into the blocks it already holds."""
+        prefill prompt + output so far again, into the blocks it already holds. The prefix cache,
+        whose blocks were lost too, starts empty."""
+        self.blocks.clear_cache()
         for seq in self.running:
-            seq.num_computed = 0
+            seq.num_computed = seq.num_cached_blocks = seq.cache_node = 0
 
     def finish(self, seq_id: int, reason: str) -> Sequence | None:
         """Finish (or abort) a sequence wherever it is, freeing its blocks; None if unknown."""

@@ -24,6 +24,8 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
+    num_cached_blocks: int = 0  # leading blocks matched in or registered with the prefix cache
+    cache_node: int = 0  # the prefix cache's node of the last of them (0: the root)
 
     @property
     def num_tokens(self) -> int:

@@ -63,6 +63,7 @@ class AppArgs(BaseModel):
     max_model_len: int | None = Field(None, ge=1)
     kv_cache_tokens: int | None = Field(None, ge=1)
     max_num_seqs: int | None = Field(None, ge=1)
+    enable_prefix_caching: bool | None = None  # reuse cached prompt blocks' K/V
     expert_cache_fraction: float | None = Field(None, gt=0.0, le=1.0)  # experts kept resident (ray: of each shard's)
     expert_cache_policy: Literal["lru", "lfu", "score", "adaptive"] | None = None
     expert_cache_prefetch: bool | None = None  # pre-gating prefetch into the cache

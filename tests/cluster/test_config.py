@@ -15,7 +15,8 @@ RAY_VALUES = {"cluster": "local", "address": "auto", "num_attention_workers": 2,
               "microbatches": 1, "min_microbatch_tokens": 8, "actor_threads": 2, "transport_timeout_s": 5.0,
               "transport": "gloo"}
 
-# Every engine flag with a value away from its default, and the EngineConfig it must give.
+# Every engine flag with a value away from its default, and the EngineConfig it must give; prefix
+# caching (which one attention worker without request shuffling needs) is checked on its own.
 FLAGS = ["--dtype", "bfloat16", "--device", "cuda:1", "--kernel-backend", "torch", "--max-model-len", "200",
          "--kv-cache-tokens", "4096", "--max-num-seqs", "4", "--route-prediction", "--expert-cache", "0.5",
          "--expert-cache-policy", "lru", "--expert-cache-prefetch", "--expert-cache-schedule", "load",
@@ -27,6 +28,7 @@ WANT = {"dtype": "bfloat16", "device": "cuda:1", "kernel_backend": "torch", "max
         "expert_cache_prefetch": True, "expert_cache_schedule": "load", "engine": "ray", "cluster": "local",
         "num_expert_shards": 3, "num_attention_workers": 2, "replan_every_steps": 7, "expert_replicas": 1,
         "request_shuffling": True, "microbatches": 1, "transport": "gloo"}
+ALONE = {"--enable-prefix-caching": ("enable_prefix_caching", True)}
 
 
 def test_ray_only_settings_are_refused_in_process_naming_each():
@@ -42,9 +44,11 @@ def test_ray_only_settings_are_refused_in_process_naming_each():
 
 @pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["up"], ["grpc"]])
 def test_every_engine_command_takes_the_same_flags_to_the_same_fields(command):
-    assert set(WANT) == set(ENGINE_FLAGS)
+    assert set(WANT) | {field for field, _ in ALONE.values()} == set(ENGINE_FLAGS)
     args = _parser().parse_args([*command, *FLAGS])
     assert _engine_kwargs(args) == WANT
+    for flag, (field, value) in ALONE.items():
+        assert _engine_kwargs(_parser().parse_args([*command, flag])) == {field: value}
     assert _engine_kwargs(_parser().parse_args(command)) == {}  # nothing given: EngineConfig's own defaults
 
 
@@ -55,6 +59,14 @@ def test_up_flags_reach_the_same_engine_config_as_generate():
     for field in dataclasses.fields(EngineConfig):
         if field.name in WANT:
             assert getattr(up, field.name) == WANT[field.name] != field.default, field.name
+
+
+def test_prefix_caching_needs_one_attention_worker_without_shuffling():
+    EngineConfig(model="m", enable_prefix_caching=True)
+    EngineConfig(model="m", engine="ray", enable_prefix_caching=True)
+    for ray_args in ({"num_attention_workers": 2}, {"request_shuffling": True}):
+        with pytest.raises(ValueError, match="enable_prefix_caching needs one attention worker"):
+            EngineConfig(model="m", engine="ray", enable_prefix_caching=True, **ray_args)
 
 
 def test_the_serve_builder_refuses_ray_only_settings_in_process():

@@ -38,6 +38,20 @@ def test_tokens_match_inprocess(ray_cluster, tiny_model, family, transport):
                 GREEDY, SAMPLED) == expected
 
 
+def test_prefix_caching_on_the_cluster_keeps_the_tokens(ray_cluster, tiny_model):
+    """Prompts sharing 24 tokens: the later ones start after the cached blocks on the attention worker."""
+    model = str(tiny_model("olmoe"))
+    prompts = [list(range(10, 34)) + [5], list(range(10, 34)) + [6, 7], list(range(10, 34)) + [8]]
+    expected = [o for batch in _run(EngineConfig(model=model, block_size=8), GREEDY, prompts=prompts) for o in batch]
+    engine = LLMEngine(EngineConfig(model=model, engine="ray", cluster="local", block_size=8,
+                                    enable_prefix_caching=True))
+    try:
+        got = [o.token_ids for p in prompts for o in engine.generate([p], GREEDY)]
+        assert got == expected and engine.scheduler.prefix_hit_tokens == 2 * 24
+    finally:
+        engine.shutdown()
+
+
 def test_actors_run_on_their_labelled_nodes(ray_cluster, tiny_model):
     engine = LLMEngine(EngineConfig(model=str(tiny_model("olmoe")), engine="ray", cluster="local"))
     try:

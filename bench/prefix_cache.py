@@ -1,0 +1,87 @@
+"""Prefix caching on requests that share a system prompt: time to serve them with and without it.
+
+On bench/decode.py's model (OLMoE-shaped, ~261M parameters, float32), `--requests` requests whose
+prompts are one `--system`-token prefix plus a short question of their own, each generating
+`--new-tokens` greedy tokens, in two arrival patterns:
+  - turns: one request after another (each finished before the next arrives), as chat turns or
+    agents sharing an instruction prompt do;
+  - burst: all at once (the first chunked-prefill step computes the prefix for the requests it
+    admits together; the later ones find it cached).
+Each pattern runs on an engine with prefix caching and one without, alternating (`--repeats`), with
+identical tokens required; prints one JSON object with the median seconds and the speedup
+(`speedup_turns`, `speedup_burst`) and the share of prompt tokens served from the cache.
+Usage: python bench/prefix_cache.py [--system 512] [--requests 8] [--new-tokens 8] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cluster.config import EngineConfig
+from cluster.engine import LLMEngine
+from cluster.sampling_params import SamplingParams
+from decode import bench_model  # bench/decode.py, beside this file
+
+
+def workload(system: int, requests: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(0, 256, (system,), generator=g).tolist()
+    return [prefix + torch.randint(0, 256, (12,), generator=g).tolist() for _ in range(requests)]
+
+
+def serve(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams, turns: bool) -> tuple[float, list]:
+    """Seconds to serve the prompts (one at a time, or all at once) and their tokens."""
+    start = time.perf_counter()
+    if turns:
+        outs = [engine.generate([p], params)[0] for p in prompts]
+    else:
+        outs = engine.generate(prompts, params)
+    return time.perf_counter() - start, [o.token_ids for o in outs]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--system", type=int, default=512, help="tokens of the shared prefix")
+    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    cache = Path(os.environ.get("MOE_SERVE_CACHE", Path.home() / ".cache/moe-serve"))
+    ap.add_argument("--cache", type=Path, default=cache, help="where bench/decode.py's model is built (and reused)")
+    args = ap.parse_args()
+    if min(args.system, args.requests, args.new_tokens, args.repeats) <= 0:
+        ap.error("--system, --requests, --new-tokens and --repeats must be > 0")
+    model = str(bench_model(args.cache, "float32"))
+    prompts = workload(args.system, args.requests)
+    params = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+    kv = args.requests * (args.system + 12 + args.new_tokens + 16)
+    out = {"model": model, "system_tokens": args.system, "requests": args.requests, "new_tokens": args.new_tokens,
+           "repeats": args.repeats, "threads": torch.get_num_threads()}
+    for pattern, turns in (("turns", True), ("burst", False)):
+        seconds = {"cached": [], "uncached": []}
+        for _ in range(args.repeats):
+            tokens = {}
+            for name, caching in (("uncached", False), ("cached", True)):  # a fresh engine: a cold cache
+                engine = LLMEngine(EngineConfig(model=model, kv_cache_tokens=kv, enable_prefix_caching=caching))
+                s, tokens[name] = serve(engine, prompts, params, turns)
+                seconds[name].append(s)
+                hit = engine.scheduler.prefix_hit_tokens / max(engine.scheduler.prefix_query_tokens, 1)
+            if tokens["cached"] != tokens["uncached"]:
+                raise SystemExit(f"{pattern}: prefix caching changed the tokens")
+        med = {k: statistics.median(v) for k, v in seconds.items()}
+        out[pattern] = {"seconds": {k: round(v, 3) for k, v in med.items()},
+                        "prompt_tokens_from_cache": round(hit, 3), "identical_tokens": True}
+        out[f"speedup_{pattern}"] = round(med["uncached"] / med["cached"], 2)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
