@@ -145,7 +145,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, help=_default("dtype"))
     p.add_argument("--device", help=_default("device"))
     p.add_argument("--kernel-backend", choices=BACKENDS, help=_default("kernel_backend"))
-    p.add_argument("--max-model-len", type=int, help="default: the model's max_position_embeddings")
+    p.add_argument("--max-model-len", type=int,
+                   help="default: the model's max_position_embeddings, at most --kv-cache-tokens")
     p.add_argument("--kv-cache-tokens", type=int, help="KV-cache budget in tokens, over all sequences; "
                    + _default("kv_cache_tokens"))
     p.add_argument("--max-num-seqs", type=int, help="sequences in the running batch at most; "

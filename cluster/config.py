@@ -24,7 +24,7 @@ class EngineConfig:
     kernel_backend: str = "auto"
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    max_model_len: int | None = None  # default: the model's max_position_embeddings, at most kv_cache_tokens
     kv_cache_tokens: int = 16384  # KV-cache budget in tokens, over all sequences
     block_size: int = 16
     enable_prefix_caching: bool = False  # reuse the K/V of prompt blocks other sequences computed

@@ -19,6 +19,7 @@ from cluster.sampler import new_generator, sample, token_logprobs
 from cluster.sampling_params import SamplingParams
 from cluster.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from cluster.sequence import Sequence
+from experts.config import load_spec
 from experts.expert_cache import CacheStats
 from experts.tokenizer import load_tokenizer
 from kernels.dispatch import select_kernels
@@ -35,12 +36,9 @@ class LLMEngine:
         self.device = torch.device(config.device)
         self.ops = select_kernels(self.device, config.kernel_backend, DTYPES[config.dtype])
         self.tokenizer = load_tokenizer(config.model)
+        max_len = context_length(config, load_spec(Path(config.model)).max_position_embeddings)
         self.model = _load_model(config, self.device, self.ops)
         self.spec = self.model.spec
-        max_len = config.max_model_len or self.spec.max_position_embeddings
-        if max_len > self.spec.max_position_embeddings:
-            raise ValueError(f"max_model_len {max_len} exceeds the model's "
-                             f"max_position_embeddings {self.spec.max_position_embeddings}")
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             block_size=config.block_size, num_blocks=config.num_blocks, max_model_len=max_len,
@@ -221,6 +219,25 @@ class LLMEngine:
                     yield o
                     if o.finished:
                         return
+
+
+def context_length(config: EngineConfig, max_positions: int) -> int:
+    """The engine's max_model_len: the configured one, checked against the model's positions and the
+    KV cache (a longer context could never be admitted); by default the model's positions, capped at
+    the KV cache's tokens."""
+    kv = config.num_blocks * config.block_size
+    if config.max_model_len is None:
+        if max_positions > kv:
+            log.warning("max_model_len set to %d, the KV cache's tokens (kv_cache_tokens), below the model's "
+                        "%d positions; raise kv_cache_tokens for longer contexts", kv, max_positions)
+        return min(max_positions, kv)
+    if config.max_model_len > max_positions:
+        raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's max_position_embeddings "
+                         f"{max_positions}")
+    if config.max_model_len > kv:
+        raise ValueError(f"max_model_len {config.max_model_len} exceeds the KV cache's {kv} tokens: raise "
+                         f"kv_cache_tokens or lower max_model_len")
+    return config.max_model_len
 
 
 def _load_model(config: EngineConfig, device: torch.device, ops):

@@ -72,3 +72,16 @@ def test_prefix_caching_needs_one_attention_worker_without_shuffling():
 def test_the_serve_builder_refuses_ray_only_settings_in_process():
     with pytest.raises(ValueError, match="num_expert_shards=2 only apply with engine='ray'"):
         build_app({"num_expert_shards": 2})
+
+
+def test_the_context_length_fits_the_model_and_the_kv_cache(caplog):
+    from cluster.engine import context_length
+
+    assert context_length(EngineConfig(model="m", kv_cache_tokens=4096), 2048) == 2048
+    assert context_length(EngineConfig(model="m", kv_cache_tokens=4096), 32768) == 4096  # capped, and said
+    assert "max_model_len set to 4096, the KV cache's tokens" in caplog.text
+    assert context_length(EngineConfig(model="m", kv_cache_tokens=4096, max_model_len=1000), 2048) == 1000
+    with pytest.raises(ValueError, match="max_model_len 3000 exceeds the model's max_position_embeddings 2048"):
+        context_length(EngineConfig(model="m", max_model_len=3000), 2048)
+    with pytest.raises(ValueError, match="max_model_len 5000 exceeds the KV cache's 4096 tokens"):
+        context_length(EngineConfig(model="m", kv_cache_tokens=4096, max_model_len=5000), 8192)
