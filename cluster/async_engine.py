@@ -258,7 +258,8 @@ class AsyncLLMEngine:
         """Snapshot the engine's load; `moe`: the MoE statistics of the step just run (counted once)."""
         sched = self.engine.scheduler
         stats = {"running": len(sched.running), "waiting": len(sched.waiting),
-                 "kv_cache_usage": sched.blocks.usage, "num_requests": len(self._live), "moe": moe}
+                 "kv_cache_usage": sched.blocks.usage, "num_requests": len(self._live),
+                 "num_preemptions": sched.num_preemptions, "moe": moe}
         if sched.config.prefix_caching:  # prompt tokens over all admissions: queried, and found cached
             stats["prefix_cache_queries"] = sched.prefix_query_tokens
             stats["prefix_cache_hits"] = sched.prefix_hit_tokens

@@ -9,8 +9,8 @@ from cluster.prefix_cache import PrefixTable
 
 
 class BlockManager:
-    """Hands out whole KV blocks; a sequence reserves every block it may need when admitted. A
-    reservation takes the lowest run of consecutive free blocks long enough when there is one, so
+    """Hands out whole KV blocks (the scheduler decides how many a sequence holds). An allocation
+    takes the lowest run of consecutive free blocks long enough when there is one, so
     a sequence's keys usually sit in consecutive slots and attention reads them in place
     (cluster/layers.py); else the lowest free blocks.
 
@@ -60,6 +60,17 @@ class BlockManager:
         self._num_free -= n
         self._refs[blocks] = 1
         return blocks
+
+    def allocate_after(self, last: int, n: int) -> list[int]:
+        """n blocks for a sequence whose last block is `last`: the ones right after it when free (its
+        keys stay consecutive), else as allocate_blocks."""
+        after = list(range(last + 1, last + 1 + n))
+        if after[-1] < self.num_blocks and self._is_free[after].all():
+            self._is_free[after] = False
+            self._num_free -= n
+            self._refs[after] = 1
+            return after
+        return self.allocate_blocks(n)
 
     def free(self, block_ids: list[int]) -> None:
         """Drop one reference to each block; a block left unreferenced is free again, or stays cached."""

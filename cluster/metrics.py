@@ -47,6 +47,8 @@ class EngineMetrics:
         self.waiting = _gauge("moe_num_requests_waiting", "Requests waiting for admission.", tags)
         self.kv_usage = _gauge("moe_kv_cache_usage_perc", "Fraction of KV-cache blocks in use.", tags)
         self.prompt_tokens = _counter("moe_prompt_tokens_total", "Prefilled prompt tokens.", tags)
+        self.preemptions = _counter("moe_num_preemptions_total",
+                                    "Requests preempted (blocks freed, recomputed later) for lack of KV cache.", tags)
         self.prefix_queries = _counter("moe_prefix_cache_queries_total",
                                        "Prompt tokens admitted with prefix caching on.", tags)
         self.prefix_hits = _counter("moe_prefix_cache_hits_total",
@@ -97,12 +99,13 @@ class EngineMetrics:
 
     # ---- per step ------------------------------------------------------------------------------
     def on_step(self, stats: Mapping[str, Any]) -> None:
-        """Engine stats (running, waiting, kv_cache_usage; with prefix caching, the running totals
-        prefix_cache_queries and prefix_cache_hits) plus the optional MoE dict under "moe"."""
+        """Engine stats (running, waiting, kv_cache_usage; the running totals num_preemptions and, with
+        prefix caching, prefix_cache_queries and prefix_cache_hits) plus the optional MoE dict under "moe"."""
         self._set(self.running, "running", stats.get("running", 0))
         self._set(self.waiting, "waiting", stats.get("waiting", 0))
         self._set(self.kv_usage, "kv_cache_usage", stats.get("kv_cache_usage", 0.0))
-        for metric, key in ((self.prefix_queries, "prefix_cache_queries"), (self.prefix_hits, "prefix_cache_hits")):
+        for metric, key in ((self.preemptions, "num_preemptions"), (self.prefix_queries, "prefix_cache_queries"),
+                            (self.prefix_hits, "prefix_cache_hits")):
             if key in stats:  # running totals: count what is new
                 self._inc(metric, key, stats[key] - self.totals[key])
         moe = stats.get("moe")

@@ -2,8 +2,17 @@
 
 Every step: running sequences that decode get one token each, partly prefilled prompts continue,
 then waiting requests are admitted first-come-first-served while a sequence slot, the token budget
-and KV blocks for their whole length (prompt + max_tokens) are available. Reserving the whole
-length at admission means a running sequence never runs out of cache and is never preempted.
+and KV blocks are available.
+
+KV blocks: a request admitted while blocks for its whole length (prompt + max_tokens) are free
+reserves them all, in consecutive blocks where it can (attention then reads its keys in place), and
+is never short of cache. When they are not, it is admitted with blocks for its prompt alone, taken
+from what is free and from the unused reserved tails of the running sequences (the latest admitted
+first), as long as a watermark of free blocks remains; such a sequence, and any whose tail was
+taken, grows a block at a time as it decodes. When a growing sequence finds no free block and no
+tail to take, the latest admitted sequences are preempted: their blocks are freed and they wait at
+the head of the queue, to be recomputed (prompt and output so far) when readmitted. The oldest
+request always progresses, since a request that could not fit the whole cache alone is refused.
 
 With prefix caching, a sequence admitted with a prompt whose leading full blocks are cached shares
 those blocks and starts computing after them; each block a sequence completes is registered.
@@ -62,6 +71,8 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         self.blocks = BlockManager(config.num_blocks, config.block_size, config.prefix_caching)
+        self.watermark = max(1, config.num_blocks // 100)  # free blocks a partial admission leaves
+        self.num_preemptions = 0
         self.prefix_hit_tokens = 0  # prompt tokens whose K/V came from the prefix cache, over all admissions
         self.prefix_query_tokens = 0  # prompt tokens admitted with prefix caching on
         self.waiting: deque[Sequence] = deque()
@@ -93,22 +104,33 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
+        preempted = self.num_preemptions
+        self._grow()
         decoding = [s for s in self.running if s.num_pending == 1]
         prefilling = [s for s in self.running if s.num_pending > 1]
         for seq in decoding + prefilling:
             budget = self._take(seq, budget, chunks)
-        while self.waiting and budget > 0 and self._admit(self.waiting[0]):
-            budget = self._take(self.waiting.popleft(), budget, chunks)
+        if self.num_preemptions == preempted:  # after a preemption, admitting would only preempt again
+            while self.waiting and budget > 0 and self._admit(self.waiting[0]):
+                budget = self._take(self.waiting.popleft(), budget, chunks)
         return SchedulerOutput(tuple(chunks))
 
+    # ---- KV blocks -----------------------------------------------------------------------------
     def _admit(self, seq: Sequence) -> bool:
         if len(self.running) >= self.config.max_num_seqs:
             return False
         caching = self.config.prefix_caching
         hits = self.blocks.cached_prefix(seq.tokens(0, seq.num_tokens)) if caching else []
         shared = [block for block, _ in hits]
-        fresh = self.blocks.blocks_for(seq.max_len) - len(shared)
-        if fresh > self.blocks.num_free - self.blocks.num_evictable(shared):
+        whole = self.blocks.blocks_for(seq.max_len) - len(shared)
+        now = self.blocks.blocks_for(seq.num_tokens) - len(shared)  # every token to compute has its slot
+        free = self.blocks.num_free - self.blocks.num_evictable(shared)
+        if whole <= free:
+            fresh = whole
+        elif now + self.watermark <= free + sum(len(self._tail(s)) for s in self.running):
+            self._trim_tails(now + self.watermark - free)
+            fresh = now
+        else:
             return False
         self.blocks.acquire(shared)
         seq.block_ids = shared + self.blocks.allocate_blocks(fresh)
@@ -120,6 +142,51 @@ class Scheduler:
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
         return True
+
+    def _grow(self) -> None:
+        """Give each running sequence the blocks its pending tokens need (a decoding one crossing into a
+        new block needs one): free ones, else reserved tails, else preempt the latest admitted."""
+        for seq in list(self.running):
+            if seq.status is not SeqStatus.RUNNING:  # preempted to make room for an earlier one
+                continue
+            need = self.blocks.blocks_for(seq.num_tokens) - len(seq.block_ids)
+            if need > 0 and self._make_room(need, seq):
+                seq.block_ids += self.blocks.allocate_after(seq.block_ids[-1], need)
+
+    def _make_room(self, n: int, seq: Sequence) -> bool:
+        """At least n free blocks for `seq`; False when `seq` itself had to be preempted."""
+        self._trim_tails(n - self.blocks.num_free)
+        while self.blocks.num_free < n:
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _tail(self, seq: Sequence) -> list[int]:
+        """The blocks reserved past the sequence's last token: no K/V yet, so they can be taken back."""
+        return seq.block_ids[self.blocks.blocks_for(seq.num_tokens):]
+
+    def _trim_tails(self, n: int) -> None:
+        """Free n blocks (if n > 0) from the reserved tails of running sequences, the latest admitted first."""
+        for seq in reversed(self.running):
+            if n <= 0:
+                return
+            give = self._tail(seq)[-n:]
+            if give:
+                del seq.block_ids[len(seq.block_ids) - len(give):]
+                self.blocks.free(give)
+                n -= len(give)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free the sequence's blocks and queue it first, to recompute its prompt and output so far."""
+        self.running.remove(seq)
+        self.blocks.free(seq.block_ids)
+        seq.block_ids = []
+        seq.num_computed = seq.num_cached_blocks = seq.cache_node = 0
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
 
     def _take(self, seq: Sequence, budget: int, chunks: list[ScheduledChunk]) -> int:
         n = min(seq.num_pending, budget)

@@ -64,6 +64,27 @@ def test_waiting_request_admitted_after_others_finish(tiny_model):
     assert [o.finish_reason for o in outs] == ["length"] * 3
 
 
+@pytest.mark.parametrize("caching", [False, True])
+def test_requests_outgrowing_the_cache_are_preempted_and_keep_their_tokens(tiny_model, caching):
+    """64 KV slots for 4 requests of up to 50 tokens: they run together, the latest admitted are
+    preempted and recomputed when the cache runs out, and every output is the one with room to spare."""
+    path = str(tiny_model("olmoe"))
+    prompts = [[i + 1] * 9 + [50 + i] for i in range(4)]
+    tight = LLMEngine(EngineConfig(model=path, kv_cache_tokens=64, block_size=8, enable_prefix_caching=caching))
+    ample = LLMEngine(EngineConfig(model=path, kv_cache_tokens=1024, block_size=8))
+    for params in (SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True),
+                   SamplingParams(max_tokens=40, temperature=0.9, seed=2, ignore_eos=True)):
+        running = []
+        step = tight.step
+        tight.step = lambda: (step(), running.append(len(tight.scheduler.running)))[0]
+        assert [o.token_ids for o in tight.generate(prompts, params)] == \
+            [o.token_ids for o in ample.generate(prompts, params)]
+        tight.step = step
+        assert max(running) > 1  # whole reservations (6 of the 8 blocks each) would run one at a time
+    assert tight.scheduler.num_preemptions > 0
+    assert tight.scheduler.blocks.num_free == 8 and not tight.has_unfinished()
+
+
 def test_abort_frees_the_slot(engine):
     rid = engine.add_request([1, 2, 3], SamplingParams(max_tokens=30, temperature=0.0))
     engine.step()

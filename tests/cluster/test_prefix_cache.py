@@ -112,8 +112,9 @@ def test_a_full_cache_gives_its_blocks_up_and_requests_still_complete(tiny_model
     assert blocks.num_free == 12 and len(blocks.prefix.evictable) > 0  # cached, but free to take
 
 
-def test_prefix_cache_metrics_count_what_is_new():
+def test_prefix_cache_and_preemption_metrics_count_what_is_new():
     metrics = EngineMetrics("m")
-    metrics.on_step({"prefix_cache_queries": 10, "prefix_cache_hits": 4})
-    metrics.on_step({"prefix_cache_queries": 25, "prefix_cache_hits": 4})
+    metrics.on_step({"prefix_cache_queries": 10, "prefix_cache_hits": 4, "num_preemptions": 1})
+    metrics.on_step({"prefix_cache_queries": 25, "prefix_cache_hits": 4, "num_preemptions": 3})
     assert (metrics.totals["prefix_cache_queries"], metrics.totals["prefix_cache_hits"]) == (25, 4)
+    assert metrics.totals["num_preemptions"] == 3

@@ -112,3 +112,45 @@ def test_blocks_are_handed_out_as_the_lowest_long_enough_run_when_there_is_one()
     with pytest.raises(RuntimeError, match="freed twice"):
         blocks.free([2])
     assert blocks.num_free == 3 and blocks.can_allocate(12) and not blocks.can_allocate(13)
+
+
+def _drive(s: Scheduler) -> tuple[int, dict[int, list[int]], dict[int, list[tuple[int, int]]]]:
+    """Run to completion, finishing each sequence at max_tokens, checking the block accounting at every
+    step; -> (the most sequences running at once, each one's output, each one's chunks (start, length))."""
+    most, done, chunks = 0, {}, {}
+    while s.has_unfinished():
+        out = run_step(s)
+        most = max(most, len(s.running))
+        for c in out.chunks:  # every chunk's positions have their slots
+            assert c.start + len(c.token_ids) <= len(c.block_ids) * s.config.block_size
+            chunks.setdefault(c.seq_id, []).append((c.start, len(c.token_ids)))
+        held = [b for q in s.running for b in q.block_ids]
+        assert len(held) == len(set(held)) and len(held) + s.blocks.num_free == s.config.num_blocks
+        for q in list(s.running):
+            if len(q.output_ids) >= q.max_tokens:
+                done[q.seq_id] = list(q.output_ids)
+                s.finish(q.seq_id, "length")
+    return most, done, chunks
+
+
+def test_without_room_for_whole_reservations_requests_share_the_cache_and_grow():
+    s = make(block_size=4, num_blocks=8, max_model_len=32)  # watermark: 1 block
+    s.add(seq(0, 4, 12))  # 15 tokens: 4 blocks, reserved whole
+    s.add(seq(1, 4, 12))  # 4 more: the cache is full
+    s.add(seq(2, 4, 12))  # no room for 4: admitted with 1 block, taking 2 from 1's unused tail (1 stays free)
+    run_step(s)
+    assert [len(q.block_ids) for q in s.running] == [4, 2, 1] and s.blocks.num_free == 1
+    most, done, _ = _drive(s)
+    assert most == 3 and done == {i: [7] * 12 for i in range(3)}  # whole reservations would run 2 at once
+
+
+def test_preempted_requests_are_recomputed_with_their_output_and_finish():
+    s = make(block_size=4, num_blocks=8, max_model_len=32)
+    for i in range(3):
+        s.add(seq(i, 4, 20))  # 23 tokens: 6 blocks each, three of them in 8 blocks
+    _, done, chunks = _drive(s)
+    assert s.num_preemptions > 0 and done == {i: [7] * 20 for i in range(3)}
+    restarts = {i: [n for start, n in c if start == 0][1:] for i, c in chunks.items()}
+    assert any(restarts.values())  # a preempted sequence started again at position 0 ...
+    assert all(n > 4 for r in restarts.values() for n in r)  # ... with its output so far, not only its prompt
+    assert 0 not in {i for i, r in restarts.items() if r}  # the oldest request is never preempted
