@@ -59,6 +59,9 @@ def test_up_flags_reach_the_same_engine_config_as_generate():
     for field in dataclasses.fields(EngineConfig):
         if field.name in WANT:
             assert getattr(up, field.name) == WANT[field.name] != field.default, field.name
+    for flag, (field, value) in ALONE.items():
+        config = AppArgs.parse(_engine_kwargs(_parser().parse_args(["up", flag]))).engine_config("m")
+        assert getattr(config, field) == value
 
 
 def test_prefix_caching_needs_one_attention_worker_without_shuffling():
