@@ -103,6 +103,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         self.last_step_stats = None
         out = self.scheduler.schedule()
+        for seq_id in self.scheduler.preempted:  # their KV is gone: the cluster forgets where it was
+            self._release(seq_id)
         if not out.chunks:
             return []
         try:
@@ -172,14 +174,17 @@ class LLMEngine:
     def _finish(self, req: Request, reason: str, error: str | None = None,
                 prefix_text: str = "") -> RequestOutput:
         self.scheduler.finish(req.seq.seq_id, reason)
-        release = getattr(self.model, "release", None)  # the cluster model tracks where sequences live
-        if release is not None:
-            release(req.seq.seq_id)
+        self._release(req.seq.seq_id)
         self.requests.pop(req.request_id, None)
         self._by_seq.pop(req.seq.seq_id, None)
         if req.text is not None and reason != "stop":
             prefix_text += req.text.update(req.seq.output_ids, final=True, check_stop=req.may_stop)[0]
         return self._output(req, prefix_text, reason, error)
+
+    def _release(self, seq_id: int) -> None:
+        release = getattr(self.model, "release", None)  # the cluster model tracks where sequences live
+        if release is not None:
+            release(seq_id)
 
     def _output(self, req: Request, new_text: str, reason: str | None = None,
                 error: str | None = None) -> RequestOutput:

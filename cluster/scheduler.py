@@ -73,6 +73,7 @@ class Scheduler:
         self.blocks = BlockManager(config.num_blocks, config.block_size, config.prefix_caching)
         self.watermark = max(1, config.num_blocks // 100)  # free blocks a partial admission leaves
         self.num_preemptions = 0
+        self.preempted: list[int] = []  # sequences preempted by the last schedule()
         self.prefix_hit_tokens = 0  # prompt tokens whose K/V came from the prefix cache, over all admissions
         self.prefix_query_tokens = 0  # prompt tokens admitted with prefix caching on
         self.waiting: deque[Sequence] = deque()
@@ -104,13 +105,13 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
-        preempted = self.num_preemptions
+        self.preempted = []
         self._grow()
         decoding = [s for s in self.running if s.num_pending == 1]
         prefilling = [s for s in self.running if s.num_pending > 1]
         for seq in decoding + prefilling:
             budget = self._take(seq, budget, chunks)
-        if self.num_preemptions == preempted:  # after a preemption, admitting would only preempt again
+        if not self.preempted:  # after a preemption, admitting would only preempt again
             while self.waiting and budget > 0 and self._admit(self.waiting[0]):
                 budget = self._take(self.waiting.popleft(), budget, chunks)
         return SchedulerOutput(tuple(chunks))
@@ -187,6 +188,7 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+        self.preempted.append(seq.seq_id)
 
     def _take(self, seq: Sequence, budget: int, chunks: list[ScheduledChunk]) -> int:
         n = min(seq.num_pending, budget)

@@ -118,6 +118,29 @@ def test_the_shuffling_policy_keeps_the_tokens_and_reports_what_it_moved(ray_clu
         engine.shutdown()
 
 
+def test_sequences_preempted_for_lack_of_cache_are_forgotten_and_keep_their_tokens(ray_cluster, tiny_model, tmp_path,
+                                                                                    expected):
+    engine = LLMEngine(EngineConfig(model=str(tiny_model("olmoe")), engine="ray", cluster=_colocated(tmp_path),
+                                    num_attention_workers=2, num_expert_shards=2, request_shuffling=True,
+                                    kv_cache_tokens=48, block_size=4))
+    try:
+        m = engine.model
+        m.shuffler = Contrary(2)
+        step = engine.step
+
+        def checked():
+            outs = step()
+            running = {q.seq_id for q in engine.scheduler.running}
+            assert set(m.kv_at) <= running  # preempted (and finished) sequences were released
+            return outs
+
+        engine.step = checked
+        assert _generate(engine, GREEDY, SAMPLED) == expected
+        assert engine.scheduler.num_preemptions > 0 and m.kv_at == {}
+    finally:
+        engine.shutdown()
+
+
 def test_request_shuffling_needs_the_cluster_engine(tiny_model):
     with pytest.raises(ValueError, match="request_shuffling"):
         EngineConfig(model=str(tiny_model("olmoe")), request_shuffling=True)
