@@ -5,8 +5,8 @@ prompts are one `--system`-token prefix plus a short question of their own, each
 `--new-tokens` greedy tokens, in two arrival patterns:
   - turns: one request after another (each finished before the next arrives), as chat turns or
     agents sharing an instruction prompt do;
-  - burst: all at once (the first chunked-prefill step computes the prefix for the requests it
-    admits together; the later ones find it cached).
+  - burst: all at once (in-process, the requests admitted in one step share the prefix blocks the
+    first of them computes in that step).
 Each pattern runs on an engine with prefix caching and one without, alternating (`--repeats`), with
 identical tokens required; prints one JSON object with the median seconds and the speedup
 (`speedup_turns`, `speedup_burst`) and the share of prompt tokens served from the cache.

@@ -42,7 +42,7 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             block_size=config.block_size, num_blocks=config.num_blocks, max_model_len=max_len,
-            prefix_caching=config.enable_prefix_caching))
+            prefix_caching=config.enable_prefix_caching, share_within_step=config.engine == "inprocess"))
         eos = set(self.spec.eos_token_ids)
         if self.tokenizer and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -159,6 +159,7 @@ class LLMEngine:
 
     def _fail(self, out: SchedulerOutput, exc: BaseException) -> list[RequestOutput]:
         self._failed_steps = 0
+        self.scheduler.discard_step()
         return [self._finish(self._by_seq[c.seq_id], "error", f"{type(exc).__name__}: {exc}")
                 for c in out.chunks if c.seq_id in self._by_seq]
 

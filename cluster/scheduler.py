@@ -40,6 +40,10 @@ class SchedulerConfig:
     num_blocks: int = 512
     max_model_len: int = 2048
     prefix_caching: bool = False
+    # Register a block when the step that computes it is scheduled, so that requests admitted in the
+    # same step share it: right when one forward pass writes every layer's K/V before attending (the
+    # in-process model), not when a step runs as micro-batches, one attending before another writes.
+    share_within_step: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_blocks", "max_model_len"):
@@ -197,6 +201,8 @@ class Scheduler:
         start = seq.num_computed
         chunks.append(ScheduledChunk(seq.seq_id, tuple(seq.tokens(start, start + n)), start,
                                      tuple(seq.block_ids), start + n == seq.num_tokens))
+        if self.config.prefix_caching and self.config.share_within_step:
+            self._register_blocks(seq, start + n)
         return budget - n
 
     def update(self, output: SchedulerOutput, sampled: dict[int, int]) -> None:
@@ -209,16 +215,20 @@ class Scheduler:
             if chunk.seq_id in sampled:
                 seq.output_ids.append(sampled[chunk.seq_id])
             if self.config.prefix_caching:
-                self._register_blocks(seq)
+                self._register_blocks(seq, seq.num_computed)
 
-    def _register_blocks(self, seq: Sequence) -> None:
-        """Register the blocks whose K/V the sequence has just completed with the prefix cache."""
+    def _register_blocks(self, seq: Sequence, computed: int) -> None:
+        """Register with the prefix cache the blocks whose K/V the sequence's first `computed` tokens fill."""
         bs = self.config.block_size
-        while (seq.num_cached_blocks + 1) * bs <= seq.num_computed:
+        while (seq.num_cached_blocks + 1) * bs <= computed:
             i = seq.num_cached_blocks
             tokens = tuple(seq.tokens(i * bs, (i + 1) * bs))
             seq.cache_node = self.blocks.register(seq.block_ids[i], seq.cache_node, tokens)
             seq.num_cached_blocks += 1
+
+    def discard_step(self) -> None:
+        """The step failed: blocks registered for it may hold no K/V, so the prefix cache starts empty."""
+        self.blocks.clear_cache()
 
     def recompute_running(self) -> None:
         """Forget every running sequence's cached K/V (its cache was lost): the next steps

@@ -118,3 +118,31 @@ def test_prefix_cache_and_preemption_metrics_count_what_is_new():
     metrics.on_step({"prefix_cache_queries": 25, "prefix_cache_hits": 4, "num_preemptions": 3})
     assert (metrics.totals["prefix_cache_queries"], metrics.totals["prefix_cache_hits"]) == (25, 4)
     assert metrics.totals["num_preemptions"] == 3
+
+
+def test_requests_admitted_in_one_step_share_the_prefix_the_first_computes(tiny_model):
+    """In-process, one forward pass writes each layer's K/V before attending, so the second and third
+    requests of a burst read the prefix blocks the first writes in the same step."""
+    path = str(tiny_model("olmoe"))
+    cached = LLMEngine(EngineConfig(model=path, kv_cache_tokens=1024, block_size=8, enable_prefix_caching=True))
+    plain = LLMEngine(EngineConfig(model=path, kv_cache_tokens=1024, block_size=8))
+    burst = [PREFIX + [7], PREFIX + [8, 9], PREFIX + [10]]
+    for params in (SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True),
+                   SamplingParams(max_tokens=10, temperature=0.8, seed=4, ignore_eos=True)):
+        hits = cached.scheduler.prefix_hit_tokens
+        assert [o.token_ids for o in cached.generate(burst, params)] == \
+            [o.token_ids for o in plain.generate(burst, params)]
+        assert cached.scheduler.prefix_hit_tokens - hits >= 2 * 40  # the 5 full prefix blocks, twice
+
+
+def test_a_failed_step_empties_the_prefix_cache(tiny_model, monkeypatch):
+    engine = LLMEngine(EngineConfig(model=str(tiny_model("olmoe")), kv_cache_tokens=1024, block_size=8,
+                                    enable_prefix_caching=True))
+    greedy = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    want = engine.generate([PREFIX + [7]], greedy)[0].token_ids
+    assert engine.scheduler.blocks.prefix.entries
+    monkeypatch.setattr(engine.model, "execute", lambda out: (_ for _ in ()).throw(RuntimeError("boom")))
+    assert engine.generate([PREFIX + [8]], greedy)[0].finish_reason == "error"
+    assert engine.scheduler.blocks.prefix.entries == {}  # what that step registered was never written
+    monkeypatch.undo()
+    assert engine.generate([PREFIX + [7]], greedy)[0].token_ids == want
