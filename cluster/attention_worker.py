@@ -91,3 +91,18 @@ class AttentionWorker:
         """[S, V] float32 logits of the rows whose next token is sampled."""
         last = rms_norm(h[batch.logit_rows], self.w.final_norm, self.spec.rms_norm_eps)
         return self.linear(last, self.w.lm_head).float()
+
+    def prompt_scores(self, h: torch.Tensor, batch: StepBatch, top: int,
+                      rows_at_once: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For the batch's prompt rows: (log-probability of the prompt token after each [P], the `top`
+        best log-probabilities [P, top] and their token ids [P, top]), from the model's log-softmax,
+        `rows_at_once` rows at a time (a whole prompt's logits would be P x vocabulary floats)."""
+        parts = []
+        for i in range(0, batch.prompt_rows.numel(), rows_at_once):
+            rows = batch.prompt_rows[i:i + rows_at_once]
+            x = rms_norm(h[rows], self.w.final_norm, self.spec.rms_norm_eps)
+            logp = torch.log_softmax(self.linear(x, self.w.lm_head).float(), dim=-1)
+            best = torch.topk(logp, top, dim=-1)
+            parts.append((logp.gather(1, batch.prompt_targets[i:i + rows_at_once, None]).squeeze(1),
+                          best.values, best.indices))
+        return tuple(torch.cat(p).cpu() for p in zip(*parts))

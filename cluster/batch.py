@@ -31,13 +31,16 @@ class StepBatch:
     kv_runs: tuple[int, ...] | None = None  # [B] each sequence's first slot, when every sequence's
     # keys sit in consecutive slots (attention can then read them in place)
     sliding_window: int | None = None  # the model's, which attn_mask applies
+    prompt_rows: torch.Tensor | None = None  # [P] int64: rows of T that score the prompt token after them
+    prompt_targets: torch.Tensor | None = None  # [P] int64: those tokens
 
     def to(self, device: torch.device) -> "StepBatch":
         """The same batch with its tensors on `device` (itself when they are there already)."""
         if self.input_ids.device == device:
             return self
         moved = {f: getattr(self, f).to(device) for f in ("input_ids", "positions", "slot_mapping", "kv_index",
-                                                          "attn_mask", "q_dest", "logit_rows")}
+                                                          "attn_mask", "q_dest", "logit_rows", "prompt_rows",
+                                                          "prompt_targets") if getattr(self, f) is not None}
         return replace(self, **moved)
 
 
@@ -46,9 +49,12 @@ def build_batch(out: SchedulerOutput, block_size: int, sliding_window: int | Non
     chunks = out.chunks
     lens = [len(c.token_ids) for c in chunks]
     max_q, max_k = max(lens), max(c.start + n for c, n in zip(chunks, lens))
-    ids, pos, dest, qpos, rows, seq_ids = [], [], [], [], [], []
+    ids, pos, dest, qpos, rows, seq_ids, prompt_rows, targets = [], [], [], [], [], [], [], []
     kv = np.zeros((len(chunks), max_k), dtype=np.int64)  # padding keys read slot 0
     for b, (c, n) in enumerate(zip(chunks, lens)):
+        first = len(ids) + c.prompt_from
+        prompt_rows.extend(range(first, first + len(c.prompt_targets)))
+        targets.extend(c.prompt_targets)
         ids.extend(c.token_ids)
         pos.extend(range(c.start, c.start + n))
         dest.extend(range(b * max_q, b * max_q + n))
@@ -72,7 +78,9 @@ def build_batch(out: SchedulerOutput, block_size: int, sliding_window: int | Non
         logit_rows=torch.tensor(rows, dtype=torch.int64, device=device),
         sample_seq_ids=tuple(seq_ids), q_lens=tuple(lens), kv_lens=tuple(kv_lens),
         kv_runs=tuple(int(kv[b, 0]) for b in range(len(chunks))) if consecutive else None,
-        sliding_window=sliding_window)
+        sliding_window=sliding_window,
+        prompt_rows=torch.tensor(prompt_rows, dtype=torch.int64, device=device) if prompt_rows else None,
+        prompt_targets=torch.tensor(targets, dtype=torch.int64, device=device) if prompt_rows else None)
 
 
 def _consecutive(blocks: tuple[int, ...]) -> bool:

@@ -15,7 +15,7 @@ from cluster.model import InProcessModel
 from cluster.errors import ClusterRecovered
 from cluster.logits_processors import adjust_logits
 from cluster.request import Request, RequestOutput
-from cluster.sampler import new_generator, sample, token_logprobs
+from cluster.sampler import TokenLogprob, new_generator, sample, token_logprobs
 from cluster.sampling_params import SamplingParams
 from cluster.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from cluster.sequence import Sequence
@@ -84,7 +84,10 @@ class LLMEngine:
             bad = [t for t in ids if t >= self.spec.vocab_size]
             if bad:
                 raise ValueError(f"{name} token ids out of range [0, {self.spec.vocab_size}): {bad[:5]}")
-        seq = Sequence(seq_id, self.tokenize(prompt), params.max_tokens)
+        if params.prompt_logprobs is not None and not hasattr(self.model, "take_prompt_scores"):
+            raise ValueError("prompt_logprobs need the in-process engine (engine='inprocess')")
+        seq = Sequence(seq_id, self.tokenize(prompt), params.max_tokens,
+                       prompt_logits=params.prompt_logprobs is not None)
         self.scheduler.add(seq)
         text = IncrementalText(self.tokenizer.decode, params.stop) if self.tokenizer else None
         req = Request(request_id, seq, params, new_generator(params, self.device), text, self.eos_ids)
@@ -137,7 +140,21 @@ class LLMEngine:
                                  [r.stop_ids for r in reqs])
         tokens = sample(adjusted, params, [r.generator for r in reqs])
         self._record_logprobs(logits, reqs, tokens)  # the model's own distribution, before any adjustment
+        if any(c.prompt_targets for c in out.chunks):
+            self._record_prompt_logprobs(out)
         return dict(zip(seq_ids, tokens))
+
+    def _record_prompt_logprobs(self, out: SchedulerOutput) -> None:
+        """The step's prompt scores, in chunk order, to their requests (each with its number of alternatives)."""
+        chosen, values, ids = (t.tolist() for t in self.model.take_prompt_scores())
+        row = 0
+        for c in out.chunks:
+            req = self._by_seq[c.seq_id]
+            top = req.params.prompt_logprobs or 0
+            for token in c.prompt_targets:
+                alternatives = tuple(zip(ids[row][:top], values[row][:top]))
+                req.prompt_logprobs.append(TokenLogprob(token, chosen[row], alternatives))
+                row += 1
 
     def _observe_routes(self, out: SchedulerOutput) -> None:
         """The step's routes to the trace recorder and the live route predictors."""
@@ -192,10 +209,12 @@ class LLMEngine:
         ids = tuple(req.seq.output_ids)
         start, req.num_reported = req.num_reported, len(ids)
         logprobs = tuple(req.logprobs[:len(ids)]) if req.params.logprobs is not None else None
+        prompt = tuple(req.prompt_logprobs) if req.params.prompt_logprobs is not None else None
         return RequestOutput(req.request_id, ids[start:], new_text, ids,
                              req.text.text[:req.text.emitted] if req.text else "", len(req.seq.prompt_ids),
                              finished=reason is not None, finish_reason=reason, error=error,
-                             new_logprobs=None if logprobs is None else logprobs[start:], logprobs=logprobs)
+                             new_logprobs=None if logprobs is None else logprobs[start:], logprobs=logprobs,
+                             prompt_logprobs=prompt)
 
     def shutdown(self) -> None:
         """Close the routing trace; stop the model's actors (cluster mode)."""

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from cluster.attention_worker import AttentionWorker
 from cluster.batch import StepBatch, build_batch
+from cluster.sampling_params import MAX_LOGPROBS
 from cluster.scheduler import SchedulerOutput
 from experts.checkpoint import Checkpoint
 from experts.config import ModelSpec, load_spec
@@ -35,6 +36,7 @@ class InProcessModel:
         self.pregate = False  # also apply each next MoE layer's gate to this layer's input (take_pregate())
         self._pregate: dict[int, torch.Tensor] = {}  # target layer -> [T, k] predicted experts
         self._routes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> ([T, k] ids, weights)
+        self._prompt_scores = None  # the last step's prompt scores (take_prompt_scores())
 
     @classmethod
     def load(cls, model_dir: str | Path, dtype: torch.dtype, device: torch.device, num_kv_slots: int,
@@ -83,7 +85,14 @@ class InProcessModel:
                 self._look_ahead(layer, x)
                 y = moe if y is None else moe + y
             h = h + y
+        if batch.prompt_rows is not None:
+            self._prompt_scores = self.attention.prompt_scores(h, batch, MAX_LOGPROBS)
         return self.attention.logits(h, batch)
+
+    def take_prompt_scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The last step's prompt scores (AttentionWorker.prompt_scores), in the batch's chunk order."""
+        scores, self._prompt_scores = self._prompt_scores, None
+        return scores
 
     def _look_ahead(self, layer: int, x: torch.Tensor) -> None:
         """Pre-gating: the next MoE layer's gate on this layer's input, for the live route predictors

@@ -19,9 +19,15 @@ Decode = Callable[[list[int]], str]
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: the first prompt token (echo), which nothing predicts
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
+
+    def __add__(self, other: "CompletionLogprobs") -> "CompletionLogprobs":
+        return CompletionLogprobs(tokens=self.tokens + other.tokens,
+                                  token_logprobs=self.token_logprobs + other.token_logprobs,
+                                  top_logprobs=self.top_logprobs + other.top_logprobs,
+                                  text_offset=self.text_offset + other.text_offset)
 
 
 class TopLogprob(BaseModel):
@@ -47,6 +53,14 @@ def completion_logprobs(lps: Sequence[TokenLogprob], decode: Decode, offset: int
         at += len(text)
     return CompletionLogprobs(tokens=tokens, token_logprobs=[lp.logprob for lp in lps], text_offset=offsets,
                               top_logprobs=[_top_by_text(lp, decode) for lp in lps])
+
+
+def prompt_completion_logprobs(prompt_ids: Sequence[int], lps: Sequence[TokenLogprob],
+                               decode: Decode) -> CompletionLogprobs:
+    """The echoed prompt's entries: its first token with no logprob, then one per later token (lps)."""
+    first = completion_logprobs([TokenLogprob(prompt_ids[0], 0.0, ())], decode)
+    first.token_logprobs, first.top_logprobs = [None], [None]
+    return first + completion_logprobs(lps, decode, len(first.tokens[0]))
 
 
 def _top_by_text(lp: TokenLogprob, decode: Decode) -> dict[str, float]:

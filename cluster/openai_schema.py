@@ -2,7 +2,7 @@
 
 Requests are strict (no string-to-number coercion) and forbid unknown fields, so a typo is a 400
 naming the field rather than a silently ignored setting. Parameters the engine cannot honour
-(prompt logprobs, suffix, best_of > 1) are rejected when set, never ignored.
+(suffix, best_of > 1) are rejected when set, never ignored.
 """
 
 from __future__ import annotations
@@ -111,8 +111,6 @@ class CompletionRequest(_SamplingRequest):
     def _bounded(self) -> "CompletionRequest":
         if len(self.prompts) * self.n > MAX_CHOICES:
             raise ValueError(f"prompts x n must be <= {MAX_CHOICES}")
-        if self.echo and self.logprobs is not None:
-            raise ValueError("logprobs with echo (prompt logprobs) is not supported by this server")
         return self
 
     @property

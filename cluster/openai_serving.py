@@ -17,7 +17,8 @@ from pydantic import BaseModel, ValidationError
 
 from cluster.async_engine import AsyncLLMEngine, EngineOverloaded, EngineStopped
 from cluster.chat_template import ChatTemplateError, render_chat, special_tokens
-from cluster.openai_logprobs import ChatLogprobs, CompletionLogprobs, chat_logprobs, completion_logprobs
+from cluster.openai_logprobs import (ChatLogprobs, CompletionLogprobs, chat_logprobs, completion_logprobs,
+                                     prompt_completion_logprobs)
 from cluster.openai_schema import (
     AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
     ChatCompletionResponse, ChatDelta, CompletionChoice, CompletionRequest, CompletionResponse, DetokenizeRequest,
@@ -101,7 +102,8 @@ class OpenAIServing:
         return self.engine.tokenizer.encode(prompt)
 
     def _choices(self, req: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]],
-                 max_tokens: int | None, echo: list[str], param: str, logprobs: int | None) -> list[_Choice]:
+                 max_tokens: int | None, echo: list[str], param: str, logprobs: int | None,
+                 prompt_logprobs: int | None = None) -> list[_Choice]:
         limit = self.engine.max_model_len
         choices = []
         for p, ids in enumerate(prompts):
@@ -116,7 +118,7 @@ class OpenAIServing:
                 temperature = 1.0 if req.temperature is None else req.temperature
                 params = _params(max_tokens=want, temperature=temperature, top_p=req.top_p or 1.0,
                                  top_k=top_k, seed=seed, stop=req.stop_strings, ignore_eos=req.ignore_eos,
-                                 logprobs=logprobs, **req.extra_sampling)
+                                 logprobs=logprobs, prompt_logprobs=prompt_logprobs, **req.extra_sampling)
                 choices.append(_Choice(p * req.n + j, ids, params, echo[p]))
         return choices
 
@@ -143,7 +145,8 @@ class OpenAIServing:
         self._check_model(req.model)
         prompts = [self._tokenize(p, "prompt") for p in req.prompts]
         echo = [self._echo(p, ids) if req.echo else "" for p, ids in zip(req.prompts, prompts)]
-        choices = self._choices(req, prompts, req.max_tokens, echo, "prompt", req.logprobs)
+        scored = req.logprobs if req.echo else None  # echo with logprobs: the prompt's logprobs too
+        choices = self._choices(req, prompts, req.max_tokens, echo, "prompt", req.logprobs, scored)
         streams = await self._open(choices)
         rid, usage_prompt = new_id("cmpl"), sum(len(ids) for ids in prompts)
         if req.stream:
@@ -152,7 +155,8 @@ class OpenAIServing:
         return CompletionResponse(
             id=rid, created=now(), model=self.model_name,
             choices=[CompletionChoice(index=c.index, text=c.echo + f.text, finish_reason=f.finish_reason,
-                                      logprobs=self._completion_logprobs(f.logprobs, len(c.echo)))
+                                      logprobs=self._with_prompt(c, f, self._completion_logprobs(f.logprobs,
+                                                                                                 len(c.echo))))
                      for c, f in zip(choices, finals)],
             usage=_usage(usage_prompt, finals))
 
@@ -161,6 +165,13 @@ class OpenAIServing:
 
     def _completion_logprobs(self, lps: tuple | None, offset: int) -> CompletionLogprobs | None:
         return None if lps is None else completion_logprobs(lps, self._decode, offset)
+
+    def _with_prompt(self, choice: _Choice, out: RequestOutput,
+                     logprobs: CompletionLogprobs | None) -> CompletionLogprobs | None:
+        """The echoed prompt's logprobs in front of the completion's (echo with logprobs)."""
+        if out.prompt_logprobs is None or logprobs is None:
+            return logprobs
+        return prompt_completion_logprobs(choice.prompt_ids, out.prompt_logprobs, self._decode) + logprobs
 
     def _chat_logprobs(self, lps: tuple | None) -> ChatLogprobs | None:
         return None if lps is None else chat_logprobs(lps, self._decode)
@@ -182,10 +193,13 @@ class OpenAIServing:
                     yield _sse(_ended(out).body)
                     break
                 index = choices[i].index
+                echoing = index in pending_echo  # the choice's first chunk
                 text = pending_echo.pop(index, "") + out.new_text
                 logprobs = self._completion_logprobs(out.new_logprobs, offsets[index])
                 if logprobs is not None:
                     offsets[index] += sum(len(t) for t in logprobs.tokens)
+                    if echoing:
+                        logprobs = self._with_prompt(choices[i], out, logprobs)
                 if text or out.finished or (logprobs is not None and logprobs.tokens):
                     choice = CompletionChoice(index=index, text=text, finish_reason=out.finish_reason,
                                               logprobs=logprobs)

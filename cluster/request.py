@@ -27,6 +27,8 @@ class RequestOutput:
     error: str | None = None
     new_logprobs: tuple[TokenLogprob, ...] | None = None  # one per new token, when params.logprobs is set
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token so far, when params.logprobs is set
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None  # one per prompt token after the first, when
+    # params.prompt_logprobs is set (complete from the first output on: the prompt is scored by then)
 
 
 @dataclass(slots=True, eq=False)
@@ -40,6 +42,7 @@ class Request:
     num_reported: int = 0  # output tokens already sent in a RequestOutput
     stopped: bool = field(default=False)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, if asked for
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per prompt token after the first
 
     @property
     def stop_ids(self) -> frozenset[int]:

@@ -12,7 +12,8 @@ MAX_PENALTY = 2.0  # OpenAI's bound on presence and frequency penalties (either 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
     """temperature 0 means greedy; top_k 0 and top_p 1 disable those filters; `logprobs` N asks for
-    each sampled token's log-probability and the N most likely alternatives (None: none).
+    each sampled token's log-probability and the N most likely alternatives (None: none);
+    `prompt_logprobs` N the same for every prompt token after the first (scoring a text).
     `stop_token_ids` end the request as eos does, even with `ignore_eos`; until `min_tokens` tokens
     are out, eos and the stop tokens cannot be drawn and stop strings are not looked for.
 
@@ -34,6 +35,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    prompt_logprobs: int | None = None  # each prompt token's logprob and N alternatives (in-process engine)
     stop_token_ids: tuple[int, ...] = ()  # tokens that end the request as eos does (kept in the output)
     min_tokens: int = 0  # tokens before eos, a stop token or a stop string may end the request
 
@@ -52,6 +54,9 @@ class SamplingParams:
                f"stop must be a tuple of non-empty strings, got {self.stop!r}")
         _check(self.logprobs is None or (_integer(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
                f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        _check(self.prompt_logprobs is None
+               or (_integer(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+               f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(_number(value) and -MAX_PENALTY <= value <= MAX_PENALTY,

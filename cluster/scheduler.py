@@ -53,13 +53,16 @@ class SchedulerConfig:
 
 @dataclass(frozen=True, slots=True)
 class ScheduledChunk:
-    """Run `token_ids` at positions start.. of `seq_id`; sample the next token when `sample`."""
+    """Run `token_ids` at positions start.. of `seq_id`; sample the next token when `sample`. With
+    `prompt_targets`, rows prompt_from.. of the chunk also score the prompt tokens that follow them."""
 
     seq_id: int
     token_ids: tuple[int, ...]
     start: int
     block_ids: tuple[int, ...]
     sample: bool
+    prompt_from: int = 0
+    prompt_targets: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +128,7 @@ class Scheduler:
         if len(self.running) >= self.config.max_num_seqs:
             return False
         caching = self.config.prefix_caching
-        hits = self.blocks.cached_prefix(seq.tokens(0, seq.num_tokens)) if caching else []
+        hits = self.blocks.cached_prefix(seq.tokens(0, seq.num_tokens)) if caching and not seq.prompt_logits else []
         shared = [block for block, _ in hits]
         whole = self.blocks.blocks_for(seq.max_len) - len(shared)
         now = self.blocks.blocks_for(seq.num_tokens) - len(shared)  # every token to compute has its slot
@@ -199,11 +202,23 @@ class Scheduler:
         if n <= 0:
             return budget
         start = seq.num_computed
+        prompt_from, targets = self._prompt_targets(seq, start, n) if seq.prompt_logits else (0, ())
         chunks.append(ScheduledChunk(seq.seq_id, tuple(seq.tokens(start, start + n)), start,
-                                     tuple(seq.block_ids), start + n == seq.num_tokens))
+                                     tuple(seq.block_ids), start + n == seq.num_tokens, prompt_from, targets))
         if self.config.prefix_caching and self.config.share_within_step:
             self._register_blocks(seq, start + n)
         return budget - n
+
+    @staticmethod
+    def _prompt_targets(seq: Sequence, start: int, n: int) -> tuple[int, tuple[int, ...]]:
+        """The prompt tokens a chunk of positions start..start+n-1 scores (the one after each row),
+        skipping those scored before (a recomputed sequence); -> (first row, tokens)."""
+        lo = max(start + 1, seq.num_prompt_scored + 1)
+        hi = min(start + n, len(seq.prompt_ids) - 1)
+        if lo > hi:
+            return 0, ()
+        seq.num_prompt_scored = hi
+        return lo - 1 - start, tuple(seq.prompt_ids[lo:hi + 1])
 
     def update(self, output: SchedulerOutput, sampled: dict[int, int]) -> None:
         """Advance computed counts and append each sampled token (seq_id -> token)."""

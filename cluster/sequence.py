@@ -24,6 +24,8 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
+    prompt_logits: bool = False  # score every prompt token (prompt logprobs): no prefix-cache hits
+    num_prompt_scored: int = 0  # prompt positions 1..this already scheduled for scoring
     num_cached_blocks: int = 0  # leading blocks matched in or registered with the prefix cache
     cache_node: int = 0  # the prefix cache's node of the last of them (0: the root)
 

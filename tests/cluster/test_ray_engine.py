@@ -48,6 +48,9 @@ def test_prefix_caching_on_the_cluster_keeps_the_tokens(ray_cluster, tiny_model)
     try:
         got = [o.token_ids for p in prompts for o in engine.generate([p], GREEDY)]
         assert got == expected and engine.scheduler.prefix_hit_tokens == 2 * 24
+        with pytest.raises(ValueError, match="prompt_logprobs need the in-process engine"):
+            engine.add_request(prompts[0], SamplingParams(prompt_logprobs=1))
+        assert not engine.has_unfinished()
     finally:
         engine.shutdown()
 

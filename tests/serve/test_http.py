@@ -172,7 +172,7 @@ def test_chat_uses_the_template_and_streams_the_same_text(client, serve_app, ref
     ({"prompt": "x", "stop_token_ids": [-1]}, "stop_token_ids"),
     ({"prompt": "x", "max_tokens": 5, "min_tokens": 6}, "min_tokens"),
     ({"prompt": "x", "logprobs": 21}, "logprobs"),
-    ({"prompt": "x", "logprobs": 1, "echo": True}, "echo"),
+    ({"prompt": "x", "suffix": "y"}, "suffix"),
     ({"prompt": "x", "max_tokenz": 3}, "max_tokenz"),
     ({"prompt": [], "max_tokens": 3}, "prompt"),
     ({"max_tokens": 3}, "prompt"),
@@ -210,6 +210,25 @@ def test_completion_logprobs_are_the_engines_and_stream_the_same(client, referen
     streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
     assert sum((s["token_logprobs"] for s in streamed), []) == lp["token_logprobs"]
     assert sum((s["text_offset"] for s in streamed), []) == lp["text_offset"]
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_the_engine_does(client, reference):
+    prompt = "def add(a, b):"
+    ids = reference.tokenize(prompt)
+    body = {"prompt": prompt, "max_tokens": 3, "temperature": 0, "ignore_eos": True, "logprobs": 2, "echo": True}
+    choice = client.post("/v1/completions", json=body).json()["choices"][0]
+    lp = choice["logprobs"]
+    want = reference.generate([prompt], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True, logprobs=2,
+                                                       prompt_logprobs=2))[0]
+    assert choice["text"].startswith(prompt) and len(lp["tokens"]) == len(ids) + 3
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None  # nothing predicts the first token
+    assert lp["token_logprobs"][1:len(ids)] == pytest.approx([x.logprob for x in want.prompt_logprobs], abs=1e-5)
+    assert lp["token_logprobs"][len(ids):] == pytest.approx([x.logprob for x in want.logprobs], abs=1e-5)
+    assert all(len(top) <= 2 for top in lp["top_logprobs"][1:])
+    chunks = [json.loads(p) for p in stream(client, "/v1/completions", body)[:-1]]
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"] and c["choices"][0]["logprobs"]]
+    assert sum((s["token_logprobs"] for s in streamed), []) == lp["token_logprobs"]
+    assert sum((s["tokens"] for s in streamed), []) == lp["tokens"]
 
 
 def test_chat_logprobs_with_alternatives(client):
