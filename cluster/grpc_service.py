@@ -38,7 +38,7 @@ HEALTH_SERVICES = ("", SERVICE_NAME)  # "" is the whole server
 WATCH_POLL_S = 0.25
 # GenerateRequest fields that map 1:1 onto SamplingParams when set (unset: SamplingParams' default)
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty",
-                   "repetition_penalty", "min_tokens")
+                   "repetition_penalty", "min_tokens", "logprobs", "prompt_logprobs")
 
 
 class NotFound(LookupError):
@@ -97,11 +97,19 @@ def to_engine_args(request: pb.GenerateRequest) -> tuple[str | list[int], Sampli
     return prompt, params
 
 
-def to_response(out: RequestOutput) -> pb.GenerateResponse:
+def to_response(out: RequestOutput, first: bool = False) -> pb.GenerateResponse:
+    """`first`: the request's first response, which carries the prompt logprobs."""
     return pb.GenerateResponse(
         request_id=out.request_id, new_token_ids=out.new_token_ids, new_text=out.new_text,
         finished=out.finished, finish_reason=out.finish_reason or "",
-        usage=pb.Usage(prompt_tokens=out.num_prompt_tokens, completion_tokens=len(out.token_ids)))
+        usage=pb.Usage(prompt_tokens=out.num_prompt_tokens, completion_tokens=len(out.token_ids)),
+        new_logprobs=_logprobs(out.new_logprobs),
+        prompt_logprobs=_logprobs(out.prompt_logprobs if first else None))
+
+
+def _logprobs(lps) -> list[pb.TokenLogprob]:
+    return [pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]) for lp in lps or ()]
 
 
 async def generate_stream(engine: AsyncLLMEngine, model_name: str,
@@ -111,11 +119,13 @@ async def generate_stream(engine: AsyncLLMEngine, model_name: str,
     prompt, params = to_engine_args(request)
     request_id = request.request_id or f"grpc-{uuid.uuid4().hex}"
     async with aclosing(engine.generate(prompt, params, request_id)) as outputs:
+        first = True
         async for out in outputs:
             if out.finish_reason in ("abort", "error"):
                 raise RequestEnded(out.finish_reason, f"request {out.request_id} ended with "
                                    f"{out.finish_reason}: {out.error or 'aborted by the server'}")
-            yield to_response(out)
+            yield to_response(out, first)
+            first = False
 
 
 def model_info(engine: AsyncLLMEngine, model_name: str, request: pb.ModelInfoRequest) -> pb.ModelInfo:

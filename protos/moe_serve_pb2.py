@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/moe_serve.proto\x12\x0bmoeserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x9b\x05\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.moeserve.v1.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x01H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x01H\x08\x88\x01\x01\x12?\n\nlogit_bias\x18\x0f \x03(\x0b\x32+.moeserve.v1.GenerateRequest.LogitBiasEntry\x12\x16\n\x0estop_token_ids\x18\x10 \x03(\x03\x12\x17\n\nmin_tokens\x18\x11 \x01(\x05H\t\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x08\n\x06promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokens\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x9b\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_token_ids\x18\x02 \x03(\x03\x12\x10\n\x08new_text\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.moeserve.v1.Usage\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x8c\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x13\n\x0bnum_experts\x18\x06 \x01(\r\x12\r\n\x05top_k\x18\x07 \x01(\r2\x9c\x01\n\x08MoeServe\x12I\n\x08Generate\x12\x1c.moeserve.v1.GenerateRequest\x1a\x1d.moeserve.v1.GenerateResponse0\x01\x12\x45\n\x0cGetModelInfo\x12\x1d.moeserve.v1.ModelInfoRequest\x1a\x16.moeserve.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/moe_serve.proto\x12\x0bmoeserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\xf1\x05\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x15.moeserve.v1.TokenIdsH\x00\x12\x17\n\nmax_tokens\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x01H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x01H\x08\x88\x01\x01\x12?\n\nlogit_bias\x18\x0f \x03(\x0b\x32+.moeserve.v1.GenerateRequest.LogitBiasEntry\x12\x16\n\x0estop_token_ids\x18\x10 \x03(\x03\x12\x17\n\nmin_tokens\x18\x11 \x01(\x05H\t\x88\x01\x01\x12\x15\n\x08logprobs\x18\x12 \x01(\x05H\n\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x13 \x01(\x05H\x0b\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x08\n\x06promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"W\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12$\n\x03top\x18\x03 \x03(\x0b\x32\x17.moeserve.v1.TopLogprob\"\x80\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnew_token_ids\x18\x02 \x03(\x03\x12\x10\n\x08new_text\x18\x03 \x01(\t\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.moeserve.v1.Usage\x12/\n\x0cnew_logprobs\x18\x07 \x03(\x0b\x32\x19.moeserve.v1.TokenLogprob\x12\x32\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x19.moeserve.v1.TokenLogprob\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x8c\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x15\n\rmax_model_len\x18\x04 \x01(\r\x12\x12\n\nnum_layers\x18\x05 \x01(\r\x12\x13\n\x0bnum_experts\x18\x06 \x01(\r\x12\r\n\x05top_k\x18\x07 \x01(\r2\x9c\x01\n\x08MoeServe\x12I\n\x08Generate\x12\x1c.moeserve.v1.GenerateRequest\x1a\x1d.moeserve.v1.GenerateResponse0\x01\x12\x45\n\x0cGetModelInfo\x12\x1d.moeserve.v1.ModelInfoRequest\x1a\x16.moeserve.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,17 +36,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=39
   _globals['_TOKENIDS']._serialized_end=62
   _globals['_GENERATEREQUEST']._serialized_start=65
-  _globals['_GENERATEREQUEST']._serialized_end=732
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=533
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=581
-  _globals['_USAGE']._serialized_start=734
-  _globals['_USAGE']._serialized_end=791
-  _globals['_GENERATERESPONSE']._serialized_start=794
-  _globals['_GENERATERESPONSE']._serialized_end=949
-  _globals['_MODELINFOREQUEST']._serialized_start=951
-  _globals['_MODELINFOREQUEST']._serialized_end=984
-  _globals['_MODELINFO']._serialized_start=987
-  _globals['_MODELINFO']._serialized_end=1127
-  _globals['_MOESERVE']._serialized_start=1130
-  _globals['_MOESERVE']._serialized_end=1286
+  _globals['_GENERATEREQUEST']._serialized_end=818
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=586
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=634
+  _globals['_USAGE']._serialized_start=820
+  _globals['_USAGE']._serialized_end=877
+  _globals['_TOPLOGPROB']._serialized_start=879
+  _globals['_TOPLOGPROB']._serialized_end=926
+  _globals['_TOKENLOGPROB']._serialized_start=928
+  _globals['_TOKENLOGPROB']._serialized_end=1015
+  _globals['_GENERATERESPONSE']._serialized_start=1018
+  _globals['_GENERATERESPONSE']._serialized_end=1274
+  _globals['_MODELINFOREQUEST']._serialized_start=1276
+  _globals['_MODELINFOREQUEST']._serialized_end=1309
+  _globals['_MODELINFO']._serialized_start=1312
+  _globals['_MODELINFO']._serialized_end=1452
+  _globals['_MOESERVE']._serialized_start=1455
+  _globals['_MOESERVE']._serialized_end=1611
 # @@protoc_insertion_point(module_scope)

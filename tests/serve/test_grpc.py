@@ -127,6 +127,27 @@ def test_penalties_and_logit_bias_reach_the_engine(loop, engine, stub):
     assert tuple(t for r in stub.Generate(request) for t in r.new_token_ids) == ids != plain
 
 
+def test_logprobs_and_prompt_logprobs(loop, engine, stub):
+    prompt = [5, 6, 7, 200, 9]
+    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt), max_tokens=6, temperature=0.0, ignore_eos=True,
+                                 logprobs=2, prompt_logprobs=1)
+    responses = list(stub.Generate(request))
+    _, params = to_engine_args(request)
+
+    async def final():
+        return [o async for o in engine.generate(prompt, params)][-1]
+
+    want = on(loop, final())
+    got = [lp for r in responses for lp in r.new_logprobs]
+    assert [lp.token_id for lp in got] == list(want.token_ids)
+    assert [lp.logprob for lp in got] == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-6)
+    assert all([t.token_id for t in lp.top] == [t for t, _ in w.top] for lp, w in zip(got, want.logprobs))
+    assert [len(r.prompt_logprobs) for r in responses] == [len(prompt) - 1] + [0] * (len(responses) - 1)
+    assert [lp.token_id for lp in responses[0].prompt_logprobs] == prompt[1:]
+    assert [lp.logprob for lp in responses[0].prompt_logprobs] == pytest.approx(
+        [lp.logprob for lp in want.prompt_logprobs], abs=1e-6)
+
+
 def test_model_info(stub, tiny_model):
     spec = load_spec(serving_model(tiny_model))
     info = stub.GetModelInfo(pb.ModelInfoRequest())
@@ -153,6 +174,7 @@ BAD = {
     "bias_token": (pb.GenerateRequest(text="hi", logit_bias={10**6: 1.0}), "logit_bias token ids out of range"),
     "stop_token": (pb.GenerateRequest(text="hi", stop_token_ids=[10**6]), "stop_token_ids token ids out of range"),
     "min_tokens": (pb.GenerateRequest(text="hi", max_tokens=4, min_tokens=5), "min_tokens"),
+    "logprobs": (pb.GenerateRequest(text="hi", logprobs=21), "logprobs"),
 }
 
 
