@@ -65,7 +65,7 @@ class BlockManager:
         """n blocks for a sequence whose last block is `last`: the ones right after it when free (its
         keys stay consecutive), else as allocate_blocks."""
         after = list(range(last + 1, last + 1 + n))
-        if after[-1] < self.num_blocks and self._is_free[after].all():
+        if n and after[-1] < self.num_blocks and self._is_free[after].all():
             self._is_free[after] = False
             self._num_free -= n
             self._refs[after] = 1

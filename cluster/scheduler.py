@@ -141,7 +141,9 @@ class Scheduler:
         else:
             return False
         self.blocks.acquire(shared)
-        seq.block_ids = shared + self.blocks.allocate_blocks(fresh)
+        # after a cached prefix, its own blocks right behind it when free: its keys stay consecutive
+        fresh_ids = self.blocks.allocate_after(shared[-1], fresh) if shared and fresh else None
+        seq.block_ids = shared + (fresh_ids or self.blocks.allocate_blocks(fresh))
         seq.num_cached_blocks, seq.cache_node = len(shared), hits[-1][1] if hits else ROOT
         seq.num_computed = len(shared) * self.config.block_size
         if caching:

@@ -56,6 +56,21 @@ def test_the_same_content_registered_twice_keeps_one_cached_block():
     assert blocks.num_free == 3 and blocks.num_evictable(b) == 0
 
 
+def test_a_sequence_continues_right_behind_its_cached_prefix_when_those_blocks_are_free():
+    s = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, block_size=4, num_blocks=16,
+                                  max_model_len=64, prefix_caching=True))
+    prefix = list(range(1, 9))  # two full blocks
+    s.add(Sequence(0, [50, 51, 52, 53, 54], max_tokens=3))  # blocks 0-1
+    s.add(Sequence(1, prefix + [60], max_tokens=3))  # blocks 2-4, the prefix in 2-3
+    s.update(s.schedule(), {0: 7, 1: 7})
+    assert s.seqs[1].block_ids == [2, 3, 4]
+    s.finish(0, "stop")
+    s.finish(1, "stop")  # 0-1 and 4 free, 2-3 cached
+    s.add(Sequence(2, prefix + [70, 71], max_tokens=3))
+    s.schedule()
+    assert s.seqs[2].block_ids == [2, 3, 4]  # not 0-1, the lowest free run: its keys stay consecutive
+
+
 def test_the_scheduler_starts_a_sequence_after_its_cached_blocks():
     s = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, block_size=4, num_blocks=16,
                                   max_model_len=64, prefix_caching=True))
