@@ -44,6 +44,8 @@ class SchedulerConfig:
     # same step share it: right when one forward pass writes every layer's K/V before attending (the
     # in-process model), not when a step runs as micro-batches, one attending before another writes.
     share_within_step: bool = False
+    # False: a request waits until blocks for its whole length are free (never preempted; fewer run)
+    partial_admission: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_blocks", "max_model_len"):
@@ -135,7 +137,8 @@ class Scheduler:
         free = self.blocks.num_free - self.blocks.num_evictable(shared)
         if whole <= free:
             fresh = whole
-        elif now + self.watermark <= free + sum(len(self._tail(s)) for s in self.running):
+        elif self.config.partial_admission and \
+                now + self.watermark <= free + sum(len(self._tail(s)) for s in self.running):
             self._trim_tails(now + self.watermark - free)
             fresh = now
         else:

@@ -141,7 +141,12 @@ def test_without_room_for_whole_reservations_requests_share_the_cache_and_grow()
     run_step(s)
     assert [len(q.block_ids) for q in s.running] == [4, 2, 1] and s.blocks.num_free == 1
     most, done, _ = _drive(s)
-    assert most == 3 and done == {i: [7] * 12 for i in range(3)}  # whole reservations would run 2 at once
+    assert most == 3 and done == {i: [7] * 12 for i in range(3)}
+    whole = Scheduler(SchedulerConfig(4, 64, 4, 8, 32, partial_admission=False))
+    for i in range(3):
+        whole.add(seq(i, 4, 12))
+    most, done, _ = _drive(whole)
+    assert most == 2 and done == {i: [7] * 12 for i in range(3)} and whole.num_preemptions == 0
 
 
 def test_preempted_requests_are_recomputed_with_their_output_and_finish():
