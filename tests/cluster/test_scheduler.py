@@ -26,7 +26,8 @@ def run_step(s: Scheduler, token=7):
 
 def test_scheduler_imports_neither_torch_nor_ray():
     import subprocess
-    code = "import cluster.scheduler, cluster.detokenizer, sys; print('torch' in sys.modules, 'ray' in sys.modules)"
+    code = ("import cluster.scheduler, cluster.detokenizer, cluster.prefix_cache, router.shuffle, sys; "
+            "print('torch' in sys.modules, 'ray' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.split() == ["False", "False"]
 
