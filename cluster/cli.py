@@ -140,7 +140,7 @@ def _add_replay(sub) -> None:
 
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
-    """The engine's flags, shared by `generate` and `up`. Each one's dest is its EngineConfig field and its
+    """The engine's flags, shared by `generate`, `up` and `grpc`. Each one's dest is its EngineConfig field and its
     default None, so a flag not given leaves EngineConfig's own default (one default per setting)."""
     p.add_argument("--dtype", choices=DTYPES, help=_default("dtype"))
     p.add_argument("--device", help=_default("device"))
@@ -192,10 +192,10 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 
 
 ENGINE_FLAGS = ("dtype", "device", "kernel_backend", "max_model_len", "kv_cache_tokens", "max_num_seqs",
-                "enable_prefix_caching",
-                "route_prediction", "expert_cache_fraction", "expert_cache_policy", "expert_cache_prefetch",
-                "expert_cache_schedule", "engine", "cluster", "num_expert_shards", "num_attention_workers",
-                "replan_every_steps", "expert_replicas", "request_shuffling", "microbatches", "transport")
+                "enable_prefix_caching", "route_prediction", "expert_cache_fraction", "expert_cache_policy",
+                "expert_cache_prefetch", "expert_cache_schedule", "engine", "cluster", "num_expert_shards",
+                "num_attention_workers", "replan_every_steps", "expert_replicas", "request_shuffling",
+                "microbatches", "transport")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
