@@ -37,6 +37,12 @@ from engine_timing import decode_after_prefill  # bench/engine_timing.py, beside
 PROMPT_LEN = 32
 
 
+def add_cache_arg(ap: argparse.ArgumentParser) -> None:
+    """--cache: where the benchmark model is built and reused (MOE_SERVE_CACHE, else ~/.cache/moe-serve)."""
+    cache = Path(os.environ.get("MOE_SERVE_CACHE", Path.home() / ".cache/moe-serve"))
+    ap.add_argument("--cache", type=Path, default=cache, help="where bench/decode.py's model is built (and reused)")
+
+
 def bench_model(cache: Path, dtype: str) -> Path:
     path = cache / f"bench-olmoe-250m-{dtype}"
     if not (path / "config.json").is_file():
@@ -124,7 +130,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs of each engine per batch size")
     ap.add_argument("--prefill-tokens", type=int, default=512, help="prompt length of the prefill comparison")
-    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("MOE_SERVE_CACHE", Path.home() / ".cache/moe-serve")))
+    add_cache_arg(ap)
     args = ap.parse_args()
     if args.prefill_tokens < 1:
         ap.error(f"--prefill-tokens must be >= 1, got {args.prefill_tokens}")

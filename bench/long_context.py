@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ from cluster.engine import LLMEngine
 from cluster.sampling_params import SamplingParams
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode import bench_model  # noqa: E402
+from decode import add_cache_arg, bench_model  # noqa: E402
 from engine_timing import decode_after_prefill  # noqa: E402
 
 
@@ -69,8 +68,7 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=1000, help="prompt tokens of the long requests")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    cache = Path(os.environ.get("MOE_SERVE_CACHE", Path.home() / ".cache/moe-serve"))
-    ap.add_argument("--cache", type=Path, default=cache, help="where bench/decode.py's model is built (and reused)")
+    add_cache_arg(ap)
     args = ap.parse_args()
     if min(args.batch, args.context, args.new_tokens, args.repeats) <= 0:
         ap.error("--batch, --context, --new-tokens and --repeats must be > 0")

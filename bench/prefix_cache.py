@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from cluster.config import EngineConfig
 from cluster.engine import LLMEngine
 from cluster.sampling_params import SamplingParams
-from decode import bench_model  # bench/decode.py, beside this file
+from decode import add_cache_arg, bench_model  # bench/decode.py, beside this file
 
 
 def workload(system: int, requests: int) -> list[list[int]]:
@@ -53,8 +51,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
-    cache = Path(os.environ.get("MOE_SERVE_CACHE", Path.home() / ".cache/moe-serve"))
-    ap.add_argument("--cache", type=Path, default=cache, help="where bench/decode.py's model is built (and reused)")
+    add_cache_arg(ap)
     args = ap.parse_args()
     if min(args.system, args.requests, args.new_tokens, args.repeats) <= 0:
         ap.error("--system, --requests, --new-tokens and --repeats must be > 0")
@@ -72,7 +69,8 @@ def main() -> int:
                 engine = LLMEngine(EngineConfig(model=model, kv_cache_tokens=kv, enable_prefix_caching=caching))
                 s, tokens[name] = serve(engine, prompts, params, turns)
                 seconds[name].append(s)
-                hit = engine.scheduler.prefix_hit_tokens / max(engine.scheduler.prefix_query_tokens, 1)
+                if caching:
+                    hit = engine.scheduler.prefix_hit_tokens / engine.scheduler.prefix_query_tokens
             if tokens["cached"] != tokens["uncached"]:
                 raise SystemExit(f"{pattern}: prefix caching changed the tokens")
         med = {k: statistics.median(v) for k, v in seconds.items()}

@@ -89,8 +89,11 @@ class AttentionWorker:
 
     def logits(self, h: torch.Tensor, batch: StepBatch) -> torch.Tensor:
         """[S, V] float32 logits of the rows whose next token is sampled."""
-        last = rms_norm(h[batch.logit_rows], self.w.final_norm, self.spec.rms_norm_eps)
-        return self.linear(last, self.w.lm_head).float()
+        return self._head(h[batch.logit_rows])
+
+    def _head(self, rows: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: [R, H] residual rows -> [R, V] float32 logits."""
+        return self.linear(rms_norm(rows, self.w.final_norm, self.spec.rms_norm_eps), self.w.lm_head).float()
 
     def prompt_scores(self, h: torch.Tensor, batch: StepBatch, top: int,
                       rows_at_once: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -100,8 +103,7 @@ class AttentionWorker:
         parts = []
         for i in range(0, batch.prompt_rows.numel(), rows_at_once):
             rows = batch.prompt_rows[i:i + rows_at_once]
-            x = rms_norm(h[rows], self.w.final_norm, self.spec.rms_norm_eps)
-            logp = torch.log_softmax(self.linear(x, self.w.lm_head).float(), dim=-1)
+            logp = torch.log_softmax(self._head(h[rows]), dim=-1)
             best = torch.topk(logp, top, dim=-1)
             parts.append((logp.gather(1, batch.prompt_targets[i:i + rows_at_once, None]).squeeze(1),
                           best.values, best.indices))

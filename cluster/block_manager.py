@@ -41,12 +41,6 @@ class BlockManager:
     def usage(self) -> float:
         return 1.0 - self.num_free / self.num_blocks
 
-    def can_allocate(self, num_tokens: int) -> bool:
-        return self.blocks_for(num_tokens) <= self.num_free
-
-    def allocate(self, num_tokens: int) -> list[int]:
-        return self.allocate_blocks(self.blocks_for(num_tokens))
-
     def allocate_blocks(self, n: int) -> list[int]:
         if n > self.num_free:
             raise RuntimeError(f"KV cache: need {n} blocks, {self.num_free} free")

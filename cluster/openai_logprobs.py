@@ -58,9 +58,9 @@ def completion_logprobs(lps: Sequence[TokenLogprob], decode: Decode, offset: int
 def prompt_completion_logprobs(prompt_ids: Sequence[int], lps: Sequence[TokenLogprob],
                                decode: Decode) -> CompletionLogprobs:
     """The echoed prompt's entries: its first token with no logprob, then one per later token (lps)."""
-    first = completion_logprobs([TokenLogprob(prompt_ids[0], 0.0, ())], decode)
-    first.token_logprobs, first.top_logprobs = [None], [None]
-    return first + completion_logprobs(lps, decode, len(first.tokens[0]))
+    text = decode([prompt_ids[0]])
+    first = CompletionLogprobs(tokens=[text], token_logprobs=[None], top_logprobs=[None], text_offset=[0])
+    return first + completion_logprobs(lps, decode, len(text))
 
 
 def _top_by_text(lp: TokenLogprob, decode: Decode) -> dict[str, float]:

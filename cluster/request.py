@@ -43,12 +43,11 @@ class Request:
     stopped: bool = field(default=False)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, if asked for
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per prompt token after the first
+    stop_ids: frozenset[int] = field(init=False)  # the tokens that end it: eos (unless ignored), its stop tokens
 
-    @property
-    def stop_ids(self) -> frozenset[int]:
-        """The tokens that end this request: eos (unless ignored) and its stop tokens."""
+    def __post_init__(self) -> None:
         eos = frozenset() if self.params.ignore_eos else self.eos_ids
-        return eos | frozenset(self.params.stop_token_ids)
+        self.stop_ids = eos | frozenset(self.params.stop_token_ids)
 
     @property
     def may_stop(self) -> bool:

@@ -23,7 +23,7 @@ def _register(blocks: BlockManager, block_ids: list[int], tokens: list[int]) -> 
 
 def test_cached_blocks_are_matched_exactly_shared_and_reused_least_recent_first():
     blocks = BlockManager(6, 4, prefix_caching=True)
-    a = blocks.allocate(10)  # 3 blocks
+    a = blocks.allocate_blocks(3)  # for 10 tokens
     _register(blocks, a[:2], list(range(8)))  # the first two are complete
     assert [b for b, _ in blocks.cached_prefix(list(range(12)))] == a[:2]
     assert [b for b, _ in blocks.cached_prefix(list(range(8)))] == a[:1]  # the last token's block is computed
@@ -50,7 +50,7 @@ def test_cached_blocks_are_matched_exactly_shared_and_reused_least_recent_first(
 
 def test_the_same_content_registered_twice_keeps_one_cached_block():
     blocks = BlockManager(4, 4, prefix_caching=True)
-    a, b = blocks.allocate(4), blocks.allocate(4)
+    a, b = blocks.allocate_blocks(1), blocks.allocate_blocks(1)
     assert blocks.register(a[0], ROOT, (1, 2, 3, 4)) == blocks.register(b[0], ROOT, (1, 2, 3, 4))
     blocks.free(b)  # b's copy was never cached: free at once
     assert blocks.num_free == 3 and blocks.num_evictable(b) == 0

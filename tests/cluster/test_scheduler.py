@@ -99,20 +99,20 @@ def test_blocks_are_handed_out_as_the_lowest_long_enough_run_when_there_is_one()
     from cluster.block_manager import BlockManager
 
     blocks = BlockManager(10, 4)
-    a, b, c = blocks.allocate(8), blocks.allocate(12), blocks.allocate(4)
+    a, b, c = blocks.allocate_blocks(2), blocks.allocate_blocks(3), blocks.allocate_blocks(1)
     assert (a, b, c) == ([0, 1], [2, 3, 4], [5])
     blocks.free(a)
     blocks.free(c)  # free: 0, 1, 5, 6, 7, 8, 9
-    assert blocks.allocate(9) == [5, 6, 7]  # 0-1 is too short; 5-9 is the lowest run that fits
-    assert blocks.allocate(4) == [0]
-    assert blocks.allocate(12) == [1, 8, 9]  # no run of 3 is left: the lowest free blocks
-    assert blocks.num_free == 0 and not blocks.can_allocate(1)
+    assert blocks.allocate_blocks(3) == [5, 6, 7]  # 0-1 is too short; 5-9 is the lowest run that fits
+    assert blocks.allocate_blocks(1) == [0]
+    assert blocks.allocate_blocks(3) == [1, 8, 9]  # no run of 3 is left: the lowest free blocks
+    assert blocks.num_free == 0
     with pytest.raises(RuntimeError, match="need 1 blocks, 0 free"):
-        blocks.allocate(1)
+        blocks.allocate_blocks(1)
     blocks.free(b)
     with pytest.raises(RuntimeError, match="freed twice"):
         blocks.free([2])
-    assert blocks.num_free == 3 and blocks.can_allocate(12) and not blocks.can_allocate(13)
+    assert blocks.num_free == 3 and blocks.blocks_for(12) == 3 and blocks.blocks_for(13) == 4
 
 
 def _drive(s: Scheduler) -> tuple[int, dict[int, list[int]], dict[int, list[tuple[int, int]]]]:
