@@ -49,8 +49,20 @@ def app(ray_cluster, tiny_model):
                                   "stream_interval_s": STREAM_INTERVAL_S}),
                        name=APP, route_prefix="/")
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        # serve.run returns once the replica is up; the proxy learns the route a moment later
+        assert wait_until(lambda: _routed(channel), timeout=60), f"the gRPC proxy never routed {APP}"
         yield channel, handle
     serve.shutdown()
+
+
+def _routed(channel: grpc.Channel) -> bool:
+    from ray.serve.generated import serve_pb2, serve_pb2_grpc
+
+    try:
+        names = serve_pb2_grpc.RayServeAPIServiceStub(channel).ListApplications(serve_pb2.ListApplicationsRequest())
+    except grpc.RpcError:
+        return False
+    return APP in names.application_names
 
 
 @pytest.fixture
