@@ -24,6 +24,7 @@ from cluster.attention_worker import AttentionWorker
 from cluster.batch import StepBatch
 from cluster.moe_dispatch import (ABORT, ShardSlice, combine, fold_outputs, header_message, max_message_nbytes,
                                   pack_parts, read_header, received_nbytes, split_route, unpack, unpack_hint)
+from cluster.sampling_params import MAX_LOGPROBS
 from cluster.socket_transport import SocketTransport
 from cluster.transport import Transport, free_endpoint, wait
 from experts.checkpoint import Checkpoint
@@ -81,6 +82,7 @@ class StepResult:
     routes: list[dict] = field(default_factory=list)  # per micro-batch: MoE layer -> ([T][k] ids, weights)
     pregate: list[dict] = field(default_factory=list)  # per micro-batch: target layer -> [T][k] guessed ids
     shard_hits: list[np.ndarray] = field(default_factory=list)  # per micro-batch: [T, S] MoE layers reaching shard s
+    prompt_scores: list[tuple | None] = field(default_factory=list)  # per micro-batch: AttentionWorker.prompt_scores
 
 
 class _Actor:
@@ -173,9 +175,12 @@ class AttentionActor(_Actor):
             self.transport.close()  # peers see the broken group at once, not at their timeout
             raise
         logits = torch.cat([self.worker.logits(h, b) for h, b in zip(hs, batches)]).cpu()
+        scores = [None if b.prompt_rows is None else self.worker.prompt_scores(h, b, MAX_LOGPROBS)
+                  for h, b in zip(hs, batches)]
         return StepResult(logits, self.transport.take_stats().to_dict(), counts, self._round_trips,
                           self._routes if record_routes else [], self._guesses if pregate else [],
-                          self._hits if self._hits is not None else [])
+                          self._hits if self._hits is not None else [],
+                          scores if any(s is not None for s in scores) else [])
 
     def export_kv(self, slots: np.ndarray) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every layer's (K, V) rows at `slots`, in host memory (a sequence moving to another worker)."""

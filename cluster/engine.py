@@ -84,8 +84,6 @@ class LLMEngine:
             bad = [t for t in ids if t >= self.spec.vocab_size]
             if bad:
                 raise ValueError(f"{name} token ids out of range [0, {self.spec.vocab_size}): {bad[:5]}")
-        if params.prompt_logprobs is not None and not hasattr(self.model, "take_prompt_scores"):
-            raise ValueError("prompt_logprobs need the in-process engine (engine='inprocess')")
         seq = Sequence(seq_id, self.tokenize(prompt), params.max_tokens,
                        prompt_logits=params.prompt_logprobs is not None)
         self.scheduler.add(seq)

@@ -27,7 +27,7 @@ from cluster.errors import ClusterRecovered
 from cluster.live_placement import LivePlacement
 from cluster.plan_cli import DTYPE_BYTES, footprint_of
 from cluster.scheduler import ScheduledChunk, SchedulerOutput
-from cluster.sequence_homes import KVMove, SequenceHomes, row_order
+from cluster.sequence_homes import KVMove, SequenceHomes, prompt_score_order, row_order
 from experts.config import ModelSpec
 from experts.expert_cache import CacheStats
 from router.replicas import Replicas
@@ -94,6 +94,7 @@ class RayModel(LivePlacement):
         self.record_routes = False  # keep the last step's routes for take_routes()
         self.pregate = False  # also return pre-gating guesses (take_pregate())
         self._rows: list[tuple[int, int, int]] = []  # engine row order of the last step: (result, mb, row)
+        self._score_rows: list[tuple[int, int, int, int]] = []  # its prompt scores: (result, mb, first, count)
         self._results: list[StepResult] = []
         self.homes = SequenceHomes(len(self.attention), config.block_size)  # sequence -> attention worker
         self._migrated = self._moved = 0  # KV bytes copied across nodes, and sequences moved, not yet reported
@@ -183,6 +184,7 @@ class RayModel(LivePlacement):
                                                        self.shuffler is not None))
         if self.record_routes or self.pregate:
             self._rows = row_order(out.chunks, placed)
+        self._score_rows = prompt_score_order(out.chunks, placed)
         shard_calls = [s.serve_step.remote(mbs, max_tokens) for s in self.shards]
         try:
             results: list[StepResult] = ray.get(calls)
@@ -266,6 +268,13 @@ class RayModel(LivePlacement):
                 acc[0].append(ids[row])
                 acc[1].append(weights[row])
         return out
+
+    def take_prompt_scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The last step's prompt scores (AttentionWorker.prompt_scores) in the engine's chunk order,
+        as InProcessModel.take_prompt_scores."""
+        parts = [tuple(t[first:first + n] for t in self._results[r].prompt_scores[m])
+                 for r, m, first, n in self._score_rows]
+        return tuple(torch.cat(p) for p in zip(*parts))
 
     def take_pregate(self) -> dict[int, list[list[int]]]:
         """The last step's pre-gating guesses in the engine's row order (pregate must be on)."""

@@ -35,7 +35,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
-    prompt_logprobs: int | None = None  # each prompt token's logprob and N alternatives (in-process engine)
+    prompt_logprobs: int | None = None  # each prompt token's logprob and N alternatives
     stop_token_ids: tuple[int, ...] = ()  # tokens that end the request as eos does (kept in the output)
     min_tokens: int = 0  # tokens before eos, a stop token or a stop string may end the request
 

@@ -217,12 +217,11 @@ class Scheduler:
     @staticmethod
     def _prompt_targets(seq: Sequence, start: int, n: int) -> tuple[int, tuple[int, ...]]:
         """The prompt tokens a chunk of positions start..start+n-1 scores (the one after each row),
-        skipping those scored before (a recomputed sequence); -> (first row, tokens)."""
+        skipping those a finished step has scored (a recomputed sequence); -> (first row, tokens)."""
         lo = max(start + 1, seq.num_prompt_scored + 1)
         hi = min(start + n, len(seq.prompt_ids) - 1)
         if lo > hi:
             return 0, ()
-        seq.num_prompt_scored = hi
         return lo - 1 - start, tuple(seq.prompt_ids[lo:hi + 1])
 
     def update(self, output: SchedulerOutput, sampled: dict[int, int]) -> None:
@@ -232,6 +231,8 @@ class Scheduler:
             if seq is None or seq.status is not SeqStatus.RUNNING:
                 continue
             seq.num_computed = chunk.start + len(chunk.token_ids)
+            if chunk.prompt_targets:  # scored now; a step that failed scores them again when recomputed
+                seq.num_prompt_scored = chunk.start + chunk.prompt_from + len(chunk.prompt_targets)
             if chunk.seq_id in sampled:
                 seq.output_ids.append(sampled[chunk.seq_id])
             if self.config.prefix_caching:

@@ -82,3 +82,18 @@ def row_order(chunks: tuple[ScheduledChunk, ...],
                 where[c.seq_id] = (call, m, row)
                 row += len(c.token_ids)
     return [(r, m, row + i) for c in chunks for r, m, row in [where[c.seq_id]] for i in range(len(c.token_ids))]
+
+
+def prompt_score_order(chunks: tuple[ScheduledChunk, ...],
+                       placed: list[list[list[ScheduledChunk]]]) -> list[tuple[int, int, int, int]]:
+    """For each chunk of `chunks` that scores prompt tokens, in the engine's order: (attention call,
+    micro-batch, first of its rows among that micro-batch's prompt scores, their number), as
+    cluster.batch.build_batch lays a micro-batch's prompt rows out, chunk after chunk."""
+    where = {}
+    for call, microbatches in enumerate(placed):
+        for m, mb in enumerate(microbatches):
+            first = 0
+            for c in mb:
+                where[c.seq_id] = (call, m, first)
+                first += len(c.prompt_targets)
+    return [(*where[c.seq_id], len(c.prompt_targets)) for c in chunks if c.prompt_targets]

@@ -48,11 +48,30 @@ def test_prefix_caching_on_the_cluster_keeps_the_tokens(ray_cluster, tiny_model)
     try:
         got = [o.token_ids for p in prompts for o in engine.generate([p], GREEDY)]
         assert got == expected and engine.scheduler.prefix_hit_tokens == 2 * 24
-        with pytest.raises(ValueError, match="prompt_logprobs need the in-process engine"):
-            engine.add_request(prompts[0], SamplingParams(prompt_logprobs=1))
-        assert not engine.has_unfinished()
     finally:
         engine.shutdown()
+
+
+def test_prompt_logprobs_on_the_cluster_match_inprocess(ray_cluster, tiny_model):
+    """Two attention workers, ping-pong micro-batches and chunked prefill: each prompt's scores come
+    back from the worker and micro-batch that held it, in its own order, across steps."""
+    model = str(tiny_model("olmoe"))
+    prompts = [list(range(10, 40)), [7, 8, 9, 11], list(range(50, 71)), [3, 1, 4, 1, 5, 9, 2, 6]]
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True, prompt_logprobs=2)
+    want = LLMEngine(EngineConfig(model=model, max_num_batched_tokens=16)).generate(prompts, params)
+    engine = LLMEngine(EngineConfig(model=model, engine="ray", cluster="local", num_attention_workers=2,
+                                    min_microbatch_tokens=1, max_num_batched_tokens=16))
+    try:
+        got = engine.generate(prompts, params)
+    finally:
+        engine.shutdown()
+    for g, w, p in zip(got, want, prompts):
+        assert g.token_ids == w.token_ids
+        assert [lp.token_id for lp in g.prompt_logprobs] == p[1:]
+        assert [lp.logprob for lp in g.prompt_logprobs] == pytest.approx([lp.logprob for lp in w.prompt_logprobs],
+                                                                         abs=1e-5)
+        assert [[t for t, _ in lp.top] for lp in g.prompt_logprobs] == [[t for t, _ in lp.top]
+                                                                       for lp in w.prompt_logprobs]
 
 
 def test_actors_run_on_their_labelled_nodes(ray_cluster, tiny_model):

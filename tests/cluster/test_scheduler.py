@@ -160,3 +160,16 @@ def test_preempted_requests_are_recomputed_with_their_output_and_finish():
     assert any(restarts.values())  # a preempted sequence started again at position 0 ...
     assert all(n > 4 for r in restarts.values() for n in r)  # ... with its output so far, not only its prompt
     assert 0 not in {i for i, r in restarts.items() if r}  # the oldest request is never preempted
+
+
+def test_prompt_scores_of_a_failed_step_are_scheduled_again_and_finished_ones_never():
+    s = make(budget=4)
+    s.add(Sequence(0, list(range(1, 11)), 3, prompt_logits=True))
+    first = run_step(s).chunks[0]
+    assert (first.prompt_from, first.prompt_targets) == (0, (2, 3, 4, 5))  # rows 0-3 score tokens 2-5
+    failed = s.schedule().chunks[0]  # the step fails before update: the cluster recovers, all is recomputed
+    assert failed.prompt_targets == (6, 7, 8, 9)
+    s.recompute_running()
+    redo = [run_step(s).chunks[0] for _ in range(3)]  # positions 0-3 (scored), 4-7, 8-9
+    assert [(c.start, c.prompt_from, c.prompt_targets) for c in redo] == [(0, 0, ()), (4, 0, (6, 7, 8, 9)),
+                                                                         (8, 0, (10,))]
