@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from cluster.prefix_cache import PrefixTable
+from cluster.prefix_cache import ROOT, PrefixTable
 
 
 class BlockManager:
@@ -86,13 +86,14 @@ class BlockManager:
         self._num_free += 1
 
     # ---- prefix caching ------------------------------------------------------------------------
-    def cached_prefix(self, tokens: list[int]) -> list[tuple[int, int]]:
-        """(KV block, node) of the cached blocks `tokens` starts with; the block holding the last
-        token is never one of them (its logits must be computed). Nothing is taken: see `acquire`."""
+    def cached_prefix(self, tokens: list[int], root: int = ROOT) -> list[tuple[int, int]]:
+        """(KV block, node) of the cached blocks `tokens` starts with, below `root` (one attention
+        worker's); the block holding the last token is never one of them (its logits must be
+        computed). Nothing is taken: see `acquire`."""
         if self.prefix is None:
             return []
         bs, full = self.block_size, (len(tokens) - 1) // self.block_size
-        return self.prefix.match([tuple(tokens[i * bs:(i + 1) * bs]) for i in range(full)])
+        return self.prefix.match([tuple(tokens[i * bs:(i + 1) * bs]) for i in range(full)], root)
 
     def num_evictable(self, block_ids: list[int]) -> int:
         """How many of these cached blocks are unreferenced (counted in num_free until acquired)."""
@@ -106,8 +107,8 @@ class BlockManager:
             self._refs[block] += 1
 
     def register(self, block: int, parent: int, tokens: tuple[int, ...]) -> int:
-        """Block `block` holds the complete K/V of `tokens` after node `parent` (prefix_cache.ROOT: the
-        start of a sequence); -> the node to continue from."""
+        """Block `block` holds the complete K/V of `tokens` after node `parent` (a root: the start of a
+        sequence); -> the node to continue from."""
         return self.prefix.register(block, parent, tokens)
 
     def clear_cache(self) -> None:

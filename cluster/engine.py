@@ -42,7 +42,8 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             block_size=config.block_size, num_blocks=config.num_blocks, max_model_len=max_len,
-            prefix_caching=config.enable_prefix_caching, share_within_step=config.engine == "inprocess"))
+            prefix_caching=config.enable_prefix_caching, share_within_step=config.engine == "inprocess",
+            attention_workers=config.num_attention_workers))
         eos = set(self.spec.eos_token_ids)
         if self.tokenizer and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)

@@ -5,6 +5,10 @@ Each cached block is a node of a tree rooted at ROOT: its key is (parent node, i
 tokens). A sequence's prompt is matched block by block from the root; the longest run of hits is
 K/V that need not be computed again. A block leaves the table when its KV block is evicted (or the
 cache is cleared); its descendants then become unreachable and are evicted in their turn.
+
+On a cluster with several attention workers, a block's K/V lives on the worker that computed it:
+each worker's blocks hang from a root of their own (`root_of(worker)`, -worker), so a sequence only
+matches blocks of the worker it starts on.
 """
 
 from __future__ import annotations
@@ -12,7 +16,12 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-ROOT = 0
+ROOT = 0  # worker 0's root (and the in-process engine's)
+
+
+def root_of(worker: int) -> int:
+    """The root node of that attention worker's cached blocks (nodes made by `register` are > 0)."""
+    return -worker
 Key = tuple[int, tuple[int, ...]]  # (parent node, the block's tokens)
 
 
@@ -23,9 +32,9 @@ class PrefixTable:
     evictable: OrderedDict[int, None] = field(default_factory=OrderedDict)  # unreferenced cached blocks, LRU first
     _next_node: int = ROOT + 1
 
-    def match(self, token_blocks: list[tuple[int, ...]]) -> list[tuple[int, int]]:
-        """(KV block, node) of the longest cached prefix of `token_blocks` (full blocks of tokens)."""
-        node, hits = ROOT, []
+    def match(self, token_blocks: list[tuple[int, ...]], root: int = ROOT) -> list[tuple[int, int]]:
+        """(KV block, node) of the longest cached prefix of `token_blocks` (full blocks of tokens) below `root`."""
+        node, hits = root, []
         for tokens in token_blocks:
             hit = self.entries.get((node, tokens))
             if hit is None:

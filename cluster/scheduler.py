@@ -24,8 +24,9 @@ from collections import deque
 from dataclasses import dataclass
 
 from cluster.block_manager import BlockManager
-from cluster.prefix_cache import ROOT
+from cluster.prefix_cache import root_of
 from cluster.sequence import Sequence, SeqStatus
+from router.shuffle import start_worker
 
 
 class AdmissionError(ValueError):
@@ -46,9 +47,13 @@ class SchedulerConfig:
     share_within_step: bool = False
     # False: a request waits until blocks for its whole length are free (never preempted; fewer run)
     partial_admission: bool = True
+    # Attention workers, each with its own prefix cache: a sequence matches and registers blocks only
+    # on the worker it starts on (router.shuffle.start_worker), which holds their K/V.
+    attention_workers: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_blocks", "max_model_len"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_blocks", "max_model_len",
+                     "attention_workers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
@@ -130,7 +135,8 @@ class Scheduler:
         if len(self.running) >= self.config.max_num_seqs:
             return False
         caching = self.config.prefix_caching
-        hits = self.blocks.cached_prefix(seq.tokens(0, seq.num_tokens)) if caching and not seq.prompt_logits else []
+        hits = self.blocks.cached_prefix(seq.tokens(0, seq.num_tokens), self._root(seq)) \
+            if caching and not seq.prompt_logits else []
         shared = [block for block, _ in hits]
         whole = self.blocks.blocks_for(seq.max_len) - len(shared)
         now = self.blocks.blocks_for(seq.num_tokens) - len(shared)  # every token to compute has its slot
@@ -147,7 +153,7 @@ class Scheduler:
         # after a cached prefix, its own blocks right behind it when free: its keys stay consecutive
         fresh_ids = self.blocks.allocate_after(shared[-1], fresh) if shared and fresh else None
         seq.block_ids = shared + (fresh_ids or self.blocks.allocate_blocks(fresh))
-        seq.num_cached_blocks, seq.cache_node = len(shared), hits[-1][1] if hits else ROOT
+        seq.num_cached_blocks, seq.cache_node = len(shared), hits[-1][1] if hits else self._root(seq)
         seq.num_computed = len(shared) * self.config.block_size
         if caching:
             self.prefix_hit_tokens += seq.num_computed
@@ -155,6 +161,10 @@ class Scheduler:
         seq.status = SeqStatus.RUNNING
         self.running.append(seq)
         return True
+
+    def _root(self, seq: Sequence) -> int:
+        """The prefix-cache root of the attention worker the sequence starts on."""
+        return root_of(start_worker(seq.seq_id, self.config.attention_workers))
 
     def _grow(self) -> None:
         """Give each running sequence the blocks its pending tokens need (a decoding one crossing into a
@@ -196,7 +206,8 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.free(seq.block_ids)
         seq.block_ids = []
-        seq.num_computed = seq.num_cached_blocks = seq.cache_node = 0
+        seq.num_computed = seq.num_cached_blocks = 0
+        seq.cache_node = self._root(seq)
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -257,7 +268,8 @@ class Scheduler:
         whose blocks were lost too, starts empty."""
         self.blocks.clear_cache()
         for seq in self.running:
-            seq.num_computed = seq.num_cached_blocks = seq.cache_node = 0
+            seq.num_computed = seq.num_cached_blocks = 0
+            seq.cache_node = self._root(seq)
 
     def finish(self, seq_id: int, reason: str) -> Sequence | None:
         """Finish (or abort) a sequence wherever it is, freeing its blocks; None if unknown."""

@@ -130,6 +130,11 @@ class Move:
     cross_node_bytes: int  # KV copied across nodes (0 between workers of one node)
 
 
+def start_worker(seq_id: int, num_workers: int) -> int:
+    """The attention worker a sequence starts on (and whose prefix cache it reads: cluster/scheduler.py)."""
+    return seq_id % num_workers
+
+
 class Homes:
     """Which attention worker holds each sequence's KV cache, for the live engine
     (cluster/sequence_homes.py) and the replay (router/replay.py) alike. A new sequence goes to worker
@@ -145,7 +150,7 @@ class Homes:
     def arrive(self, seq_id: int, fresh: bool) -> int:
         """The sequence's worker for the coming step; a fresh one (nothing cached) starts on its home."""
         if fresh or seq_id not in self.kv_at:
-            self.kv_at[seq_id] = seq_id % self.num_workers
+            self.kv_at[seq_id] = start_worker(seq_id, self.num_workers)
         return self.kv_at[seq_id]
 
     def shuffle(self, running: Mapping[int, int]) -> list[Move]:

@@ -16,7 +16,7 @@ RAY_VALUES = {"cluster": "local", "address": "auto", "num_attention_workers": 2,
               "transport": "gloo"}
 
 # Every engine flag with a value away from its default, and the EngineConfig it must give; prefix
-# caching (which one attention worker without request shuffling needs) is checked on its own.
+# caching (which request shuffling excludes) is checked on its own.
 FLAGS = ["--dtype", "bfloat16", "--device", "cuda:1", "--kernel-backend", "torch", "--max-model-len", "200",
          "--kv-cache-tokens", "4096", "--max-num-seqs", "4", "--route-prediction", "--expert-cache", "0.5",
          "--expert-cache-policy", "lru", "--expert-cache-prefetch", "--expert-cache-schedule", "load",
@@ -64,12 +64,11 @@ def test_up_flags_reach_the_same_engine_config_as_generate():
         assert getattr(config, field) == value
 
 
-def test_prefix_caching_needs_one_attention_worker_without_shuffling():
+def test_prefix_caching_excludes_request_shuffling():
     EngineConfig(model="m", enable_prefix_caching=True)
-    EngineConfig(model="m", engine="ray", enable_prefix_caching=True)
-    for ray_args in ({"num_attention_workers": 2}, {"request_shuffling": True}):
-        with pytest.raises(ValueError, match="enable_prefix_caching needs one attention worker"):
-            EngineConfig(model="m", engine="ray", enable_prefix_caching=True, **ray_args)
+    EngineConfig(model="m", engine="ray", enable_prefix_caching=True, num_attention_workers=2)
+    with pytest.raises(ValueError, match="enable_prefix_caching and request_shuffling cannot be combined"):
+        EngineConfig(model="m", engine="ray", enable_prefix_caching=True, request_shuffling=True)
 
 
 def test_the_serve_builder_refuses_ray_only_settings_in_process():

@@ -90,6 +90,24 @@ def test_the_scheduler_starts_a_sequence_after_its_cached_blocks():
     assert [c.start for c in plain.schedule().chunks if c.seq_id == 1] == [0]
 
 
+def test_with_two_attention_workers_a_sequence_reuses_only_blocks_of_the_worker_it_starts_on():
+    """Sequences 0 and 2 start on worker 0, 1 and 3 on worker 1 (seq_id mod 2): each worker computes
+    the shared prefix once, and each sequence shares the blocks its own worker holds."""
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, block_size=4, num_blocks=32,
+                                  max_model_len=64, prefix_caching=True, attention_workers=2))
+    prefix = list(range(1, 11))  # two full blocks
+    for i in range(2):
+        s.add(Sequence(i, prefix + [50 + i], max_tokens=3))
+    s.update(s.schedule(), {0: 7, 1: 7})
+    assert s.prefix_hit_tokens == 0 and s.seqs[0].block_ids[:2] != s.seqs[1].block_ids[:2]
+    for i in range(2, 4):
+        s.add(Sequence(i, prefix + [60 + i], max_tokens=3))
+    chunks = {c.seq_id: c for c in s.schedule().chunks}
+    assert chunks[2].start == chunks[3].start == 8 and s.prefix_hit_tokens == 16
+    assert list(chunks[2].block_ids[:2]) == s.seqs[0].block_ids[:2]
+    assert list(chunks[3].block_ids[:2]) == s.seqs[1].block_ids[:2]
+
+
 PREFIX = [(i * 37) % 200 + 3 for i in range(45)]  # a "system prompt" of 45 tokens
 
 

@@ -38,16 +38,18 @@ def test_tokens_match_inprocess(ray_cluster, tiny_model, family, transport):
                 GREEDY, SAMPLED) == expected
 
 
-def test_prefix_caching_on_the_cluster_keeps_the_tokens(ray_cluster, tiny_model):
-    """Prompts sharing 24 tokens: the later ones start after the cached blocks on the attention worker."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_prefix_caching_on_the_cluster_keeps_the_tokens(ray_cluster, tiny_model, workers):
+    """Prompts sharing 24 tokens: the later ones start after the cached blocks of the attention worker
+    they start on (with two workers, sequence i on worker i mod 2: each computes the prefix once)."""
     model = str(tiny_model("olmoe"))
-    prompts = [list(range(10, 34)) + [5], list(range(10, 34)) + [6, 7], list(range(10, 34)) + [8]]
+    prompts = [list(range(10, 34)) + [i] for i in range(5)]
     expected = [o for batch in _run(EngineConfig(model=model, block_size=8), GREEDY, prompts=prompts) for o in batch]
     engine = LLMEngine(EngineConfig(model=model, engine="ray", cluster="local", block_size=8,
-                                    enable_prefix_caching=True))
+                                    enable_prefix_caching=True, num_attention_workers=workers))
     try:
         got = [o.token_ids for p in prompts for o in engine.generate([p], GREEDY)]
-        assert got == expected and engine.scheduler.prefix_hit_tokens == 2 * 24
+        assert got == expected and engine.scheduler.prefix_hit_tokens == (5 - workers) * 24
     finally:
         engine.shutdown()
 
