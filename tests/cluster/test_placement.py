@@ -277,7 +277,7 @@ def test_plans_exactly_when_experts_fit(layers, experts, budgets, speeds):
     try:
         p = plan(fp, cluster(*nodes))
     except PlacementError as err:
-        assert not fits and f"short by" in str(err)
+        assert not fits and "short by" in str(err)
         return
     assert fits
     assert_every_expert_once(p, fp)
