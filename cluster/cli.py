@@ -153,7 +153,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    + _default("max_num_seqs"))
     p.add_argument("--enable-prefix-caching", action="store_true", default=None,
                    help="reuse the K/V of prompt blocks earlier requests computed (shared system prompts, "
-                        "multi-turn chat); each attention worker caches its own; not with --shuffle-requests")
+                        "multi-turn chat); each attention worker caches its own")
     p.add_argument("--route-prediction", action="store_true", default=None,
                    help="run the route predictors live; their recall goes to the metrics (generate: and is "
                         "printed at the end)")

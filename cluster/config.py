@@ -72,9 +72,6 @@ class EngineConfig:
             raise ValueError(f"expert_replicas must be >= 0, got {self.expert_replicas}")
         if self.expert_replicas and self.replan_every_steps is None:
             raise ValueError("expert_replicas is applied by re-planning: set replan_every_steps")
-        if self.enable_prefix_caching and self.request_shuffling:
-            raise ValueError("enable_prefix_caching and request_shuffling cannot be combined (a cached block's K/V "
-                             "lives on the worker that computed it, and request shuffling moves sequences away)")
         if self.request_shuffling and self.engine != "ray":
             raise ValueError("request_shuffling needs engine='ray' (it moves sequences between attention workers)")
         if self.num_expert_shards is not None and self.num_expert_shards <= 0:

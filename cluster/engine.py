@@ -127,6 +127,8 @@ class LLMEngine:
 
     def _execute(self, out: SchedulerOutput) -> dict[int, int]:
         logits, seq_ids = self.model.execute(out)
+        for seq_id in self.model.moved:  # its K/V left the worker whose cached blocks it continues
+            self.scheduler.stop_caching(seq_id)
         self.last_step_stats = self.model.step_stats()
         if self.last_step_stats.get("expert_cache"):
             self.cache_totals = self.cache_totals or CacheStats()

@@ -27,6 +27,8 @@ from router.gating import Gate
 
 
 class InProcessModel:
+    moved: tuple[int, ...] = ()  # sequences moved to another attention worker by the last step: never here
+
     def __init__(self, spec: ModelSpec, attention: AttentionWorker, gate: Gate,
                  experts: ExpertShard | CachedExperts, block_size: int) -> None:
         self.spec, self.attention, self.gate, self.experts = spec, attention, gate, experts

@@ -98,6 +98,7 @@ class RayModel(LivePlacement):
         self._results: list[StepResult] = []
         self.homes = SequenceHomes(len(self.attention), config.block_size)  # sequence -> attention worker
         self._migrated = self._moved = 0  # KV bytes copied across nodes, and sequences moved, not yet reported
+        self.moved: tuple[int, ...] = ()  # the sequences the last step moved to another attention worker
         if config.shuffle is not None:
             self.shuffler = RequestShuffler(config.shuffle)
         self._connect()
@@ -163,7 +164,9 @@ class RayModel(LivePlacement):
     def execute(self, out: SchedulerOutput) -> tuple[torch.Tensor, tuple[int, ...]]:
         """-> (logits [S, V] float32, the sequence of each row)."""
         try:
-            self._move_kv(self.homes.place(out.chunks))
+            moves = self.homes.place(out.chunks)
+            self.moved = tuple(m.seq_id for m in moves)
+            self._move_kv(moves)
         except (RayError, TimeoutError) as exc:
             self._recover([], exc)
             raise ClusterRecovered(f"moving a sequence's KV cache failed and was recovered: {_reason(exc)}") from exc

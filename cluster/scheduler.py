@@ -249,8 +249,18 @@ class Scheduler:
             if self.config.prefix_caching:
                 self._register_blocks(seq, seq.num_computed)
 
+    def stop_caching(self, seq_id: int) -> None:
+        """The sequence's K/V moved to another attention worker (request shuffling): the blocks it
+        completes from now on lie there, not on the worker whose cached blocks it continues, so they
+        are not registered. The blocks registered before stay valid where they were computed."""
+        seq = self.seqs.get(seq_id)
+        if seq is not None:
+            seq.cache_node = None
+
     def _register_blocks(self, seq: Sequence, computed: int) -> None:
         """Register with the prefix cache the blocks whose K/V the sequence's first `computed` tokens fill."""
+        if seq.cache_node is None:
+            return
         bs = self.config.block_size
         while (seq.num_cached_blocks + 1) * bs <= computed:
             i = seq.num_cached_blocks

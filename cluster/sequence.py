@@ -27,7 +27,8 @@ class Sequence:
     prompt_logits: bool = False  # score every prompt token (prompt logprobs): no prefix-cache hits
     num_prompt_scored: int = 0  # prompt positions 1..this already scored (by a step that finished)
     num_cached_blocks: int = 0  # leading blocks matched in or registered with the prefix cache
-    cache_node: int = 0  # the prefix cache's node of the last of them (or its worker's root: prefix_cache.root_of)
+    cache_node: int | None = 0  # the prefix cache's node of the last of them (or its worker's root:
+    # prefix_cache.root_of); None: it registers no more blocks (its K/V moved to another worker)
 
     @property
     def num_tokens(self) -> int:

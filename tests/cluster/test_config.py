@@ -15,8 +15,7 @@ RAY_VALUES = {"cluster": "local", "address": "auto", "num_attention_workers": 2,
               "microbatches": 1, "min_microbatch_tokens": 8, "actor_threads": 2, "transport_timeout_s": 5.0,
               "transport": "gloo"}
 
-# Every engine flag with a value away from its default, and the EngineConfig it must give; prefix
-# caching (which request shuffling excludes) is checked on its own.
+# Every engine flag with a value away from its default, and the EngineConfig it must give.
 FLAGS = ["--dtype", "bfloat16", "--device", "cuda:1", "--kernel-backend", "torch", "--max-model-len", "200",
          "--kv-cache-tokens", "4096", "--max-num-seqs", "4", "--route-prediction", "--expert-cache", "0.5",
          "--expert-cache-policy", "lru", "--expert-cache-prefetch", "--expert-cache-schedule", "load",
@@ -62,13 +61,6 @@ def test_up_flags_reach_the_same_engine_config_as_generate():
     for flag, (field, value) in ALONE.items():
         config = AppArgs.parse(_engine_kwargs(_parser().parse_args(["up", flag]))).engine_config("m")
         assert getattr(config, field) == value
-
-
-def test_prefix_caching_excludes_request_shuffling():
-    EngineConfig(model="m", enable_prefix_caching=True)
-    EngineConfig(model="m", engine="ray", enable_prefix_caching=True, num_attention_workers=2)
-    with pytest.raises(ValueError, match="enable_prefix_caching and request_shuffling cannot be combined"):
-        EngineConfig(model="m", engine="ray", enable_prefix_caching=True, request_shuffling=True)
 
 
 def test_the_serve_builder_refuses_ray_only_settings_in_process():

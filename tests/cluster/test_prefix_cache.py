@@ -108,6 +108,21 @@ def test_with_two_attention_workers_a_sequence_reuses_only_blocks_of_the_worker_
     assert list(chunks[3].block_ids[:2]) == s.seqs[1].block_ids[:2]
 
 
+def test_a_sequence_moved_to_another_worker_registers_no_more_blocks():
+    s = Scheduler(SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, block_size=4, num_blocks=32,
+                                  max_model_len=64, prefix_caching=True, attention_workers=2))
+    prompt = list(range(1, 10))  # two full blocks, registered by the first step
+    s.add(Sequence(0, prompt, max_tokens=8))
+    s.update(s.schedule(), {0: 7})
+    s.stop_caching(0)  # request shuffling moved it: what it computes now lies on the other worker
+    for _ in range(6):  # its third and fourth blocks fill, and are not registered
+        s.update(s.schedule(), {0: 7})
+    assert len(s.blocks.prefix.entries) == 2
+    s.add(Sequence(2, prompt + [7] * 7 + [1], max_tokens=3))  # starts on worker 0 too
+    (chunk,) = [c for c in s.schedule().chunks if c.seq_id == 2]
+    assert chunk.start == 8  # the two blocks cached before the move, not the ones after
+
+
 PREFIX = [(i * 37) % 200 + 3 for i in range(45)]  # a "system prompt" of 45 tokens
 
 

@@ -141,6 +141,30 @@ def test_sequences_preempted_for_lack_of_cache_are_forgotten_and_keep_their_toke
         engine.shutdown()
 
 
+def test_with_prefix_caching_a_moved_sequence_registers_no_block_it_completed_elsewhere(ray_cluster, tiny_model,
+                                                                                         tmp_path):
+    """Sequence 0 prefills 7 tokens on worker 0 (block 0 cached there), is moved to worker 1, completes
+    block 1 there with its first output token and finishes. Sequence 2 starts on worker 0 with those
+    8 tokens and more: only block 0 may be reused, since worker 0 never got block 1's last position."""
+    model = str(tiny_model("olmoe"))
+    first, greedy = [11, 12, 13, 14, 15, 16, 17], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    plain = LLMEngine(EngineConfig(model=model))
+    (o1, _) = plain.generate([first], greedy)[0].token_ids
+    later = first + [o1, 5, 6]
+    [want] = plain.generate([later], GREEDY)
+    engine = LLMEngine(EngineConfig(model=model, engine="ray", cluster=_colocated(tmp_path), num_attention_workers=2,
+                                    num_expert_shards=2, request_shuffling=True, enable_prefix_caching=True,
+                                    block_size=4))
+    try:
+        engine.model.shuffler = Contrary(2)
+        assert engine.generate([first], greedy)[0].token_ids[0] == o1  # sequence 0
+        engine.generate([[3, 2, 1]], greedy)  # sequence 1, on worker 1
+        assert engine.generate([later], GREEDY)[0].token_ids == want.token_ids  # sequence 2
+        assert engine.scheduler.prefix_hit_tokens == 4 and engine.model.traffic.sequences_moved > 0
+    finally:
+        engine.shutdown()
+
+
 def test_request_shuffling_needs_the_cluster_engine(tiny_model):
     with pytest.raises(ValueError, match="request_shuffling"):
         EngineConfig(model=str(tiny_model("olmoe")), request_shuffling=True)
