@@ -74,13 +74,7 @@ def row_order(chunks: tuple[ScheduledChunk, ...],
               placed: list[list[list[ScheduledChunk]]]) -> list[tuple[int, int, int]]:
     """For each token of `chunks`, in the engine's order: (attention call, micro-batch, row in it);
     placed[call] = that call's micro-batches."""
-    where = {}
-    for call, microbatches in enumerate(placed):
-        for m, mb in enumerate(microbatches):
-            row = 0
-            for c in mb:
-                where[c.seq_id] = (call, m, row)
-                row += len(c.token_ids)
+    where = _places(placed, lambda c: len(c.token_ids))
     return [(r, m, row + i) for c in chunks for r, m, row in [where[c.seq_id]] for i in range(len(c.token_ids))]
 
 
@@ -89,11 +83,17 @@ def prompt_score_order(chunks: tuple[ScheduledChunk, ...],
     """For each chunk of `chunks` that scores prompt tokens, in the engine's order: (attention call,
     micro-batch, first of its rows among that micro-batch's prompt scores, their number), as
     cluster.batch.build_batch lays a micro-batch's prompt rows out, chunk after chunk."""
+    where = _places(placed, lambda c: len(c.prompt_targets))
+    return [(*where[c.seq_id], len(c.prompt_targets)) for c in chunks if c.prompt_targets]
+
+
+def _places(placed: list[list[list[ScheduledChunk]]], rows) -> dict[int, tuple[int, int, int]]:
+    """seq_id -> (attention call, micro-batch, its first row there), a chunk taking `rows(chunk)` rows."""
     where = {}
     for call, microbatches in enumerate(placed):
         for m, mb in enumerate(microbatches):
             first = 0
             for c in mb:
                 where[c.seq_id] = (call, m, first)
-                first += len(c.prompt_targets)
-    return [(*where[c.seq_id], len(c.prompt_targets)) for c in chunks if c.prompt_targets]
+                first += rows(c)
+    return where
