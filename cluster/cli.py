@@ -323,7 +323,8 @@ def _replay(args: argparse.Namespace) -> int:
         report = replay_cache(records, args.cache_capacity, cost, fit_fraction=args.fit_fraction)
         print(json.dumps(report, indent=2) if args.json else cache_summary(report))
         return 0
-    from router.replay import replay_placement, summary
+    from router.replay import replay_placement
+    from router.replay_report import summary
 
     if args.replicas < 0:
         raise ValueError(f"--replicas must be >= 0, got {args.replicas}")
