@@ -2,9 +2,9 @@
 
 AttentionActor: embeddings, attention + KV cache, norms, routers, shared/dense MLPs, LM head. Per
 MoE layer it dispatches each micro-batch's tokens to the shards over the data plane and combines
-their outputs. ExpertShard actors serve one engine step per Ray call: for every MoE layer and
-micro-batch they receive tokens from each attention worker, run their experts, and send back.
-Ray carries one call per actor per step; hidden states go over the data plane only
+their outputs. The expert shards (cluster/shard_actor.py) serve one engine step per Ray call: for
+every MoE layer and micro-batch they receive tokens from each attention worker, run their experts,
+and send back. Ray carries one call per actor per step; hidden states go over the data plane only
 (cluster/socket_transport.py, or gloo in cluster/transport.py).
 """
 
@@ -22,17 +22,14 @@ import torch
 from cluster.affinity import AffinityTally
 from cluster.attention_worker import AttentionWorker
 from cluster.batch import StepBatch
-from cluster.moe_dispatch import (ABORT, ShardSlice, combine, fold_outputs, header_message, max_message_nbytes,
-                                  pack_parts, read_header, received_nbytes, split_route, unpack, unpack_hint)
+from cluster.moe_dispatch import ABORT, ShardSlice, combine, header_message, pack_parts, split_route
 from cluster.sampling_params import MAX_LOGPROBS
 from cluster.socket_transport import SocketTransport
 from cluster.transport import Transport, free_endpoint, wait
 from experts.checkpoint import Checkpoint
 from experts.config import load_spec
-from experts.expert_bank import ExpertBank
-from experts.expert_cache import CachedExperts, ExpertCacheConfig
-from experts.loader import expert_views, load_dense, load_experts
-from experts.shard import ExpertShard
+from experts.expert_cache import ExpertCacheConfig
+from experts.loader import load_dense
 from kernels.dispatch import select_kernels
 from router.gating import Gate
 
@@ -85,7 +82,9 @@ class StepResult:
     prompt_scores: list[tuple | None] = field(default_factory=list)  # per micro-batch: AttentionWorker.prompt_scores
 
 
-class _Actor:
+class BaseActor:
+    """What both kinds of actor share: the model's spec and checkpoint, kernels, the data plane."""
+
     def __init__(self, cfg: ActorConfig) -> None:
         torch.set_num_threads(cfg.num_threads)
         self.cfg = cfg
@@ -124,7 +123,7 @@ class _Actor:
             self.transport.close()
 
 
-class AttentionActor(_Actor):
+class AttentionActor(BaseActor):
     def __init__(self, cfg: ActorConfig, num_kv_slots: int) -> None:
         super().__init__(cfg)
         dense = load_dense(self.ckpt, self.spec, self.dtype, self.device)
@@ -260,93 +259,3 @@ class AttentionActor(_Actor):
                 wait(self.transport.isend(header_message(*ABORT), self.topology.num_attention + s))
             except Exception:  # the shard may be the one that failed
                 pass
-
-
-class ShardActor(_Actor):
-    def __init__(self, cfg: ActorConfig, experts: dict[int, tuple[int, ...]]) -> None:
-        super().__init__(cfg)
-        self.experts = {layer: tuple(ids) for layer, ids in experts.items()}
-        self.cache: CachedExperts | None = None
-        if cfg.expert_cache is not None:  # a fast-tier budget over this shard's experts
-            self.cache = CachedExperts(self.ckpt, self.spec, self.dtype, self.device, self.ops, cfg.expert_cache,
-                                       owned=self.experts)
-            return
-        banks = {layer: load_experts(self.ckpt, self.spec, layer, ids, self.dtype, self.device)
-                 for layer, ids in experts.items()}
-        self.shard = ExpertShard(banks, self.ops)
-
-    def nbytes(self) -> int:
-        return self.cache.nbytes() if self.cache is not None else self.shard.nbytes()
-
-    def set_experts(self, experts: dict[int, tuple[int, ...]]) -> int:
-        """Hold exactly `experts` (layer -> ids) from now on: kept experts are copied row by row, new
-        ones read from the checkpoint, dropped ones freed. -> bytes read from the checkpoint (with an
-        expert cache: 0, the new experts are moved in on demand)."""
-        if self.cache is not None:
-            self.cache.set_owned(experts)
-            self.experts = {layer: tuple(ids) for layer, ids in experts.items()}
-            return 0
-        read = 0
-        for layer, ids in experts.items():
-            old = self.shard.banks[layer]
-            bank = ExpertBank.empty(layer, tuple(ids), self.spec.num_experts, self.spec.hidden_size,
-                                    self.spec.expert_intermediate, self.dtype, self.device)
-            for row, e in enumerate(ids):
-                src = int(old.slot_of[e])
-                if src >= 0:
-                    bank.buffer[row].copy_(old.buffer[src])
-                else:
-                    bank.set_expert(row, *expert_views(self.ckpt, self.spec, layer, e))
-                    read += bank.buffer[row].numel() * bank.buffer.element_size()
-            self.shard.banks[layer] = bank
-        self.experts = {layer: tuple(ids) for layer, ids in experts.items()}
-        return read
-
-    @torch.inference_mode()
-    def serve_step(self, microbatches: list[int], max_tokens: int) -> dict:
-        """Serve every MoE layer of one engine step; microbatches[a] = micro-batches attention
-        worker a runs this step (0: it sits the step out), none with more than `max_tokens` tokens.
-        -> this rank's traffic stats."""
-        h, k = self.spec.hidden_size, self.spec.top_k
-        self._inbox = torch.empty(max_message_nbytes(max_tokens, k, h, self.dtype, self.spec.num_experts),
-                                  dtype=torch.uint8)
-        sends: list = []
-        self._compute_ms: dict[int, float] = {}
-        try:
-            for layer in self.spec.moe_layers:
-                hints: list[list[int]] = []
-                for mb in range(max(microbatches, default=0)):
-                    for src, count in enumerate(microbatches):
-                        if mb < count and not self._serve_one(layer, src, sends, hints):
-                            return self._finish(sends)
-                if hints and self.cache is not None:  # while the attention workers attend the next layer
-                    self.cache.prefetch(layer + 1, [sum(c) for c in zip(*hints)])
-            return self._finish(sends)
-        except Exception:
-            self.transport.close()
-            raise
-
-    def _serve_one(self, layer: int, src: int, sends: list, hints: list[list[int]]) -> bool:
-        h = self.spec.hidden_size
-        message = self.transport.recv_message(self._inbox, src, layer, lambda m: received_nbytes(m, h, self.dtype))
-        n, p, e = read_header(message)
-        if (n, p) == ABORT:
-            return False
-        if e:
-            hints.append(unpack_hint(message, n, p, e, h, self.dtype))
-        if n == 0:
-            return True
-        x, pair_row, pair_expert, fold, weight = (t.to(self.device) for t in unpack(message, n, p, h, self.dtype))
-        start = time.perf_counter()
-        pairs = (self.cache.pair_outputs(layer, x, pair_row, pair_expert, weight) if self.cache is not None
-                 else self.shard.pair_outputs(layer, x, pair_row, pair_expert))
-        out = fold_outputs(pairs, pair_row, pair_expert, fold, weight).cpu()  # the data plane carries host memory
-        self._compute_ms[layer] = self._compute_ms.get(layer, 0.0) + 1e3 * (time.perf_counter() - start)
-        sends.append((self.transport.isend(out, src, layer), out))
-        return True
-
-    def _finish(self, sends: list) -> dict:
-        for work, _ in sends:
-            wait(work)
-        cache = {} if self.cache is None else {"expert_cache": self.cache.take_step_stats()}
-        return {**self.transport.take_stats().to_dict(), "compute_ms": self._compute_ms, **cache}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import ray
 
-from cluster.actors import ActorConfig, AttentionActor, ShardActor
+from cluster.actors import ActorConfig, AttentionActor
+from cluster.shard_actor import ShardActor
 
 
 def _options(placement_options: dict, cfg: ActorConfig, name: str) -> dict:

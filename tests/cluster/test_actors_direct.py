@@ -9,7 +9,8 @@ import threading
 import pytest
 import torch
 
-from cluster.actors import ActorConfig, AttentionActor, ShardActor, Topology
+from cluster.actors import ActorConfig, AttentionActor, Topology
+from cluster.shard_actor import ShardActor
 from cluster.batch import build_batch
 from cluster.model import InProcessModel
 from cluster.scheduler import ScheduledChunk, SchedulerOutput
