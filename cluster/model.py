@@ -27,8 +27,6 @@ from router.gating import Gate
 
 
 class InProcessModel:
-    moved: tuple[int, ...] = ()  # sequences moved to another attention worker by the last step: never here
-
     def __init__(self, spec: ModelSpec, attention: AttentionWorker, gate: Gate,
                  experts: ExpertShard | CachedExperts, block_size: int) -> None:
         self.spec, self.attention, self.gate, self.experts = spec, attention, gate, experts
@@ -39,6 +37,7 @@ class InProcessModel:
         self._pregate: dict[int, torch.Tensor] = {}  # target layer -> [T, k] predicted experts
         self._routes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> ([T, k] ids, weights)
         self._prompt_scores = None  # the last step's prompt scores (take_prompt_scores())
+        self.moved: tuple[int, ...] = ()  # sequences the last step moved to another attention worker: never here
 
     @classmethod
     def load(cls, model_dir: str | Path, dtype: torch.dtype, device: torch.device, num_kv_slots: int,
