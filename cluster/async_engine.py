@@ -263,6 +263,9 @@ class AsyncLLMEngine:
         if sched.config.prefix_caching:  # prompt tokens over all admissions: queried, and found cached
             stats["prefix_cache_queries"] = sched.prefix_query_tokens
             stats["prefix_cache_hits"] = sched.prefix_hit_tokens
+        if sched.config.speculative.num_speculative_tokens:  # draft tokens over all steps, and those kept
+            stats["spec_decode_draft_tokens"] = self.engine.num_draft_tokens
+            stats["spec_decode_accepted_tokens"] = self.engine.num_accepted_tokens
         self.metrics.on_step(stats)
         self._stats = {k: v for k, v in stats.items() if k != "moe"}
 

@@ -24,8 +24,8 @@ class StepBatch:
     q_padded: bool  # False when every sequence has exactly max_q new tokens
     num_seqs: int
     max_q: int
-    logit_rows: torch.Tensor  # [S] int64: rows of T whose next token is sampled
-    sample_seq_ids: tuple[int, ...]  # [S] the sequences those rows belong to
+    logit_rows: torch.Tensor  # [S] int64: rows of T whose next token is sampled (a draft chunk: its last num_draft + 1)
+    sample_seq_ids: tuple[int, ...]  # [S] the sequence of each of those rows
     q_lens: tuple[int, ...] = ()  # [B] new tokens of each sequence (its rows of T, in order)
     kv_lens: tuple[int, ...] = ()  # [B] keys of each sequence (its context, new tokens included)
     kv_runs: tuple[int, ...] | None = None  # [B] each sequence's first slot, when every sequence's
@@ -60,9 +60,9 @@ def build_batch(out: SchedulerOutput, block_size: int, sliding_window: int | Non
         dest.extend(range(b * max_q, b * max_q + n))
         kv[b, :c.start + n] = context_slots(c.block_ids, c.start + n, block_size)
         qpos.append(list(range(c.start, c.start + n)) + [0] * (max_q - n))
-        if c.sample:
-            rows.append(len(ids) - 1)
-            seq_ids.append(c.seq_id)
+        if c.sample:  # the last row, and each draft's row before it
+            rows.extend(range(len(ids) - 1 - c.num_draft, len(ids)))
+            seq_ids.extend([c.seq_id] * (c.num_draft + 1))
     kv_lens = [c.start + n for c, n in zip(chunks, lens)]
     consecutive = all(_consecutive(c.block_ids[:-(-n // block_size)]) for c, n in zip(chunks, kv_lens))
     kv_t = torch.from_numpy(kv)

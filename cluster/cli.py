@@ -6,9 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from cluster.config import BACKENDS, DTYPES, ENGINES, TRANSPORTS
-from experts.cache_policy import ONLINE_POLICIES
-from experts.cost_model import SCHEDULES
+from cluster.config import BACKENDS, DTYPES
+from cluster.engine_flags import engine_args, engine_kwargs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--presence-penalty", type=float, default=0.0, help="[-2, 2], OpenAI's")
     gen.add_argument("--frequency-penalty", type=float, default=0.0, help="[-2, 2], OpenAI's")
     gen.add_argument("--repetition-penalty", type=float, default=1.0, help="> 0, 1 = off (as transformers)")
-    _engine_args(gen)
+    engine_args(gen)
     gen.add_argument("--address", help="(ray) Ray cluster to join; default: start a local one")
     gen.add_argument("--record-trace", type=Path, help="write every routing decision to this JSONL trace")
     gen.set_defaults(run=_generate)
@@ -99,7 +98,7 @@ def _add_grpc(sub) -> None:
     g.add_argument("--served-model-name", help="model name clients send (default: the directory's name)")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=9000)
-    _engine_args(g)
+    engine_args(g)
     g.set_defaults(run=_grpc)
 
 
@@ -111,7 +110,7 @@ def _add_up(sub) -> None:
     up.add_argument("--host", default="127.0.0.1", help="HTTP bind address (0.0.0.0 for all interfaces)")
     up.add_argument("--http-port", type=int, default=8000)
     up.add_argument("--grpc-port", type=int, default=9000)
-    _engine_args(up)
+    engine_args(up)
     up.set_defaults(run=_up)
 
 
@@ -139,78 +138,6 @@ def _add_replay(sub) -> None:
     rp.set_defaults(run=_replay)
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    """The engine's flags, shared by `generate`, `up` and `grpc`. Each one's dest is its EngineConfig field and its
-    default None, so a flag not given leaves EngineConfig's own default (one default per setting)."""
-    p.add_argument("--dtype", choices=DTYPES, help=_default("dtype"))
-    p.add_argument("--device", help=_default("device"))
-    p.add_argument("--kernel-backend", choices=BACKENDS, help=_default("kernel_backend"))
-    p.add_argument("--max-model-len", type=int,
-                   help="default: the model's max_position_embeddings, at most --kv-cache-tokens")
-    p.add_argument("--kv-cache-tokens", type=int, help="KV-cache budget in tokens, over all sequences; "
-                   + _default("kv_cache_tokens"))
-    p.add_argument("--max-num-seqs", type=int, help="sequences in the running batch at most; "
-                   + _default("max_num_seqs"))
-    p.add_argument("--enable-prefix-caching", action="store_true", default=None,
-                   help="reuse the K/V of prompt blocks earlier requests computed (shared system prompts, "
-                        "multi-turn chat); each attention worker caches its own")
-    p.add_argument("--route-prediction", action="store_true", default=None,
-                   help="run the route predictors live; their recall goes to the metrics (generate: and is "
-                        "printed at the end)")
-    p.add_argument("--expert-cache", type=float, metavar="FRACTION", dest="expert_cache_fraction",
-                   help="keep only this fraction of each layer's experts resident, moving the rest in from the slow "
-                        "tier on demand (with --engine ray: of each expert shard's experts)")
-    p.add_argument("--expert-cache-policy", choices=ONLINE_POLICIES, help=_default("expert_cache_policy"))
-    p.add_argument("--expert-cache-prefetch", action="store_true", default=None,
-                   help="load the experts pre-gating predicts for the next layer ahead of it")
-    p.add_argument("--expert-cache-schedule", choices=SCHEDULES,
-                   help="where missing experts compute: auto (the calibrated cost model decides per expert), "
-                        "load (every miss is loaded), cpu (every miss is computed where it lies); "
-                        + _default("expert_cache_schedule"))
-    p.add_argument("--engine", choices=ENGINES,
-                   help="inprocess: one process; ray: attention workers and expert shards as Ray actors; "
-                        + _default("engine"))
-    p.add_argument("--cluster", help="(ray) cluster description file or built-in name (local, "
-                   "example-hetero); default: described from the live Ray nodes")
-    p.add_argument("--expert-shards", type=int, metavar="N", dest="num_expert_shards",
-                   help="(ray) number of expert shards; default: one per node that may host experts")
-    p.add_argument("--attention-workers", type=int, metavar="N", dest="num_attention_workers",
-                   help="(ray) number of attention workers; " + _default("num_attention_workers"))
-    p.add_argument("--replan-every", type=int, metavar="STEPS", dest="replan_every_steps",
-                   help="(ray) re-plan expert placement from live routing every STEPS engine steps")
-    p.add_argument("--expert-replicas", type=int, metavar="N",
-                   help="(ray, with --replan-every) at each re-plan, copy to each node the N remote experts per "
-                        "layer its sequences use most; " + _default("expert_replicas"))
-    p.add_argument("--shuffle-requests", action="store_true", default=None, dest="request_shuffling",
-                   help="(ray) move each sequence, KV cache and all, to the attention worker on the node of the "
-                        "expert shards its tokens are predicted to reach")
-    p.add_argument("--microbatches", type=int, choices=(1, 2),
-                   help="(ray) ping-pong micro-batches per attention worker (1 = off); " + _default("microbatches"))
-    p.add_argument("--transport", choices=TRANSPORTS,
-                   help="(ray) the data plane between actors: tcp (sockets driven by the waiting thread) or gloo; "
-                        + _default("transport"))
-
-
-ENGINE_FLAGS = ("dtype", "device", "kernel_backend", "max_model_len", "kv_cache_tokens", "max_num_seqs",
-                "enable_prefix_caching", "route_prediction", "expert_cache_fraction", "expert_cache_policy",
-                "expert_cache_prefetch", "expert_cache_schedule", "engine", "cluster", "num_expert_shards",
-                "num_attention_workers", "replan_every_steps", "expert_replicas", "request_shuffling",
-                "microbatches", "transport")
-
-
-def _engine_kwargs(args: argparse.Namespace) -> dict:
-    """The EngineConfig fields the command line set (the dest of each flag of _engine_args)."""
-    return {name: getattr(args, name) for name in ENGINE_FLAGS if getattr(args, name) is not None}
-
-
-def _default(field: str) -> str:
-    from dataclasses import fields
-
-    from cluster.config import EngineConfig
-
-    return f"default: {next(f.default for f in fields(EngineConfig) if f.name == field)}"
-
-
 def _model_dir(args: argparse.Namespace) -> str:
     if args.model:
         return args.model
@@ -229,7 +156,7 @@ def _generate(args: argparse.Namespace) -> int:
                             repetition_penalty=args.repetition_penalty)
     engine = LLMEngine(EngineConfig(
         model=_model_dir(args), show_progress=True, address=args.address,
-        record_trace=str(args.record_trace) if args.record_trace else None, **_engine_kwargs(args)))
+        record_trace=str(args.record_trace) if args.record_trace else None, **engine_kwargs(args)))
     try:
         if len(args.prompt) == 1:
             return _print_stream(engine, args.prompt[0], params)
@@ -252,13 +179,16 @@ def _print_batch(engine, prompts: list[str], params) -> int:
 
 
 def _print_stats(engine) -> None:
-    """What the route predictors and the expert cache did over the run, when they were on."""
+    """What the route predictors, the expert cache and speculative decoding did over the run, when on."""
     if engine.route_meter is not None:
         import json
 
         print(f"[route prediction recall: {json.dumps(engine.route_meter.report())}]", file=sys.stderr)
     if engine.cache_totals is not None:
         print(f"[{engine.cache_totals.describe()}]", file=sys.stderr)
+    if engine.num_draft_tokens:
+        print(f"[speculative decoding: {engine.num_accepted_tokens} of {engine.num_draft_tokens} draft tokens kept]",
+              file=sys.stderr)
 
 
 def _print_stream(engine, prompt: str, params) -> int:
@@ -288,7 +218,7 @@ def _plan(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     from cluster.up import run_up
 
-    app_args = {**_engine_kwargs(args), "served_model_name": args.served_model_name}
+    app_args = {**engine_kwargs(args), "served_model_name": args.served_model_name}
     return run_up(args.model, args.address, args.http_port, args.grpc_port, host=args.host,
                   app_args={k: v for k, v in app_args.items() if v is not None})
 
@@ -298,7 +228,7 @@ def _grpc(args: argparse.Namespace) -> int:
     from cluster.grpc_server import run_grpc_server
 
     model = _model_dir(args)
-    config = EngineConfig(model=model, **_engine_kwargs(args))
+    config = EngineConfig(model=model, **engine_kwargs(args))
     name = args.served_model_name or ("moe-serve-demo" if args.model is None else Path(model).resolve().name)
     return run_grpc_server(config, name, args.host, args.port)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from cluster.speculative import SpeculativeConfig
 from experts.cache_policy import ONLINE_POLICIES  # both torch-free
 from experts.cost_model import SCHEDULES
 
@@ -35,6 +36,9 @@ class EngineConfig:
     expert_cache_policy: str = "adaptive"  # lru | lfu | score | adaptive
     expert_cache_prefetch: bool = False  # load the experts pre-gating predicts for the next layer ahead
     expert_cache_schedule: str = "auto"  # auto (cost model) | load (every miss) | cpu (every miss computed in place)
+    num_speculative_tokens: int = 0  # draft tokens per decode step by prompt lookup (cluster/speculative.py); 0: off
+    prompt_lookup_max: int = 4  # longest n-gram looked up for drafts
+    prompt_lookup_min: int = 2  # shortest
     # ---- cluster mode (engine="ray") ----
     engine: str = "inprocess"  # "inprocess": one process, no Ray; "ray": actors on a Ray cluster
     cluster: str | None = None  # cluster description file (or built-in name); None: from the live nodes
@@ -91,6 +95,10 @@ class EngineConfig:
         if self.expert_cache_schedule not in SCHEDULES:
             raise ValueError(f"expert_cache_schedule must be one of {', '.join(SCHEDULES)}, "
                              f"got {self.expert_cache_schedule!r}")
+        self.speculative  # checks its settings
+        if self.num_speculative_tokens and (self.record_trace or self.route_prediction):
+            raise ValueError("num_speculative_tokens cannot be combined with record_trace or route_prediction "
+                             "(the routes of drafts the model rejects would be recorded)")
         if self.max_model_len is not None and self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be > 0, got {self.max_model_len}")
 
@@ -105,6 +113,10 @@ class EngineConfig:
     @property
     def num_blocks(self) -> int:
         return -(-self.kv_cache_tokens // self.block_size)
+
+    @property
+    def speculative(self) -> SpeculativeConfig:
+        return SpeculativeConfig(self.num_speculative_tokens, self.prompt_lookup_max, self.prompt_lookup_min)
 
 
 def expert_cache_config(config: EngineConfig):

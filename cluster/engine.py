@@ -19,6 +19,7 @@ from cluster.sampler import TokenLogprob, new_generator, sample, token_logprobs
 from cluster.sampling_params import SamplingParams
 from cluster.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from cluster.sequence import Sequence
+from cluster.speculative import accept, can_speculate
 from experts.config import load_spec
 from experts.expert_cache import CacheStats
 from experts.tokenizer import load_tokenizer
@@ -43,7 +44,7 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             block_size=config.block_size, num_blocks=config.num_blocks, max_model_len=max_len,
             prefix_caching=config.enable_prefix_caching, share_within_step=config.engine == "inprocess",
-            attention_workers=config.num_attention_workers))
+            attention_workers=config.num_attention_workers, speculative=config.speculative))
         eos = set(self.spec.eos_token_ids)
         if self.tokenizer and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -54,6 +55,7 @@ class LLMEngine:
         self._failed_steps = 0  # consecutive steps the cluster recovered from
         self.last_step_stats: dict | None = None  # the model's MoE statistics of the last step
         self.cache_totals: CacheStats | None = None  # the expert cache's counters over the engine's life
+        self.num_draft_tokens = self.num_accepted_tokens = 0  # speculative decoding: drafted, and kept
         self.recorder = TraceRecorder(config.record_trace) if config.record_trace else None
         self.route_meter = (LiveRouteMeter(self.spec.moe_layers, self.spec.num_experts, self.spec.top_k)
                             if config.route_prediction else None)
@@ -86,7 +88,8 @@ class LLMEngine:
             if bad:
                 raise ValueError(f"{name} token ids out of range [0, {self.spec.vocab_size}): {bad[:5]}")
         seq = Sequence(seq_id, self.tokenize(prompt), params.max_tokens,
-                       prompt_logits=params.prompt_logprobs is not None)
+                       prompt_logits=params.prompt_logprobs is not None,
+                       speculate=self.config.num_speculative_tokens > 0 and can_speculate(params))
         self.scheduler.add(seq)
         text = IncrementalText(self.tokenizer.decode, params.stop) if self.tokenizer else None
         req = Request(request_id, seq, params, new_generator(params, self.device), text, self.eos_ids)
@@ -110,7 +113,7 @@ class LLMEngine:
         if not out.chunks:
             return []
         try:
-            sampled = self._execute(out)
+            seq_ids, tokens = self._execute(out)
         except ClusterRecovered as exc:  # actors were restarted: recompute what was running
             self._failed_steps += 1
             if self._failed_steps <= self.config.max_step_retries:
@@ -122,10 +125,28 @@ class LLMEngine:
             log.exception("engine step failed")
             return self._fail(out, exc)
         self._failed_steps = 0
-        self.scheduler.update(out, sampled)
+        sampled, accepted = self._verify(out, seq_ids, tokens)
+        self.scheduler.update(out, sampled, accepted)
         return [self._report(self._by_seq[sid]) for sid in sampled]
 
-    def _execute(self, out: SchedulerOutput) -> dict[int, int]:
+    def _verify(self, out: SchedulerOutput, seq_ids: tuple[int, ...],
+                tokens: list[int]) -> tuple[dict[int, int], dict[int, tuple[int, ...]]]:
+        """Rows' tokens -> (each sequence's new token, the drafts kept before it): a draft chunk's rows
+        give the model's token after each of its tokens (cluster/speculative.py); a stop token or
+        max_tokens among them ends the request there."""
+        drafts = {c.seq_id: c.token_ids[len(c.token_ids) - c.num_draft:] for c in out.chunks if c.num_draft}
+        sampled, accepted, row = {}, {}, 0
+        while row < len(seq_ids):
+            sid = seq_ids[row]
+            mine = drafts.get(sid, ())
+            new = self._by_seq[sid].cut(accept(mine, tokens[row:row + len(mine) + 1]))
+            row += len(mine) + 1
+            sampled[sid], accepted[sid] = new[-1], tuple(new[:-1])
+            self.num_draft_tokens += len(mine)
+            self.num_accepted_tokens += len(new) - 1
+        return sampled, accepted
+
+    def _execute(self, out: SchedulerOutput) -> tuple[tuple[int, ...], list[int]]:
         logits, seq_ids = self.model.execute(out)
         for seq_id in self.model.moved:  # its K/V left the worker whose cached blocks it continues
             self.scheduler.stop_caching(seq_id)
@@ -143,7 +164,7 @@ class LLMEngine:
         self._record_logprobs(logits, reqs, tokens)  # the model's own distribution, before any adjustment
         if any(c.prompt_targets for c in out.chunks):
             self._record_prompt_logprobs(out)
-        return dict(zip(seq_ids, tokens))
+        return seq_ids, tokens
 
     def _record_prompt_logprobs(self, out: SchedulerOutput) -> None:
         """The step's prompt scores, in chunk order, to their requests (each with its number of alternatives)."""

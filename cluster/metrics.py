@@ -54,6 +54,10 @@ class EngineMetrics:
         self.prefix_hits = _counter("moe_prefix_cache_hits_total",
                                     "Prompt tokens whose K/V came from the prefix cache.", tags)
         self.generation_tokens = _counter("moe_generation_tokens_total", "Generated tokens.", tags)
+        self.spec_drafts = _counter("moe_spec_decode_num_draft_tokens_total",
+                                    "Draft tokens proposed by prompt lookup (speculative decoding).", tags)
+        self.spec_accepted = _counter("moe_spec_decode_num_accepted_tokens_total",
+                                      "Draft tokens the model's own tokens confirmed (kept).", tags)
         self.finished = _counter("moe_request_success_total", "Finished requests by finish reason.",
                                  tags, ("finished_reason",))
         self.expert_tokens = _counter("moe_expert_tokens_total", "Tokens routed to each expert.",
@@ -99,13 +103,15 @@ class EngineMetrics:
 
     # ---- per step ------------------------------------------------------------------------------
     def on_step(self, stats: Mapping[str, Any]) -> None:
-        """Engine stats (running, waiting, kv_cache_usage; the running totals num_preemptions and, with
-        prefix caching, prefix_cache_queries and prefix_cache_hits) plus the optional MoE dict under "moe"."""
+        """Engine stats (running, waiting, kv_cache_usage; the running totals num_preemptions and, when
+        on, prefix_cache_queries and prefix_cache_hits, spec_decode_draft_tokens and
+        spec_decode_accepted_tokens) plus the optional MoE dict under "moe"."""
         self._set(self.running, "running", stats.get("running", 0))
         self._set(self.waiting, "waiting", stats.get("waiting", 0))
         self._set(self.kv_usage, "kv_cache_usage", stats.get("kv_cache_usage", 0.0))
         for metric, key in ((self.preemptions, "num_preemptions"), (self.prefix_queries, "prefix_cache_queries"),
-                            (self.prefix_hits, "prefix_cache_hits")):
+                            (self.prefix_hits, "prefix_cache_hits"), (self.spec_drafts, "spec_decode_draft_tokens"),
+                            (self.spec_accepted, "spec_decode_accepted_tokens")):
             if key in stats:  # running totals: count what is new
                 self._inc(metric, key, stats[key] - self.totals[key])
         moe = stats.get("moe")

@@ -54,6 +54,16 @@ class Request:
         """Whether the output is long enough (min_tokens) for eos, stop tokens and stop strings to end it."""
         return len(self.seq.output_ids) >= self.params.min_tokens
 
+    def cut(self, new: list[int]) -> list[int]:
+        """A step's new tokens up to the first that would end the request (a stop token once
+        min_tokens are out, or max_tokens)."""
+        done = len(self.seq.output_ids)
+        for i, token in enumerate(new):
+            done += 1
+            if (done >= self.params.min_tokens and token in self.stop_ids) or done >= self.params.max_tokens:
+                return new[:i + 1]
+        return new
+
     def finish_reason(self) -> str | None:
         """Why this request is done after its latest token, or None to continue."""
         out = self.seq.output_ids

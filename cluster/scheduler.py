@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from cluster.block_manager import BlockManager
 from cluster.prefix_cache import root_of
 from cluster.sequence import Sequence, SeqStatus
+from cluster.speculative import SpeculativeConfig, propose
 from router.shuffle import start_worker
 
 
@@ -50,6 +51,7 @@ class SchedulerConfig:
     # Attention workers, each with its own prefix cache: a sequence matches and registers blocks only
     # on the worker it starts on (router.shuffle.start_worker), which holds their K/V.
     attention_workers: int = 1
+    speculative: SpeculativeConfig = SpeculativeConfig()  # draft tokens for sequences that allow them
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "num_blocks", "max_model_len",
@@ -61,7 +63,9 @@ class SchedulerConfig:
 @dataclass(frozen=True, slots=True)
 class ScheduledChunk:
     """Run `token_ids` at positions start.. of `seq_id`; sample the next token when `sample`. With
-    `prompt_targets`, rows prompt_from.. of the chunk also score the prompt tokens that follow them."""
+    `prompt_targets`, rows prompt_from.. of the chunk also score the prompt tokens that follow them.
+    The last `num_draft` tokens are drafts (cluster/speculative.py): each of the last num_draft + 1
+    rows gives the token after it."""
 
     seq_id: int
     token_ids: tuple[int, ...]
@@ -70,6 +74,7 @@ class ScheduledChunk:
     sample: bool
     prompt_from: int = 0
     prompt_targets: tuple[int, ...] = ()
+    num_draft: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,11 +224,21 @@ class Scheduler:
             return budget
         start = seq.num_computed
         prompt_from, targets = self._prompt_targets(seq, start, n) if seq.prompt_logits else (0, ())
-        chunks.append(ScheduledChunk(seq.seq_id, tuple(seq.tokens(start, start + n)), start,
-                                     tuple(seq.block_ids), start + n == seq.num_tokens, prompt_from, targets))
+        drafts = self._drafts(seq, budget - n) if seq.speculate and seq.num_pending == 1 else ()
+        chunks.append(ScheduledChunk(seq.seq_id, tuple(seq.tokens(start, start + n)) + drafts, start,
+                                     tuple(seq.block_ids), start + n == seq.num_tokens, prompt_from, targets,
+                                     len(drafts)))
         if self.config.prefix_caching and self.config.share_within_step:
             self._register_blocks(seq, start + n)
-        return budget - n
+        return budget - n - len(drafts)
+
+    def _drafts(self, seq: Sequence, budget: int) -> tuple[int, ...]:
+        """Draft tokens for a decoding sequence: within the token budget, the slots it holds, and its
+        max_tokens (the step adds one token beyond the drafts it keeps)."""
+        spec = self.config.speculative
+        room = len(seq.block_ids) * self.config.block_size - seq.num_tokens
+        k = min(spec.num_speculative_tokens, budget, room, seq.max_tokens - len(seq.output_ids) - 1)
+        return propose(seq.all_tokens(), k, spec.prompt_lookup_max, spec.prompt_lookup_min) if k > 0 else ()
 
     @staticmethod
     def _prompt_targets(seq: Sequence, start: int, n: int) -> tuple[int, tuple[int, ...]]:
@@ -235,13 +250,17 @@ class Scheduler:
             return 0, ()
         return lo - 1 - start, tuple(seq.prompt_ids[lo:hi + 1])
 
-    def update(self, output: SchedulerOutput, sampled: dict[int, int]) -> None:
-        """Advance computed counts and append each sampled token (seq_id -> token)."""
+    def update(self, output: SchedulerOutput, sampled: dict[int, int],
+               accepted: dict[int, tuple[int, ...]] | None = None) -> None:
+        """Advance computed counts and append each sampled token (seq_id -> token), after the drafts
+        the step kept (`accepted`: seq_id -> those drafts, whose K/V is then valid)."""
         for chunk in output.chunks:
             seq = self.seqs.get(chunk.seq_id)
             if seq is None or seq.status is not SeqStatus.RUNNING:
                 continue
-            seq.num_computed = chunk.start + len(chunk.token_ids)
+            kept = accepted.get(chunk.seq_id, ()) if accepted else ()
+            seq.num_computed = chunk.start + len(chunk.token_ids) - chunk.num_draft + len(kept)
+            seq.output_ids.extend(kept)
             if chunk.prompt_targets:  # scored now; a step that failed scores them again when recomputed
                 seq.num_prompt_scored = chunk.start + chunk.prompt_from + len(chunk.prompt_targets)
             if chunk.seq_id in sampled:

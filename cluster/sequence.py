@@ -25,6 +25,7 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
     prompt_logits: bool = False  # score every prompt token (prompt logprobs): no prefix-cache hits
+    speculate: bool = False  # decode steps may carry draft tokens (cluster/speculative.py)
     num_prompt_scored: int = 0  # prompt positions 1..this already scored (by a step that finished)
     num_cached_blocks: int = 0  # leading blocks matched in or registered with the prefix cache
     cache_node: int | None = 0  # the prefix cache's node of the last of them (or its worker's root:
@@ -46,6 +47,9 @@ class Sequence:
     def token(self, pos: int) -> int:
         n = len(self.prompt_ids)
         return self.prompt_ids[pos] if pos < n else self.output_ids[pos - n]
+
+    def all_tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
 
     def tokens(self, start: int, end: int) -> list[int]:
         return [self.token(p) for p in range(start, end)]

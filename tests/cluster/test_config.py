@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from cluster.cli import ENGINE_FLAGS, _engine_kwargs, _parser
+from cluster.cli import _parser
+from cluster.engine_flags import ENGINE_FLAGS, engine_kwargs
 from cluster.config import RAY_ONLY, EngineConfig
 from cluster.serve_app import AppArgs, build_app
 
@@ -27,7 +28,10 @@ WANT = {"dtype": "bfloat16", "device": "cuda:1", "kernel_backend": "torch", "max
         "expert_cache_prefetch": True, "expert_cache_schedule": "load", "engine": "ray", "cluster": "local",
         "num_expert_shards": 3, "num_attention_workers": 2, "replan_every_steps": 7, "expert_replicas": 1,
         "request_shuffling": True, "microbatches": 1, "transport": "gloo"}
-ALONE = {"--enable-prefix-caching": ("enable_prefix_caching", True)}
+# Flags checked one at a time (speculative decoding refuses route_prediction, which FLAGS sets).
+ALONE = {("--enable-prefix-caching",): ("enable_prefix_caching", True),
+         ("--num-speculative-tokens", "3"): ("num_speculative_tokens", 3),
+         ("--prompt-lookup-max", "5"): ("prompt_lookup_max", 5), ("--prompt-lookup-min", "1"): ("prompt_lookup_min", 1)}
 
 
 def test_ray_only_settings_are_refused_in_process_naming_each():
@@ -45,21 +49,21 @@ def test_ray_only_settings_are_refused_in_process_naming_each():
 def test_every_engine_command_takes_the_same_flags_to_the_same_fields(command):
     assert set(WANT) | {field for field, _ in ALONE.values()} == set(ENGINE_FLAGS)
     args = _parser().parse_args([*command, *FLAGS])
-    assert _engine_kwargs(args) == WANT
+    assert engine_kwargs(args) == WANT
     for flag, (field, value) in ALONE.items():
-        assert _engine_kwargs(_parser().parse_args([*command, flag])) == {field: value}
-    assert _engine_kwargs(_parser().parse_args(command)) == {}  # nothing given: EngineConfig's own defaults
+        assert engine_kwargs(_parser().parse_args([*command, *flag])) == {field: value}
+    assert engine_kwargs(_parser().parse_args(command)) == {}  # nothing given: EngineConfig's own defaults
 
 
 def test_up_flags_reach_the_same_engine_config_as_generate():
-    generate = EngineConfig(model="m", **_engine_kwargs(_parser().parse_args(["generate", "--prompt", "x", *FLAGS])))
-    up = AppArgs.parse(_engine_kwargs(_parser().parse_args(["up", *FLAGS]))).engine_config("m")
+    generate = EngineConfig(model="m", **engine_kwargs(_parser().parse_args(["generate", "--prompt", "x", *FLAGS])))
+    up = AppArgs.parse(engine_kwargs(_parser().parse_args(["up", *FLAGS]))).engine_config("m")
     assert up == generate
     for field in dataclasses.fields(EngineConfig):
         if field.name in WANT:
             assert getattr(up, field.name) == WANT[field.name] != field.default, field.name
     for flag, (field, value) in ALONE.items():
-        config = AppArgs.parse(_engine_kwargs(_parser().parse_args(["up", flag]))).engine_config("m")
+        config = AppArgs.parse(engine_kwargs(_parser().parse_args(["up", *flag]))).engine_config("m")
         assert getattr(config, field) == value
 
 

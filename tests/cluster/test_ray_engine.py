@@ -76,6 +76,26 @@ def test_prompt_logprobs_on_the_cluster_match_inprocess(ray_cluster, tiny_model)
                                                                        for lp in w.prompt_logprobs]
 
 
+def test_speculative_decoding_on_the_cluster_keeps_the_greedy_tokens(ray_cluster):
+    """Draft chunks split over two attention workers and ping-pong micro-batches: each sequence's
+    rows come back in order, and the kept drafts' K/V is what the next step reads."""
+    from cluster.demo import ensure_demo_model
+
+    model = str(ensure_demo_model())
+    prompts = ["class Foo:\n    def __init__(self, x):\n        self.x = x\n", "import os\nimport sys\n\n",
+               "def add(a, b):\n    return a + b\n"]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    want = LLMEngine(EngineConfig(model=model)).generate(prompts, params)
+    engine = LLMEngine(EngineConfig(model=model, engine="ray", cluster="local", num_attention_workers=2,
+                                    min_microbatch_tokens=1, num_speculative_tokens=4))
+    try:
+        got = engine.generate(prompts, params)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+        assert engine.num_accepted_tokens > 0
+    finally:
+        engine.shutdown()
+
+
 def test_actors_run_on_their_labelled_nodes(ray_cluster, tiny_model):
     engine = LLMEngine(EngineConfig(model=str(tiny_model("olmoe")), engine="ray", cluster="local"))
     try:

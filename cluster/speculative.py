@@ -1,0 +1,69 @@
+"""Speculative decoding by prompt lookup (n-gram drafts), torch-free.
+
+A decoding sequence whose request allows it (greedy, nothing that depends on each token's position
+or text: see `can_speculate`) gets up to K draft tokens per step: the tokens that followed the
+latest earlier occurrence of its last n tokens (n from `prompt_lookup_max` down to
+`prompt_lookup_min`) in its prompt and output. The step runs the last token and the drafts as one
+chunk, which yields the model's greedy token after each of them; the drafts are kept up to the
+first one that differs from the model's, and the model's token at that point is added (so a step
+yields 1 to K + 1 tokens). The output is the greedy output without speculation: each kept token is
+the model's argmax given the tokens before it. The K/V written for the dropped drafts lies beyond
+the sequence's computed positions and is overwritten by the next step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence as Seq
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class SpeculativeConfig:
+    num_speculative_tokens: int = 0  # draft tokens per step at most; 0: no speculation
+    prompt_lookup_max: int = 4  # longest suffix n-gram looked up
+    prompt_lookup_min: int = 2  # shortest
+
+    def __post_init__(self) -> None:
+        if self.num_speculative_tokens < 0:
+            raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got {self.prompt_lookup_min} "
+                             f"and {self.prompt_lookup_max}")
+
+
+def propose(tokens: Seq[int], k: int, max_n: int, min_n: int) -> tuple[int, ...]:
+    """Up to k tokens that followed the latest earlier occurrence of the longest suffix n-gram of
+    `tokens` (max_n >= n >= min_n); () when no such n-gram occurs earlier."""
+    if k <= 0 or len(tokens) <= min_n:
+        return ()
+    arr = np.asarray(tokens, dtype=np.int64)
+    size = len(arr)
+    for n in range(min(max_n, size - 1), min_n - 1, -1):
+        suffix = arr[size - n:]
+        match = arr[:size - n] == suffix[0]  # [size - n] candidate starts, each followed by a token
+        for j in range(1, n):
+            match &= arr[j:size - n + j] == suffix[j]
+        found = np.flatnonzero(match)
+        if found.size:
+            start = int(found[-1]) + n
+            return tuple(int(t) for t in arr[start:start + k])
+    return ()
+
+
+def accept(drafts: Seq[int], targets: Seq[int]) -> list[int]:
+    """The step's new tokens: the drafts up to the first that differs from the model's token at its
+    row (targets[i]: the model's token after the chunk's row i), then the model's token there."""
+    kept = 0
+    while kept < len(drafts) and drafts[kept] == targets[kept]:
+        kept += 1
+    return list(drafts[:kept]) + [targets[kept]]
+
+
+def can_speculate(params) -> bool:
+    """Whether a request's tokens may be drafted (SamplingParams): greedy, and nothing that changes
+    with each new token (penalties, logprobs, stop strings, min_tokens). A logit bias is the same on
+    every row, so it may stay."""
+    return (params.temperature == 0 and params.logprobs is None and not params.stop and params.min_tokens == 0
+            and params.presence_penalty == 0 and params.frequency_penalty == 0 and params.repetition_penalty == 1)

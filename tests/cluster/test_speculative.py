@@ -1,0 +1,137 @@
+"""Speculative decoding by prompt lookup: drafts, verification, and an output that does not change."""
+
+from __future__ import annotations
+
+import pytest
+
+from cluster.config import EngineConfig
+from cluster.demo import ensure_demo_model
+from cluster.engine import LLMEngine
+from cluster.sampling_params import SamplingParams
+from cluster.scheduler import Scheduler, SchedulerConfig
+from cluster.sequence import Sequence
+from cluster.speculative import SpeculativeConfig, accept, can_speculate, propose
+
+CODE = ["def add(a, b):\n    return a + b\n\ndef sub(a, b):\n", "import os\nimport sys\n\n",
+        "class Foo:\n    def __init__(self, x):\n        self.x = x\n"]
+
+
+def test_drafts_follow_the_latest_earlier_occurrence_of_the_longest_suffix():
+    assert propose([1, 2, 3, 9, 1, 2, 3], 3, 4, 2) == (9, 1, 2)  # [1, 2, 3] occurred at 0
+    assert propose([5, 6, 7, 5, 6, 8, 5, 6], 2, 4, 2) == (8, 5)  # the latest [5, 6], not the first
+    assert propose([4, 1, 2, 7, 1, 2, 9, 4, 1, 2], 1, 3, 2) == (7,)  # [4, 1, 2] beats the later [1, 2]
+    assert propose([1, 2, 3, 4], 3, 4, 1) == ()  # nothing repeats
+    assert propose([1, 2, 3, 1], 3, 4, 2) == ()  # only a 1-gram repeats, below min_n
+    assert propose([1, 2, 1], 5, 2, 1) == (2, 1)  # fewer than k follow
+    assert propose([1, 2, 1, 2], 0, 2, 1) == ()
+
+
+def test_verification_keeps_drafts_up_to_the_first_mismatch_then_the_models_token():
+    assert accept((4, 5, 6), (4, 5, 9, 7)) == [4, 5, 9]
+    assert accept((4, 5, 6), (4, 5, 6, 8)) == [4, 5, 6, 8]  # all kept, plus the token after the last
+    assert accept((1,), (2, 3)) == [2]
+    assert accept((), (3,)) == [3]
+
+
+def test_only_greedy_requests_without_per_token_settings_speculate():
+    assert can_speculate(SamplingParams(temperature=0.0, logit_bias=((3, 1.0),), stop_token_ids=(2,)))
+    for other in ({"temperature": 0.7}, {"logprobs": 0}, {"stop": ("x",)}, {"min_tokens": 2},
+                  {"presence_penalty": 0.5}, {"frequency_penalty": 0.5}, {"repetition_penalty": 1.2}):
+        assert not can_speculate(SamplingParams(**{"temperature": 0.0, **other}))
+    with pytest.raises(ValueError, match="prompt_lookup_min <= prompt_lookup_max"):
+        SpeculativeConfig(2, prompt_lookup_max=2, prompt_lookup_min=3)
+    with pytest.raises(ValueError, match="num_speculative_tokens cannot be combined with record_trace"):
+        EngineConfig(model="m", num_speculative_tokens=2, record_trace="t.jsonl")
+
+
+def test_the_scheduler_drafts_within_max_tokens_and_counts_kept_drafts_as_computed():
+    s = Scheduler(SchedulerConfig(block_size=4, num_blocks=16, max_model_len=64,
+                                  speculative=SpeculativeConfig(4, 4, 2)))
+    s.add(Sequence(0, [1, 2, 3, 1, 2], 3, speculate=True))
+    s.add(Sequence(1, [1, 2, 3, 1, 2], 8))  # not allowed to speculate
+    s.update(s.schedule(), {0: 3, 1: 3})  # both: 1 2 3 1 2 | 3
+    out = s.schedule()
+    chunks = {c.seq_id: c for c in out.chunks}
+    assert (chunks[0].token_ids, chunks[0].num_draft) == ((3, 1), 1)  # [1, 2, 3] -> 1 2 3; max_tokens allows 1
+    assert (chunks[1].token_ids, chunks[1].num_draft) == ((3,), 0)
+    s.update(out, {0: 7, 1: 7}, {0: (1,)})  # the draft 1 kept, then 7
+    assert s.seqs[0].output_ids == [3, 1, 7] and s.seqs[0].num_computed == 7 and s.seqs[0].num_pending == 1
+    assert s.seqs[1].output_ids == [3, 7] and s.seqs[1].num_computed == 6
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return str(ensure_demo_model())
+
+
+def _run(model: str, params: SamplingParams, k: int, prompts=CODE) -> tuple[list, LLMEngine]:
+    engine = LLMEngine(EngineConfig(model=model, num_speculative_tokens=k))
+    return engine.generate(prompts, params), engine
+
+
+def test_greedy_output_is_the_same_with_speculation_and_drafts_are_kept(demo):
+    params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+    want, _ = _run(demo, params, 0)
+    for prompts in (CODE[:1], CODE):  # alone, and in a batch
+        got, engine = _run(demo, params, 4, prompts)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want[:len(prompts)]]
+        assert [o.text for o in got] == [o.text for o in want[:len(prompts)]]
+        assert engine.num_accepted_tokens > 0 and engine.num_draft_tokens >= engine.num_accepted_tokens
+
+
+def _drafted_first(model: str, prompt: str, params: SamplingParams) -> list[int]:
+    """Tokens whose first occurrence in the output was a kept draft (not the token a step added)."""
+    engine = LLMEngine(EngineConfig(model=model, num_speculative_tokens=4))
+    steps, verify = [], engine._verify
+    engine._verify = lambda *a: steps.append(verify(*a)) or steps[-1]
+    engine.generate([prompt], params)
+    seen, drafted = set(), []
+    for sampled, accepted in steps:
+        for sid, token in sampled.items():
+            for t, kept in [(t, True) for t in accepted[sid]] + [(token, False)]:
+                if t not in seen and kept:
+                    drafted.append(t)
+                seen.add(t)
+    return drafted
+
+
+def test_stop_tokens_and_max_tokens_end_a_request_where_they_would_without_drafts(demo):
+    prompt = CODE[2]  # its output meets some tokens first as kept drafts
+    stops = _drafted_first(demo, prompt, SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True))
+    assert stops  # the request ends inside a step's kept drafts: the tokens after the stop are dropped
+    for params in [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (5, 13, 30)] + \
+                  [SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True, stop_token_ids=(t,))
+                   for t in stops[:4]]:
+        [want], _ = _run(demo, params, 0, [prompt])
+        [got], _ = _run(demo, params, 4, [prompt])
+        assert (got.token_ids, got.finish_reason) == (want.token_ids, want.finish_reason)
+
+
+def test_sampled_requests_do_not_speculate_and_keep_their_tokens(demo):
+    params = SamplingParams(max_tokens=32, temperature=0.8, seed=5)
+    want, _ = _run(demo, params, 0)
+    got, engine = _run(demo, params, 4)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want] and engine.num_draft_tokens == 0
+
+
+def test_streams_and_metrics_count_every_token_and_the_drafts(demo):
+    import asyncio
+
+    from cluster.async_engine import AsyncLLMEngine
+
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    engine = AsyncLLMEngine(EngineConfig(model=demo, num_speculative_tokens=4), model_name="demo")
+
+    async def stream():
+        return [o async for o in engine.generate(CODE[2], params)]
+    try:
+        updates = asyncio.run(asyncio.wait_for(stream(), 60))
+    finally:
+        engine.shutdown()
+    [want], _ = _run(demo, params, 0, CODE[2:])
+    assert [t for u in updates for t in u.new_token_ids] == list(want.token_ids) == list(updates[-1].token_ids)
+    assert max(len(u.new_token_ids) for u in updates) > 1  # a step gave several tokens
+    snap = engine.metrics.snapshot()
+    assert snap["generation_tokens"] == 48
+    assert snap["spec_decode_draft_tokens"] == engine.engine.num_draft_tokens > 0
+    assert snap["spec_decode_accepted_tokens"] == engine.engine.num_accepted_tokens > 0
