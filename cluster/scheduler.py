@@ -125,6 +125,8 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         self.preempted = []
+        for seq in self.running:
+            seq.num_drafted = 0
         self._grow()
         decoding = [s for s in self.running if s.num_pending == 1]
         prefilling = [s for s in self.running if s.num_pending > 1]
@@ -192,8 +194,9 @@ class Scheduler:
         return True
 
     def _tail(self, seq: Sequence) -> list[int]:
-        """The blocks reserved past the sequence's last token: no K/V yet, so they can be taken back."""
-        return seq.block_ids[self.blocks.blocks_for(seq.num_tokens):]
+        """The blocks reserved past the sequence's last token and the step's drafts: no K/V yet, so they
+        can be taken back."""
+        return seq.block_ids[self.blocks.blocks_for(seq.num_tokens + seq.num_drafted):]
 
     def _trim_tails(self, n: int) -> None:
         """Free n blocks (if n > 0) from the reserved tails of running sequences, the latest admitted first."""
@@ -225,6 +228,7 @@ class Scheduler:
         start = seq.num_computed
         prompt_from, targets = self._prompt_targets(seq, start, n) if seq.prompt_logits else (0, ())
         drafts = self._drafts(seq, budget - n) if seq.speculate and seq.num_pending == 1 else ()
+        seq.num_drafted = len(drafts)
         chunks.append(ScheduledChunk(seq.seq_id, tuple(seq.tokens(start, start + n)) + drafts, start,
                                      tuple(seq.block_ids), start + n == seq.num_tokens, prompt_from, targets,
                                      len(drafts)))

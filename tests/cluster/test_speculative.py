@@ -135,3 +135,17 @@ def test_streams_and_metrics_count_every_token_and_the_drafts(demo):
     assert snap["generation_tokens"] == 48
     assert snap["spec_decode_draft_tokens"] == engine.engine.num_draft_tokens > 0
     assert snap["spec_decode_accepted_tokens"] == engine.engine.num_accepted_tokens > 0
+
+
+def test_an_admission_never_takes_the_blocks_of_the_steps_drafts():
+    """A's reserved tail holds the slots of its drafts; B, admitted with only its prompt's blocks,
+    may take A's tail blocks, but not those (here it then waits: the rest of the tail is too short)."""
+    s = Scheduler(SchedulerConfig(block_size=4, num_blocks=8, max_model_len=64,
+                                  speculative=SpeculativeConfig(4, 4, 2)))
+    s.add(Sequence(0, [1, 2, 3, 4, 1, 2, 3, 4], 16, speculate=True))  # 6 blocks reserved, 2 free
+    s.update(s.schedule(), {0: 1})
+    s.add(Sequence(1, list(range(20, 36)), 8))  # 16 prompt tokens: 4 blocks, 3 of them from A's tail
+    chunks = {c.seq_id: c for c in s.schedule().chunks}
+    a = chunks[0]
+    assert a.token_ids == (1, 2, 3, 4, 1) and a.num_draft == 4  # positions 8-12: blocks 2 and 3 of A
+    assert not set(a.block_ids[:4]) & set(s.seqs[1].block_ids)
