@@ -6,8 +6,11 @@ batch size alternates an engine without speculation and one with `--k` draft tok
 pairs); the speedup is the median of the paired ratios, and the tokens must be identical. Also
 prints the share of drafts kept and the tokens each step gave per sequence on average. The output of
 a model with random weights (`--model` bench/decode.py's) seldom repeats itself, so few drafts are
-proposed: there the benchmark shows what the lookup costs.
+proposed: there the benchmark shows what the lookup costs. `--engine ray` runs both engines on a
+local multi-node Ray cluster (bench/cluster_engine.py's: 1 attention worker, 2 expert shards), where
+a step's fixed cost (a Ray call, a data-plane round trip per layer) is larger.
 Prints one JSON object. Usage: python bench/speculative.py [--k 4] [--max-tokens 96] [--repeats 3]
+[--engine inprocess|ray]
 """
 
 from __future__ import annotations
@@ -40,17 +43,44 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=4, help="draft tokens per step")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--engine", default="inprocess", choices=("inprocess", "ray"))
     args = ap.parse_args()
     if min(args.k, args.max_tokens, args.repeats) <= 0:
         ap.error("--k, --max-tokens and --repeats must be > 0")
     model = args.model or str(ensure_demo_model())
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
-    plain = LLMEngine(EngineConfig(model=model))
-    spec = LLMEngine(EngineConfig(model=model, num_speculative_tokens=args.k))
+    extra, cluster = {}, None
+    if args.engine == "ray":
+        from cluster_engine import start_cluster  # bench/cluster_engine.py, beside this file
+        cluster = start_cluster()
+        extra = {"engine": "ray", "cluster": "local"}
+    try:
+        out = run(model, params, args, extra)
+    finally:
+        if cluster is not None:
+            import ray
+            ray.shutdown()
+            cluster.shutdown()
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def run(model: str, params: SamplingParams, args, extra: dict) -> dict:
+    plain = LLMEngine(EngineConfig(model=model, **extra))
+    spec = LLMEngine(EngineConfig(model=model, num_speculative_tokens=args.k, **extra))
+    try:
+        return compare(plain, spec, params, args, {"model": model, "engine": args.engine, "k": args.k,
+                                                    "max_tokens": args.max_tokens, "prompts": len(HELD_OUT),
+                                                    "repeats": args.repeats})
+    finally:
+        plain.shutdown()
+        spec.shutdown()
+
+
+def compare(plain: LLMEngine, spec: LLMEngine, params: SamplingParams, args, out: dict) -> dict:
+    """Alternating runs at batch 1 and batch 8; -> `out` with each batch size's entry."""
     timed(plain, HELD_OUT[:2], params, 2)  # warm-up
     timed(spec, HELD_OUT[:2], params, 2)
-    out = {"model": model, "k": args.k, "max_tokens": args.max_tokens, "prompts": len(HELD_OUT),
-           "repeats": args.repeats}
     for batch in (1, len(HELD_OUT)):
         pairs, drafted, kept = [], spec.num_draft_tokens, spec.num_accepted_tokens
         for _ in range(args.repeats):
@@ -69,8 +99,7 @@ def main() -> int:
                             "drafts_kept": round(kept / drafted, 3) if drafted else None,
                             "tokens_per_sequence_step": round(tokens / (tokens - kept), 3),
                             "identical_tokens": True}
-    print(json.dumps(out, indent=2))
-    return 0
+    return out
 
 
 if __name__ == "__main__":
