@@ -19,7 +19,7 @@ from cluster.sampler import TokenLogprob, new_generator, sample, token_logprobs
 from cluster.sampling_params import SamplingParams
 from cluster.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from cluster.sequence import Sequence
-from cluster.speculative import accept, can_speculate
+from cluster.speculative import accept, can_speculate, draft_tokens, row_outputs
 from experts.config import load_spec
 from experts.expert_cache import CacheStats
 from experts.tokenizer import load_tokenizer
@@ -112,8 +112,9 @@ class LLMEngine:
             self._release(seq_id)
         if not out.chunks:
             return []
+        drafts = draft_tokens(out.chunks)
         try:
-            seq_ids, tokens = self._execute(out)
+            seq_ids, tokens = self._execute(out, drafts)
         except ClusterRecovered as exc:  # actors were restarted: recompute what was running
             self._failed_steps += 1
             if self._failed_steps <= self.config.max_step_retries:
@@ -125,28 +126,30 @@ class LLMEngine:
             log.exception("engine step failed")
             return self._fail(out, exc)
         self._failed_steps = 0
-        sampled, accepted = self._verify(out, seq_ids, tokens)
+        sampled, accepted = self._verify(drafts, seq_ids, tokens)
         self.scheduler.update(out, sampled, accepted)
         return [self._report(self._by_seq[sid]) for sid in sampled]
 
-    def _verify(self, out: SchedulerOutput, seq_ids: tuple[int, ...],
+    def _verify(self, drafts: dict[int, tuple[int, ...]], seq_ids: tuple[int, ...],
                 tokens: list[int]) -> tuple[dict[int, int], dict[int, tuple[int, ...]]]:
         """Rows' tokens -> (each sequence's new token, the drafts kept before it): a draft chunk's rows
         give the model's token after each of its tokens (cluster/speculative.py); a stop token or
-        max_tokens among them ends the request there."""
-        drafts = {c.seq_id: c.token_ids[len(c.token_ids) - c.num_draft:] for c in out.chunks if c.num_draft}
+        max_tokens among them ends the request there. The logprobs of dropped rows are dropped."""
         sampled, accepted, row = {}, {}, 0
         while row < len(seq_ids):
             sid = seq_ids[row]
-            mine = drafts.get(sid, ())
-            new = self._by_seq[sid].cut(accept(mine, tokens[row:row + len(mine) + 1]))
+            mine, req = drafts.get(sid, ()), self._by_seq[sid]
+            new = req.cut(accept(mine, tokens[row:row + len(mine) + 1]))
             row += len(mine) + 1
+            if req.params.logprobs is not None:
+                del req.logprobs[len(req.logprobs) - (len(mine) + 1 - len(new)):]
             sampled[sid], accepted[sid] = new[-1], tuple(new[:-1])
             self.num_draft_tokens += len(mine)
             self.num_accepted_tokens += len(new) - 1
         return sampled, accepted
 
-    def _execute(self, out: SchedulerOutput) -> tuple[tuple[int, ...], list[int]]:
+    def _execute(self, out: SchedulerOutput,
+                 drafts: dict[int, tuple[int, ...]]) -> tuple[tuple[int, ...], list[int]]:
         logits, seq_ids = self.model.execute(out)
         for seq_id in self.model.moved:  # its K/V left the worker whose cached blocks it continues
             self.scheduler.stop_caching(seq_id)
@@ -158,8 +161,8 @@ class LLMEngine:
             self._observe_routes(out)
         reqs = [self._by_seq[sid] for sid in seq_ids]
         params = [r.params for r in reqs]
-        adjusted = adjust_logits(logits, params, [r.seq.prompt_ids for r in reqs], [r.seq.output_ids for r in reqs],
-                                 [r.stop_ids for r in reqs])
+        outputs = row_outputs(seq_ids, [r.seq.output_ids for r in reqs], drafts)  # a draft's row: drafts before it
+        adjusted = adjust_logits(logits, params, [r.seq.prompt_ids for r in reqs], outputs, [r.stop_ids for r in reqs])
         tokens = sample(adjusted, params, [r.generator for r in reqs])
         self._record_logprobs(logits, reqs, tokens)  # the model's own distribution, before any adjustment
         if any(c.prompt_targets for c in out.chunks):

@@ -1,14 +1,16 @@
 """Speculative decoding by prompt lookup (n-gram drafts), torch-free.
 
-A decoding sequence whose request allows it (greedy, nothing that depends on each token's position
-or text: see `can_speculate`) gets up to K draft tokens per step: the tokens that followed the
+A decoding sequence whose request allows it (greedy, without stop strings: see `can_speculate`) gets
+up to K draft tokens per step: the tokens that followed the
 latest earlier occurrence of its last n tokens (n from `prompt_lookup_max` down to
 `prompt_lookup_min`) in its prompt and output. The step runs the last token and the drafts as one
 chunk, which yields the model's greedy token after each of them; the drafts are kept up to the
 first one that differs from the model's, and the model's token at that point is added (so a step
 yields 1 to K + 1 tokens). The output is the greedy output without speculation: each kept token is
 the model's argmax given the tokens before it. The K/V written for the dropped drafts lies beyond
-the sequence's computed positions and is overwritten by the next step.
+the sequence's computed positions and is overwritten by the next step. The logit adjustments that
+depend on the output so far (penalties, min_tokens) see, at a draft's row, the drafts before it
+(`row_outputs`), so each row's token is the one decoding would have picked there.
 """
 
 from __future__ import annotations
@@ -62,8 +64,23 @@ def accept(drafts: Seq[int], targets: Seq[int]) -> list[int]:
 
 
 def can_speculate(params) -> bool:
-    """Whether a request's tokens may be drafted (SamplingParams): greedy, and nothing that changes
-    with each new token (penalties, logprobs, stop strings, min_tokens). A logit bias is the same on
-    every row, so it may stay."""
-    return (params.temperature == 0 and params.logprobs is None and not params.stop and params.min_tokens == 0
-            and params.presence_penalty == 0 and params.frequency_penalty == 0 and params.repetition_penalty == 1)
+    """Whether a request's tokens may be drafted (SamplingParams): greedy, without stop strings (they
+    are found in the text, which is decoded once per step)."""
+    return params.temperature == 0 and not params.stop
+
+
+def draft_tokens(chunks) -> dict[int, tuple[int, ...]]:
+    """seq_id -> the drafts of its chunk, for the chunks that carry drafts (ScheduledChunk)."""
+    return {c.seq_id: c.token_ids[len(c.token_ids) - c.num_draft:] for c in chunks if c.num_draft}
+
+
+def row_outputs(seq_ids: Seq[int], outputs: Seq[Seq[int]],
+                drafts: dict[int, tuple[int, ...]]) -> list[Seq[int]]:
+    """For each logits row (seq_ids[i], its sequence's output so far outputs[i]; a draft chunk's rows
+    are consecutive): the output as it stands at that row, with the drafts before the row."""
+    rows, prev, i = [], None, 0
+    for sid, output in zip(seq_ids, outputs):
+        i = i + 1 if sid == prev else 0
+        prev = sid
+        rows.append([*output, *drafts[sid][:i]] if i else output)
+    return rows

@@ -10,7 +10,7 @@ from cluster.engine import LLMEngine
 from cluster.sampling_params import SamplingParams
 from cluster.scheduler import Scheduler, SchedulerConfig
 from cluster.sequence import Sequence
-from cluster.speculative import SpeculativeConfig, accept, can_speculate, propose
+from cluster.speculative import SpeculativeConfig, accept, can_speculate, propose, row_outputs
 
 CODE = ["def add(a, b):\n    return a + b\n\ndef sub(a, b):\n", "import os\nimport sys\n\n",
         "class Foo:\n    def __init__(self, x):\n        self.x = x\n"]
@@ -33,11 +33,12 @@ def test_verification_keeps_drafts_up_to_the_first_mismatch_then_the_models_toke
     assert accept((), (3,)) == [3]
 
 
-def test_only_greedy_requests_without_per_token_settings_speculate():
-    assert can_speculate(SamplingParams(temperature=0.0, logit_bias=((3, 1.0),), stop_token_ids=(2,)))
-    for other in ({"temperature": 0.7}, {"logprobs": 0}, {"stop": ("x",)}, {"min_tokens": 2},
-                  {"presence_penalty": 0.5}, {"frequency_penalty": 0.5}, {"repetition_penalty": 1.2}):
+def test_only_greedy_requests_without_stop_strings_speculate():
+    assert can_speculate(SamplingParams(temperature=0.0, logit_bias=((3, 1.0),), stop_token_ids=(2,), logprobs=2,
+                                        presence_penalty=0.5, repetition_penalty=1.2, min_tokens=3))
+    for other in ({"temperature": 0.7}, {"stop": ("x",)}):
         assert not can_speculate(SamplingParams(**{"temperature": 0.0, **other}))
+    assert row_outputs([4, 4, 4, 7], [[1], [1], [1], [2]], {4: (8, 9)}) == [[1], [1, 8], [1, 8, 9], [2]]
     with pytest.raises(ValueError, match="prompt_lookup_min <= prompt_lookup_max"):
         SpeculativeConfig(2, prompt_lookup_max=2, prompt_lookup_min=3)
     with pytest.raises(ValueError, match="num_speculative_tokens cannot be combined with record_trace"):
@@ -105,6 +106,25 @@ def test_stop_tokens_and_max_tokens_end_a_request_where_they_would_without_draft
         [want], _ = _run(demo, params, 0, [prompt])
         [got], _ = _run(demo, params, 4, [prompt])
         assert (got.token_ids, got.finish_reason) == (want.token_ids, want.finish_reason)
+
+
+def test_penalties_min_tokens_and_logprobs_see_the_drafts_before_each_row(demo):
+    """A penalty at a draft's row counts the drafts before it; logprobs are kept for kept tokens only."""
+    [ref], _ = _run(demo, SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True), 0, CODE[2:])
+    for params in (SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True, logprobs=2),
+                   SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True, repetition_penalty=1.05),
+                   SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True, frequency_penalty=0.1,
+                                  presence_penalty=0.1),
+                   SamplingParams(max_tokens=64, temperature=0.0, min_tokens=40, stop_token_ids=ref.token_ids[20:22])):
+        [want], _ = _run(demo, params, 0, CODE[2:])
+        [got], engine = _run(demo, params, 4, CODE[2:])
+        assert (got.token_ids, got.finish_reason) == (want.token_ids, want.finish_reason)
+        assert engine.num_draft_tokens > 0
+        if params.logprobs is not None:
+            assert len(got.logprobs) == len(got.token_ids)
+            assert [lp.token_id for lp in got.logprobs] == list(got.token_ids)
+            assert [lp.logprob for lp in got.logprobs] == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-4)
+            assert [[t for t, _ in lp.top] for lp in got.logprobs] == [[t for t, _ in lp.top] for lp in want.logprobs]
 
 
 def test_sampled_requests_do_not_speculate_and_keep_their_tokens(demo):
