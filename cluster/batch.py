@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from cluster.block_manager import context_slots
-from cluster.scheduler import SchedulerOutput
+from cluster.scheduler_config import SchedulerOutput
 
 
 @dataclass(slots=True)

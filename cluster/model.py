@@ -16,7 +16,7 @@ from tqdm import tqdm
 from cluster.attention_worker import AttentionWorker
 from cluster.batch import StepBatch, build_batch
 from cluster.sampling_params import MAX_LOGPROBS
-from cluster.scheduler import SchedulerOutput
+from cluster.scheduler_config import SchedulerOutput
 from experts.checkpoint import Checkpoint
 from experts.config import ModelSpec, load_spec
 from experts.expert_cache import CachedExperts, ExpertCacheConfig

@@ -26,7 +26,7 @@ from cluster.builder import start_attention, start_shard
 from cluster.errors import ClusterRecovered
 from cluster.live_placement import LivePlacement
 from cluster.plan_cli import DTYPE_BYTES, footprint_of
-from cluster.scheduler import ScheduledChunk, SchedulerOutput
+from cluster.scheduler_config import ScheduledChunk, SchedulerOutput
 from cluster.sequence_homes import KVMove, SequenceHomes, prompt_score_order, row_order
 from experts.config import ModelSpec
 from experts.expert_cache import CacheStats

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cluster.block_manager import context_slots
-from cluster.scheduler import ScheduledChunk
+from cluster.scheduler_config import ScheduledChunk
 from router.shuffle import Homes
 
 
