@@ -1,8 +1,9 @@
 """Continuous-batching scheduler (torch-free).
 
-Every step: running sequences that decode get one token each, partly prefilled prompts continue,
-then waiting requests are admitted first-come-first-served while a sequence slot, the token budget
-and KV blocks are available.
+Every step: running sequences that decode get one token each (with speculative decoding, followed
+by draft tokens in slots they hold: cluster/speculative.py), partly prefilled prompts continue, then
+waiting requests are admitted first-come-first-served while a sequence slot, the token budget and
+KV blocks are available.
 
 KV blocks: a request admitted while blocks for its whole length (prompt + max_tokens) are free
 reserves them all, in consecutive blocks where it can (attention then reads its keys in place), and
@@ -14,8 +15,9 @@ tail to take, the latest admitted sequences are preempted: their blocks are free
 the head of the queue, to be recomputed (prompt and output so far) when readmitted. The oldest
 request always progresses, since a request that could not fit the whole cache alone is refused.
 
-With prefix caching, a sequence admitted with a prompt whose leading full blocks are cached shares
-those blocks and starts computing after them; each block a sequence completes is registered.
+With prefix caching, a sequence admitted with a prompt whose leading full blocks are cached (on the
+attention worker it starts on) shares those blocks and starts computing after them; each block a
+sequence completes is registered, until it moves to another worker.
 """
 
 from __future__ import annotations
