@@ -208,7 +208,8 @@ class LLMEngine:
     def _report(self, req: Request) -> RequestOutput:
         new_text = ""
         if req.text is not None:
-            new_text, req.stopped = req.text.update(req.seq.output_ids, check_stop=req.may_stop)
+            text, stopped = req.text.update(req.seq.output_ids, check_stop=req.may_stop)
+            new_text, req.released, req.stopped = req.released + text, "", req.stopped or stopped
         reason = req.finish_reason()
         if reason is not None:
             return self._finish(req, reason, prefix_text=new_text)

@@ -41,6 +41,7 @@ class Request:
     eos_ids: frozenset[int]
     num_reported: int = 0  # output tokens already sent in a RequestOutput
     stopped: bool = field(default=False)
+    released: str = ""  # text released while a step's tokens were checked for stop strings, not yet sent
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, if asked for
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # one per prompt token after the first
     stop_ids: frozenset[int] = field(init=False)  # the tokens that end it: eos (unless ignored), its stop tokens
@@ -56,12 +57,20 @@ class Request:
 
     def cut(self, new: list[int]) -> list[int]:
         """A step's new tokens up to the first that would end the request (a stop token once
-        min_tokens are out, or max_tokens)."""
+        min_tokens are out, max_tokens, or a stop string: the text is checked after each token but
+        the last, as decoding one token per step would, and what that releases is kept in `released`;
+        the engine checks the last token's text as usual)."""
         done = len(self.seq.output_ids)
         for i, token in enumerate(new):
             done += 1
             if (done >= self.params.min_tokens and token in self.stop_ids) or done >= self.params.max_tokens:
                 return new[:i + 1]
+            if i < len(new) - 1 and self.text is not None and self.params.stop:
+                text, self.stopped = self.text.update([*self.seq.output_ids, *new[:i + 1]],
+                                                      check_stop=done >= self.params.min_tokens)
+                self.released += text
+                if self.stopped:
+                    return new[:i + 1]
         return new
 
     def finish_reason(self) -> str | None:

@@ -1,7 +1,6 @@
 """Speculative decoding by prompt lookup (n-gram drafts), torch-free.
 
-A decoding sequence whose request allows it (greedy, without stop strings: see `can_speculate`) gets
-up to K draft tokens per step: the tokens that followed the
+A decoding sequence of a greedy request (`can_speculate`) gets up to K draft tokens per step: the tokens that followed the
 latest earlier occurrence of its last n tokens (n from `prompt_lookup_max` down to
 `prompt_lookup_min`) in its prompt and output. The step runs the last token and the drafts as one
 chunk, which yields the model's greedy token after each of them; the drafts are kept up to the
@@ -64,9 +63,8 @@ def accept(drafts: Seq[int], targets: Seq[int]) -> list[int]:
 
 
 def can_speculate(params) -> bool:
-    """Whether a request's tokens may be drafted (SamplingParams): greedy, without stop strings (they
-    are found in the text, which is decoded once per step)."""
-    return params.temperature == 0 and not params.stop
+    """Whether a request's tokens may be drafted (SamplingParams): greedy."""
+    return params.temperature == 0
 
 
 def draft_tokens(chunks) -> dict[int, tuple[int, ...]]:

@@ -33,11 +33,10 @@ def test_verification_keeps_drafts_up_to_the_first_mismatch_then_the_models_toke
     assert accept((), (3,)) == [3]
 
 
-def test_only_greedy_requests_without_stop_strings_speculate():
+def test_only_greedy_requests_speculate():
     assert can_speculate(SamplingParams(temperature=0.0, logit_bias=((3, 1.0),), stop_token_ids=(2,), logprobs=2,
-                                        presence_penalty=0.5, repetition_penalty=1.2, min_tokens=3))
-    for other in ({"temperature": 0.7}, {"stop": ("x",)}):
-        assert not can_speculate(SamplingParams(**{"temperature": 0.0, **other}))
+                                        presence_penalty=0.5, repetition_penalty=1.2, min_tokens=3, stop=("x",)))
+    assert not can_speculate(SamplingParams(temperature=0.7))
     assert row_outputs([4, 4, 4, 7], [[1], [1], [1], [2]], {4: (8, 9)}) == [[1], [1, 8], [1, 8, 9], [2]]
     with pytest.raises(ValueError, match="prompt_lookup_min <= prompt_lookup_max"):
         SpeculativeConfig(2, prompt_lookup_max=2, prompt_lookup_min=3)
@@ -125,6 +124,21 @@ def test_penalties_min_tokens_and_logprobs_see_the_drafts_before_each_row(demo):
             assert [lp.token_id for lp in got.logprobs] == list(got.token_ids)
             assert [lp.logprob for lp in got.logprobs] == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-4)
             assert [[t for t, _ in lp.top] for lp in got.logprobs] == [[t for t, _ in lp.top] for lp in want.logprobs]
+
+
+def test_stop_strings_end_a_request_at_the_token_that_completes_them(demo):
+    """Stop strings taken from the greedy text at several places: with drafts, the request ends at
+    the same token, with the same text, as decoding one token per step (and min_tokens holds)."""
+    [ref], _ = _run(demo, SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True), 0, CODE[2:])
+    stops = [ref.text[i:i + 4] for i in range(20, len(ref.text) - 4, 9)][:8]
+    for stop, min_tokens in [(s, 0) for s in stops] + [(stops[0], 30)]:
+        params = SamplingParams(max_tokens=96, temperature=0.0, ignore_eos=True, stop=(stop,), min_tokens=min_tokens)
+        [want], _ = _run(demo, params, 0, CODE[2:])
+        [got], engine = _run(demo, params, 4, CODE[2:])
+        assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, want.finish_reason), stop
+        assert engine.num_draft_tokens > 0
+        streamed = list(engine.stream(CODE[2], params))  # the text released while checking comes out too
+        assert "".join(u.new_text for u in streamed) == want.text and streamed[-1].token_ids == want.token_ids
 
 
 def test_sampled_requests_do_not_speculate_and_keep_their_tokens(demo):
