@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, fields
 
 from cluster.speculative import SpeculativeConfig
 from experts.cache_policy import ONLINE_POLICIES  # both torch-free
 from experts.cost_model import SCHEDULES
+
+log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16")
 BACKENDS = ("auto", "torch", "triton")
@@ -127,3 +130,22 @@ def expert_cache_config(config: EngineConfig):
 
     return ExpertCacheConfig(config.expert_cache_fraction, config.expert_cache_policy, config.expert_cache_prefetch,
                              schedule=config.expert_cache_schedule)
+
+
+def context_length(config: EngineConfig, max_positions: int) -> int:
+    """The engine's max_model_len: the configured one, checked against the model's positions and the
+    KV cache (a longer context could never be admitted); by default the model's positions, capped at
+    the KV cache's tokens."""
+    kv = config.num_blocks * config.block_size
+    if config.max_model_len is None:
+        if max_positions > kv:
+            log.warning("max_model_len set to %d, the KV cache's tokens (kv_cache_tokens), below the model's "
+                        "%d positions; raise kv_cache_tokens for longer contexts", kv, max_positions)
+        return min(max_positions, kv)
+    if config.max_model_len > max_positions:
+        raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's max_position_embeddings "
+                         f"{max_positions}")
+    if config.max_model_len > kv:
+        raise ValueError(f"max_model_len {config.max_model_len} exceeds the KV cache's {kv} tokens: raise "
+                         f"kv_cache_tokens or lower max_model_len")
+    return config.max_model_len

@@ -9,7 +9,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from cluster.config import EngineConfig, expert_cache_config
+from cluster.config import EngineConfig, context_length, expert_cache_config
 from cluster.detokenizer import IncrementalText
 from cluster.model import InProcessModel
 from cluster.errors import ClusterRecovered
@@ -270,25 +270,6 @@ class LLMEngine:
                     yield o
                     if o.finished:
                         return
-
-
-def context_length(config: EngineConfig, max_positions: int) -> int:
-    """The engine's max_model_len: the configured one, checked against the model's positions and the
-    KV cache (a longer context could never be admitted); by default the model's positions, capped at
-    the KV cache's tokens."""
-    kv = config.num_blocks * config.block_size
-    if config.max_model_len is None:
-        if max_positions > kv:
-            log.warning("max_model_len set to %d, the KV cache's tokens (kv_cache_tokens), below the model's "
-                        "%d positions; raise kv_cache_tokens for longer contexts", kv, max_positions)
-        return min(max_positions, kv)
-    if config.max_model_len > max_positions:
-        raise ValueError(f"max_model_len {config.max_model_len} exceeds the model's max_position_embeddings "
-                         f"{max_positions}")
-    if config.max_model_len > kv:
-        raise ValueError(f"max_model_len {config.max_model_len} exceeds the KV cache's {kv} tokens: raise "
-                         f"kv_cache_tokens or lower max_model_len")
-    return config.max_model_len
 
 
 def _load_model(config: EngineConfig, device: torch.device, ops):

@@ -73,7 +73,7 @@ def test_the_serve_builder_refuses_ray_only_settings_in_process():
 
 
 def test_the_context_length_fits_the_model_and_the_kv_cache(caplog):
-    from cluster.engine import context_length
+    from cluster.config import context_length
 
     assert context_length(EngineConfig(model="m", kv_cache_tokens=4096), 2048) == 2048
     assert context_length(EngineConfig(model="m", kv_cache_tokens=4096), 32768) == 4096  # capped, and said
