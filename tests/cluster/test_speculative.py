@@ -183,3 +183,18 @@ def test_an_admission_never_takes_the_blocks_of_the_steps_drafts():
     a = chunks[0]
     assert a.token_ids == (1, 2, 3, 4, 1) and a.num_draft == 4  # positions 8-12: blocks 2 and 3 of A
     assert not set(a.block_ids[:4]) & set(s.seqs[1].block_ids)
+
+
+def test_drafts_with_prefix_caching_and_preemption_keep_the_tokens(demo):
+    """Shared prompt blocks registered in the step that computes them, drafts beside them, and a KV
+    cache too small for every request at once (sequences grow, are preempted and recomputed)."""
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    prompts = [CODE[2] + tail for tail in ("", "    def a(self):\n", "    def b(self):\n", "    x = 1\n")]
+    want = LLMEngine(EngineConfig(model=demo)).generate(prompts, params)
+    for extra in ({"enable_prefix_caching": True, "block_size": 4}, {"kv_cache_tokens": 160, "block_size": 8}):
+        engine = LLMEngine(EngineConfig(model=demo, num_speculative_tokens=4, **extra))
+        got = engine.generate(prompts, params)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want], extra
+        assert engine.num_accepted_tokens > 0
+        assert engine.scheduler.prefix_hit_tokens > 0 if "enable_prefix_caching" in extra else \
+            engine.scheduler.num_preemptions > 0
