@@ -165,6 +165,25 @@ def test_with_prefix_caching_a_moved_sequence_registers_no_block_it_completed_el
         engine.shutdown()
 
 
+def test_drafts_of_sequences_moved_every_step_keep_the_greedy_tokens(ray_cluster, tmp_path):
+    """Speculative decoding with request shuffling: each step a sequence's computed K/V moves, then
+    its last token and drafts are written and attended on the new worker."""
+    from cluster.demo import ensure_demo_model
+
+    model = str(ensure_demo_model())
+    prompts = ["class Foo:\n    def __init__(self, x):\n        self.x = x\n", "import os\nimport sys\n\n"]
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    want = [o.token_ids for o in LLMEngine(EngineConfig(model=model)).generate(prompts, params)]
+    engine = LLMEngine(EngineConfig(model=model, engine="ray", cluster=_colocated(tmp_path), num_attention_workers=2,
+                                    num_expert_shards=2, request_shuffling=True, num_speculative_tokens=4))
+    try:
+        engine.model.shuffler = Contrary(2)
+        assert [o.token_ids for o in engine.generate(prompts, params)] == want
+        assert engine.num_accepted_tokens > 0 and engine.model.traffic.sequences_moved > 0
+    finally:
+        engine.shutdown()
+
+
 def test_request_shuffling_needs_the_cluster_engine(tiny_model):
     with pytest.raises(ValueError, match="request_shuffling"):
         EngineConfig(model=str(tiny_model("olmoe")), request_shuffling=True)
