@@ -63,7 +63,7 @@ class Request:
         done = len(self.seq.output_ids)
         for i, token in enumerate(new):
             done += 1
-            if (done >= self.params.min_tokens and token in self.stop_ids) or done >= self.params.max_tokens:
+            if self._ends(token, done) is not None:
                 return new[:i + 1]
             if i < len(new) - 1 and self.text is not None and self.params.stop:
                 text, self.stopped = self.text.update([*self.seq.output_ids, *new[:i + 1]],
@@ -78,8 +78,11 @@ class Request:
         out = self.seq.output_ids
         if self.stopped:
             return "stop"
-        if out and self.may_stop and out[-1] in self.stop_ids:
+        return self._ends(out[-1], len(out)) if out else None
+
+    def _ends(self, token: int, length: int) -> str | None:
+        """Whether an output of `length` tokens whose last is `token` is complete: "stop" (a stop token
+        once min_tokens are out), "length" (max_tokens), or None."""
+        if length >= self.params.min_tokens and token in self.stop_ids:
             return "stop"
-        if len(out) >= self.params.max_tokens:
-            return "length"
-        return None
+        return "length" if length >= self.params.max_tokens else None

@@ -82,7 +82,10 @@ def prompt_score_order(chunks: tuple[ScheduledChunk, ...],
                        placed: list[list[list[ScheduledChunk]]]) -> list[tuple[int, int, int, int]]:
     """For each chunk of `chunks` that scores prompt tokens, in the engine's order: (attention call,
     micro-batch, first of its rows among that micro-batch's prompt scores, their number), as
-    cluster.batch.build_batch lays a micro-batch's prompt rows out, chunk after chunk."""
+    cluster.batch.build_batch lays a micro-batch's prompt rows out, chunk after chunk; [] (nothing
+    mapped) when no chunk scores the prompt, as in most steps."""
+    if not any(c.prompt_targets for c in chunks):
+        return []
     where = _places(placed, lambda c: len(c.prompt_targets))
     return [(*where[c.seq_id], len(c.prompt_targets)) for c in chunks if c.prompt_targets]
 
