@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from cluster.batch import StepBatch
-from cluster.layers import apply_rope_rolled, gated_mlp, paged_attention, rms_norm, rope_table, signed_sin
+from cluster.layers import apply_rope_rolled, gated_mlp, paged_attention, rope_table, signed_sin
 from experts.config import ModelSpec
 from experts.loader import DenseWeights, LayerWeights
 from kernels.dispatch import KernelOps
@@ -20,7 +20,8 @@ class AttentionWorker:
     def __init__(self, spec: ModelSpec, weights: DenseWeights, num_slots: int,
                  dtype: torch.dtype, device: torch.device, ops: KernelOps) -> None:
         self.spec, self.w, self.dtype, self.device = spec, weights, dtype, device
-        self.linear = ops.linear
+        self.linear, self.rms_norm, self.attend_one = ops.linear, ops.rms_norm, ops.attend_one
+        self.rope_in_place = ops.rope_in_place
         cos, sin = rope_table(spec.head_dim, spec.rope_theta, spec.max_position_embeddings)
         self.cos, self.sin = cos.to(device, dtype), signed_sin(sin).to(device, dtype)
         self._rope_at: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # see _rope
@@ -40,20 +41,20 @@ class AttentionWorker:
     def attention(self, layer: int, h: torch.Tensor, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Residual stream h [T, H] -> (h + attention, post-attention-normed input of the FFN)."""
         lw = self.w.layers[layer]
-        x = rms_norm(h, lw.input_norm, self.spec.rms_norm_eps)
+        x = self.rms_norm(h, lw.input_norm, self.spec.rms_norm_eps)
         q, k, v = self._qkv(lw, x, batch)
         self.k_cache[layer][batch.slot_mapping] = k
         self.v_cache[layer][batch.slot_mapping] = v
-        attn = paged_attention(q, self.k_cache[layer], self.v_cache[layer], batch, self.scale)
+        attn = paged_attention(q, self.k_cache[layer], self.v_cache[layer], batch, self.scale, self.attend_one)
         h = h + self.linear(attn, lw.o)
-        return h, rms_norm(h, lw.post_norm, self.spec.rms_norm_eps)
+        return h, self.rms_norm(h, lw.post_norm, self.spec.rms_norm_eps)
 
     def _qkv(self, lw: LayerWeights, x: torch.Tensor, batch: StepBatch):
         s = self.spec
         q_out, kv_out = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         q, k, v = self.linear(x, lw.qkv, lw.qkv_bias).split([q_out, kv_out, kv_out], dim=-1)
         if s.qk_norm == "full":
-            q, k = rms_norm(q, lw.q_norm, s.rms_norm_eps), rms_norm(k, lw.k_norm, s.rms_norm_eps)
+            q, k = self.rms_norm(q, lw.q_norm, s.rms_norm_eps), self.rms_norm(k, lw.k_norm, s.rms_norm_eps)
         if s.clip_qkv is not None:
             q, k, v = (t.clamp(-s.clip_qkv, s.clip_qkv) for t in (q, k, v))
         t = x.shape[0]
@@ -61,8 +62,10 @@ class AttentionWorker:
         k = k.reshape(t, s.num_kv_heads, s.head_dim)
         v = v.reshape(t, s.num_kv_heads, s.head_dim)
         if s.qk_norm == "head":
-            q, k = rms_norm(q, lw.q_norm, s.rms_norm_eps), rms_norm(k, lw.k_norm, s.rms_norm_eps)
+            q, k = self.rms_norm(q, lw.q_norm, s.rms_norm_eps), self.rms_norm(k, lw.k_norm, s.rms_norm_eps)
         cos, sin = self._rope(batch)
+        if self.rope_in_place is not None and q.stride(1) == k.stride(1) == s.head_dim:
+            return self.rope_in_place(q, cos, sin), self.rope_in_place(k, cos, sin), v
         return apply_rope_rolled(q, cos, sin), apply_rope_rolled(k, cos, sin), v
 
     def _rope(self, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +96,7 @@ class AttentionWorker:
 
     def _head(self, rows: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: [R, H] residual rows -> [R, V] float32 logits."""
-        return self.linear(rms_norm(rows, self.w.final_norm, self.spec.rms_norm_eps), self.w.lm_head).float()
+        return self.linear(self.rms_norm(rows, self.w.final_norm, self.spec.rms_norm_eps), self.w.lm_head).float()
 
     def prompt_scores(self, h: torch.Tensor, batch: StepBatch, top: int,
                       rows_at_once: int = 256) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

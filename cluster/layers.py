@@ -1,4 +1,4 @@
-"""Stateless torch building blocks: RMSNorm, rotary embeddings, paged attention, gated MLP."""
+"""Stateless torch building blocks: rotary embeddings, paged attention, gated MLP (RMSNorm: kernels/norm.py)."""
 
 from __future__ import annotations
 
@@ -6,17 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from cluster.batch import StepBatch
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim, computed in float32 like HF, weight applied in x.dtype. In float32
-    `F.rms_norm` gives the same bits in one call (tests/cluster/test_layers.py); in bfloat16 it
-    rounds differently from HF, so the explicit form stays."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, weight.shape, weight, eps)
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
 
 
 def rope_table(head_dim: int, theta: float, max_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +45,7 @@ GATHER_MAX_BYTES = 8 * 2**20  # keys (or values) gathered per layer above which 
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    batch: StepBatch, scale: float) -> torch.Tensor:
+                    batch: StepBatch, scale: float, attend_one=None) -> torch.Tensor:
     """q: [T, nh, D] new tokens; caches: [slots, nkv, D] already holding these tokens' K/V.
 
     Returns [T, nh * D]. When every sequence's keys sit in consecutive slots (as the block manager
@@ -68,10 +57,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     (fresh pages); the loop costs a call per sequence. On the 2-core VM, one layer (8 KV heads of
     64), gathered against in place: 32 sequences of 64 keys 0.36 against 0.76 ms, of 128 keys
     1.16-6.74 (two runs) against 1.32, of 256 keys 3.85 against 2.86; 8 of 256 0.32 against 0.32,
-    8 of 1,000 2.53-3.87 against 2.22; 31 of 64 keys beside one of 2,000 94-102 against 1.03."""
+    8 of 1,000 2.53-3.87 against 2.22; 31 of 64 keys beside one of 2,000 94-102 against 1.03.
+    `attend_one` (kernels/cpu_native.py `attend_native`), where given, attends the in-place path's
+    single queries that see all their keys."""
     large = q.device.type == "cpu" and _gather_bytes(k_cache, batch) > GATHER_MAX_BYTES
     if batch.kv_runs is not None and (batch.num_seqs == 1 or large):
-        return _attention_in_place(q, k_cache, v_cache, batch, scale)
+        return _attention_in_place(q, k_cache, v_cache, batch, scale, attend_one)
     return _attention_gathered(q, k_cache, v_cache, batch, scale)
 
 
@@ -80,7 +71,7 @@ def _gather_bytes(cache: torch.Tensor, batch: StepBatch) -> int:
 
 
 def _attention_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        batch: StepBatch, scale: float) -> torch.Tensor:
+                        batch: StepBatch, scale: float, attend_one=None) -> torch.Tensor:
     """Each sequence's queries over a view of its keys: no copy of the keys, one call per sequence.
     The view has the gathered copy's layout, so a lone sequence gets the gathered path's bits (tests/
     cluster/test_layers.py). A single query that sees all its keys goes without a mask (adding an
@@ -90,9 +81,13 @@ def _attention_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     out = q.new_empty(q.shape[0], nh * d)
     window, row = batch.sliding_window, 0
     for b, (n, keys, first) in enumerate(zip(batch.q_lens, batch.kv_lens, batch.kv_runs)):
+        sees_all = n == 1 and (window is None or keys <= window)
+        if sees_all and attend_one is not None:
+            attend_one(q[row], k_cache, v_cache, first, keys, scale, out[row])
+            row += 1
+            continue
         k, v = (_seq_view(cache, first, keys) for cache in (k_cache, v_cache))  # [1, nkv, keys, D]
         qb = _seq_view(q, row, n)  # [1, nh, n, D]
-        sees_all = n == 1 and (window is None or keys <= window)
         mask = None if sees_all else batch.attn_mask[b:b + 1, :, :n, :keys]
         o = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         out[row:row + n] = o.transpose(1, 2).reshape(n, nh * d)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from kernels.fused_moe_torch import fused_moe_torch
 from kernels.linear import linear_ref, select_linear
+from kernels.norm import rms_norm_ref
 from kernels.topk_gating import topk_gating_ref
 
 BACKENDS = ("auto", "torch", "triton")
@@ -34,6 +35,9 @@ class KernelOps:
     fused_moe: Callable[..., Tensor]
     topk_gating: Callable[..., tuple[Tensor, Tensor]]
     linear: Callable[..., Tensor] = linear_ref  # projections y = x @ w^T (+ b): dense layers and experts
+    rms_norm: Callable[..., Tensor] = rms_norm_ref  # (x, weight, eps) -> normed x
+    attend_one: Callable[..., Tensor] | None = None  # decode attention of one query (cluster/layers.py)
+    rope_in_place: Callable[..., Tensor] | None = None  # apply_rope_rolled in place (cluster/attention_worker.py)
 
 
 def _triton_importable() -> bool:
@@ -64,6 +68,21 @@ def _triton_ops() -> KernelOps:
     return KernelOps(backend="triton", fused_moe=fused_moe_triton, topk_gating=topk_gating_triton)
 
 
+def _native(device: torch.device, dtype: torch.dtype) -> dict[str, Callable]:
+    """KernelOps fields from the C kernels for float32 on CPU (kernels/cpu_native.py); {} where they
+    cannot run."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return {}
+    from kernels import cpu_native
+    lib = cpu_native.load()
+    if lib is None:
+        return {}
+    return {"one_token": functools.partial(cpu_native.moe_token_native, lib=lib),
+            "rms_norm": functools.partial(cpu_native.rms_norm_native, lib=lib),
+            "attend_one": functools.partial(cpu_native.attend_native, lib=lib),
+            "rope_in_place": functools.partial(cpu_native.rope_native, lib=lib)}
+
+
 def select_kernels(device: torch.device | str, backend: str = "auto",
                    dtype: torch.dtype = torch.float32) -> KernelOps:
     """Pick the kernel implementations for ``device``.
@@ -88,7 +107,8 @@ def select_kernels(device: torch.device | str, backend: str = "auto",
         backend = "triton" if device.type == "cuda" and _triton_importable() else "torch"
     if backend == "torch":  # projections through the fastest correct linear for the device and dtype
         linear = select_linear(device, dtype)
-        return KernelOps(backend="torch", fused_moe=functools.partial(fused_moe_torch, linear=linear),
-                         topk_gating=topk_gating_ref, linear=linear)
+        native = _native(device, dtype)
+        moe = functools.partial(fused_moe_torch, linear=linear, one_token=native.pop("one_token", None))
+        return KernelOps(backend="torch", fused_moe=moe, topk_gating=topk_gating_ref, linear=linear, **native)
     _check_triton_allowed(device)
     return _triton_ops()

@@ -25,11 +25,21 @@ from kernels.linear import Linear, linear_ref
 
 
 def fused_moe_torch(x: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_ids: Tensor,
-                    topk_weights: Tensor, linear: Linear = linear_ref) -> Tensor:
+                    topk_weights: Tensor, linear: Linear = linear_ref, one_token=None) -> Tensor:
+    """`one_token`: the kernel for a single float32 token on CPU with contiguous experts
+    (kernels/cpu_native.py `moe_token_native`); None: the loop below."""
     if x.shape[0] == 1 and x.device.type == "cpu":
         check_moe_args(x, w_gate_up, w_down, topk_ids, topk_weights)
+        if one_token is not None and x.dtype == torch.float32 and _experts_contiguous(w_gate_up, w_down):
+            return one_token(x, w_gate_up, w_down, topk_ids, topk_weights)
         return _one_token(x, w_gate_up, w_down, topk_ids, topk_weights, linear)
     return fused_moe_ref(x, w_gate_up, w_down, topk_ids, topk_weights, linear)
+
+
+def _experts_contiguous(w_gate_up: Tensor, w_down: Tensor) -> bool:
+    """Each expert's [2I, H] and [H, I] matrices contiguous (the banks' layout), rows unit-strided."""
+    return (w_gate_up.stride()[1:] == (w_gate_up.shape[2], 1)
+            and w_down.stride()[1:] == (w_down.shape[2], 1))
 
 
 def _one_token(x: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_ids: Tensor, topk_weights: Tensor,

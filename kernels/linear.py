@@ -59,9 +59,13 @@ def select_linear(device: torch.device, dtype: torch.dtype) -> Linear:
     if device.type != "cpu" or dtype != torch.float32:
         return linear_ref
     large = linear_onednn if _onednn_works() else linear_ref
+    from kernels import cpu_native  # imports this module: loaded here, not at the top
+    small = functools.partial(cpu_native.linear_native, lib=lib) if (lib := cpu_native.load()) else None
 
     def linear_cpu(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
         if x.dim() == 2 and x.shape[0] <= SMALL_M:
+            if small is not None and w.is_contiguous() and (bias is None or bias.is_contiguous()):
+                return small(x, w, bias)
             return linear_weight_major(x, w, bias)
         return large(x, w, bias)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from experts.config import ModelSpec
 from kernels.dispatch import KernelOps
@@ -29,7 +28,7 @@ class Gate:
 
     def route(self, layer: int, x: torch.Tensor) -> Route:
         """x: [T, H] post-attention-normed hidden states of `layer`."""
-        logits = F.linear(x, self.weights[layer])  # [T, E]
+        logits = self.ops.linear(x, self.weights[layer])  # [T, E]
         weights, ids = self.ops.topk_gating(logits, self.spec.top_k, self.spec.norm_topk_prob)
         if self.round_weights:
             weights = weights.to(x.dtype).float()

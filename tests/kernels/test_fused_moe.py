@@ -15,6 +15,7 @@ from torch import Tensor
 
 from kernels import select_kernels
 from kernels.fused_moe import expert_pair_outputs_ref, fused_moe_ref
+from kernels.fused_moe_torch import fused_moe_torch
 from tests.kernels.interpreter import run_interpreted
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
@@ -213,8 +214,10 @@ def test_cpu_production_path_matches_reference(case_id):
 
 @pytest.mark.parametrize("tokens", [1, 3, 64])  # the single-token shortcut, small and large expert rows
 def test_pair_outputs_with_the_cpu_linear_are_the_bits_of_the_fused_path(tokens):
-    """A shard (pair outputs, weighted and summed by the caller) and the in-process engine (fused)
-    compute each expert on the same rows through the same linear: identical bits."""
+    """A shard (pair outputs, weighted and summed by the caller) and the in-process engine's torch
+    path (fused) compute each expert on the same rows through the same linear: identical bits. (A
+    single float32 token in-process goes through the C kernel where it is built, which adds its
+    experts in its own order: close, not the same bits.)"""
     from experts.expert_bank import ExpertBank
     e, h, i, k = 6, 24, 16, 2
     g = torch.Generator().manual_seed(tokens)
@@ -226,7 +229,9 @@ def test_pair_outputs_with_the_cpu_linear_are_the_bits_of_the_fused_path(tokens)
     ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(tokens)])
     weights = torch.rand(tokens, k, generator=g)
     ops = select_kernels("cpu", "torch", torch.float32)
-    fused = ops.fused_moe(x, bank.w_gate_up, bank.w_down, ids, weights)
+    fused = fused_moe_torch(x, bank.w_gate_up, bank.w_down, ids, weights, linear=ops.linear)
+    torch.testing.assert_close(ops.fused_moe(x, bank.w_gate_up, bank.w_down, ids, weights), fused,
+                               atol=1e-4, rtol=1e-5)
     pairs = expert_pair_outputs_ref(x, bank.w_gate_up, bank.w_down, torch.arange(tokens).repeat_interleave(k),
                                     ids.reshape(-1), ops.linear).view(tokens, k, h)
     order = torch.argsort(ids, dim=1, stable=True)  # summed in ascending expert id, as the fused loop adds
@@ -244,9 +249,10 @@ def test_pair_outputs_with_the_cpu_linear_are_the_bits_of_the_fused_path(tokens)
 def test_one_token_path_is_the_bits_of_the_reference(dtype, drop):
     """Batch-1 decode skips the grouping ops (fused_moe_torch._one_token); the experts still run in
     ascending id order through the same linear, so the sum is the reference's, bit for bit, also
-    with -1 ids (experts on other shards)."""
+    with -1 ids (experts on other shards). (The C kernel that replaces it for float32 where it is
+    built is tested in test_cpu_native.py.)"""
     ops = select_kernels("cpu", "torch", dtype)
     for seed in range(6):
         x, w_gate_up, w_down, ids, weights = make_case(1, 8, 4, 48, 32, dtype=dtype, drop=drop, seed=seed)
-        assert torch.equal(ops.fused_moe(x, w_gate_up, w_down, ids, weights),
+        assert torch.equal(fused_moe_torch(x, w_gate_up, w_down, ids, weights, linear=ops.linear),
                            fused_moe_ref(x, w_gate_up, w_down, ids, weights, ops.linear))

@@ -1,0 +1,208 @@
+"""Float32 CPU kernels in C for decode-sized inputs (kernels/cpu_native.c), beside their torch references.
+
+At batch 1 a decode step is ~90 small projections plus ~100 small ops per layer; in torch each
+projection of one row took a copy, two transposes and MKL's matrix product, and each op 2-10 us of
+dispatch. The C kernels stream each weight row once per step for all of x's rows, on all of torch's
+threads, with one call per projection, per RMSNorm and per token's whole MoE layer.
+
+The C file is compiled on first use with the system C compiler (`$CC`, else `cc`) for this CPU
+(`-march=native`) into the user cache (`$MOE_SERVE_CACHE/kernels`, else `~/.cache/moe-serve/kernels`),
+keyed by the source, the flags and the CPU's features, and loaded with ctypes. Where that fails (no
+compiler, a read-only cache) or `MOE_SERVE_NATIVE_KERNELS=0` is set, `load()` returns None and the
+torch paths run instead; a loaded library is checked once against the references.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kernels.fused_moe import fused_moe_ref
+from kernels.linear import linear_ref
+from kernels.norm import rms_norm_ref
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_native.c")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
+ENV_SWITCH = "MOE_SERVE_NATIVE_KERNELS"
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {
+    "ms_linear": [_P, _I, _P, _P, _P, _I, _I, _I, ctypes.c_int],
+    "ms_moe_token": [_P, _P, _P, _P, _I, _I, _I, _P, _P, ctypes.c_int],
+    "ms_rms_norm": [_P, _I, _P, _F, _P, _I, _I],
+    "ms_attend": [_P, _P, _P, _I, _I, _I, _I, _I, _F, _P, _P, ctypes.c_int],
+    "ms_rope": [_P, _I, _I, _I, _I, _P, _P],
+}
+
+
+class NativeBuildError(RuntimeError):
+    """The C kernels could not be compiled or loaded here."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MOE_SERVE_CACHE")
+    return (Path(root) if root else Path.home() / ".cache/moe-serve") / "kernels"
+
+
+def _cpu_features() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return os.uname().machine
+    return next((ln for ln in lines if ln.startswith(("flags", "Features"))), os.uname().machine)
+
+
+def build(compiler: str | None = None, out_dir: Path | None = None) -> Path:
+    """Compile cpu_native.c (once per source, flags and CPU) and return the shared library's path."""
+    cc = compiler or os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        raise NativeBuildError(f"no C compiler: {cc!r} is not on PATH (set CC to one)")
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, *FLAGS, _cpu_features()]).encode()).hexdigest()[:16]
+    out_dir = out_dir or cache_dir()
+    lib = out_dir / f"moe_cpu_{key}.so"
+    if lib.is_file():
+        return lib
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)  # other processes may build at once
+        os.close(fd)
+    except OSError as e:
+        raise NativeBuildError(f"cannot write the kernel cache {out_dir}: {e}") from e
+    log.info("compiling %s into %s", SOURCE.name, lib)
+    proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        os.unlink(tmp)
+        raise NativeBuildError(f"{cc} failed on {SOURCE.name}: {proc.stderr.strip()[-2000:]}")
+    os.replace(tmp, lib)
+    return lib
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise NativeBuildError(f"cannot load {path}: {e}") from e
+    for name, args in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, None
+    return lib
+
+
+@functools.cache
+def load() -> ctypes.CDLL | None:
+    """The compiled kernels, checked against the references; None where they cannot run here."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    try:
+        lib = _open(build())
+    except NativeBuildError as e:
+        log.warning("native CPU kernels unavailable, using torch's: %s", e)
+        return None
+    if not _agrees(lib):
+        log.warning("native CPU kernels disagree with the torch references here; using torch's")
+        return None
+    return lib
+
+
+def linear_native(x: Tensor, w: Tensor, bias: Tensor | None = None, lib: ctypes.CDLL | None = None) -> Tensor:
+    """`linear_ref` for float32 CPU x [T, in] (rows may be strided), w [out, in] contiguous."""
+    lib = lib or load()
+    m, k = x.shape
+    n = w.shape[0]
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    y = torch.empty(m, n, dtype=torch.float32)
+    lib.ms_linear(x.data_ptr(), x.stride(0), w.data_ptr(), None if bias is None else bias.data_ptr(),
+                  y.data_ptr(), m, n, k, torch.get_num_threads())
+    return y
+
+
+def moe_token_native(x: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_ids: Tensor, topk_weights: Tensor,
+                     lib: ctypes.CDLL | None = None) -> Tensor:
+    """`fused_moe_ref` for one float32 CPU token x [1, H]: its experts in ascending id order (negative
+    ids skipped), each expert's matrices contiguous ([2I, H] and [H, I] slices of the banks)."""
+    lib = lib or load()
+    h, inter = x.shape[1], w_down.shape[2]
+    pairs = sorted((e, w) for e, w in zip(topk_ids[0].tolist(), topk_weights[0].float().tolist()) if e >= 0)
+    k = len(pairs)
+    gate_up = (ctypes.c_int64 * k)(*(w_gate_up[e].data_ptr() for e, _ in pairs))
+    down = (ctypes.c_int64 * k)(*(w_down[e].data_ptr() for e, _ in pairs))
+    weights = (ctypes.c_float * k)(*(w for _, w in pairs))
+    threads = torch.get_num_threads()
+    out = torch.empty(1, h, dtype=torch.float32)
+    scratch = torch.empty(max(threads, 2) * (h + inter), dtype=torch.float32)
+    xc = x.contiguous()
+    lib.ms_moe_token(xc.data_ptr(), gate_up, down, weights, k, h, inter, out.data_ptr(), scratch.data_ptr(), threads)
+    return out
+
+
+def rms_norm_native(x: Tensor, weight: Tensor, eps: float, lib: ctypes.CDLL | None = None) -> Tensor:
+    """`rms_norm_ref` for float32 CPU x [..., D] (2-D rows may be strided) and a contiguous weight [D]."""
+    lib = lib or load()
+    d = x.shape[-1]
+    if x.dim() != 2 or x.stride(1) != 1:
+        return rms_norm_native(x.reshape(-1, d).contiguous(), weight, eps, lib).view(x.shape)
+    out = torch.empty(x.shape, dtype=torch.float32)
+    lib.ms_rms_norm(x.data_ptr(), x.stride(0), weight.data_ptr(), eps, out.data_ptr(), x.shape[0], d)
+    return out
+
+
+def attend_native(q: Tensor, k_cache: Tensor, v_cache: Tensor, first: int, keys: int, scale: float,
+                  out: Tensor, lib: ctypes.CDLL | None = None) -> Tensor:
+    """One float32 CPU query per head, q [nh, D] (rows contiguous), over the keys and values at slots
+    first..first+keys of contiguous caches [slots, nkv, D]; writes out [nh * D] (a contiguous row) and
+    returns it. Unmasked SDPA with GQA (attention_ref)."""
+    lib = lib or load()
+    nh, d = q.shape
+    nkv = k_cache.shape[1]
+    row = nkv * d
+    scores = torch.empty(nh * keys, dtype=torch.float32)
+    lib.ms_attend(q.contiguous().data_ptr(), k_cache.data_ptr() + 4 * first * row, v_cache.data_ptr() + 4 * first * row,
+                  row, keys, nh, nkv, d, scale, out.data_ptr(), scores.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def rope_native(x: Tensor, cos: Tensor, sin_signed: Tensor, lib: ctypes.CDLL | None = None) -> Tensor:
+    """cluster/layers.py `apply_rope_rolled` in place on float32 CPU x [T, n, D] (each head's D values
+    contiguous, heads D apart); cos, sin_signed: [T, 1, D] contiguous. Returns x."""
+    lib = lib or load()
+    t, n, d = x.shape
+    if x.stride(2) != 1 or x.stride(1) != d:
+        raise ValueError(f"rope_native needs each row's heads packed, got strides {x.stride()}")
+    lib.ms_rope(x.data_ptr(), x.stride(0), t, n, d, cos.data_ptr(), sin_signed.data_ptr())
+    return x
+
+
+def attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, first: int, keys: int, scale: float) -> Tensor:
+    """`attend_native`'s reference: SDPA of q [nh, D] over cache rows first..first+keys -> [nh * D]."""
+    k, v = (c[first:first + keys].transpose(0, 1)[None] for c in (k_cache, v_cache))  # [1, nkv, keys, D]
+    o = F.scaled_dot_product_attention(q[None, :, None], k, v, scale=scale, enable_gqa=True)
+    return o.reshape(-1)
+
+
+def _agrees(lib: ctypes.CDLL) -> bool:
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(3, 40, generator=g), torch.randn(70, 40, generator=g), torch.randn(70, generator=g)
+    gu, dn = torch.randn(4, 2 * 24, 40, generator=g), torch.randn(4, 40, 24, generator=g)
+    ids, wts = torch.tensor([[2, 0]]), torch.tensor([[0.7, 0.3]])
+    q, kc, vc = torch.randn(4, 16, generator=g), torch.randn(20, 2, 16, generator=g), torch.randn(20, 2, 16, generator=g)
+    cos, sin = torch.randn(2, 1, 16, generator=g), torch.randn(2, 1, 16, generator=g)
+    close = functools.partial(torch.allclose, atol=1e-4, rtol=1e-4)
+    return (close(linear_native(x, w, b, lib), linear_ref(x, w, b))
+            and close(moe_token_native(x[:1], gu, dn, ids, wts, lib), fused_moe_ref(x[:1], gu, dn, ids, wts))
+            and close(rms_norm_native(x, b[:40], 1e-6, lib), rms_norm_ref(x, b[:40], 1e-6))
+            and close(attend_native(q, kc, vc, 3, 9, 0.25, torch.empty(64), lib), attention_ref(q, kc, vc, 3, 9, 0.25))
+            and close(rope_native(kc[:2].clone(), cos, sin, lib), kc[:2] * cos + kc[:2].roll(8, -1) * sin))

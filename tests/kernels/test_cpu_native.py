@@ -1,0 +1,185 @@
+"""The C kernels for float32 CPU decode (kernels/cpu_native.py) against their torch references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cluster.layers import apply_rope_rolled, rope_table, signed_sin
+from kernels import cpu_native, select_kernels
+from kernels.fused_moe import fused_moe_ref
+from kernels.linear import linear_ref
+from kernels.norm import rms_norm_ref
+
+
+
+def _built():
+    """The compiled library, opened directly: load()'s self-check would turn a wrong kernel into a
+    skip here."""
+    try:
+        return cpu_native._open(cpu_native.build()), ""
+    except cpu_native.NativeBuildError as e:
+        return None, str(e)
+
+
+LIB, WHY = _built()
+needs_lib = pytest.mark.skipif(LIB is None, reason=f"the C kernels cannot be built here: {WHY}")
+
+
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@needs_lib
+@pytest.mark.parametrize("m, k, n", [(1, 5, 1), (1, 512, 1030), (3, 100, 33), (8, 1000, 300), (2, 64, 40000)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear(threads, m, k, n, bias):
+    g = torch.Generator().manual_seed(m * k + n)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    got = cpu_native.linear_native(x, w, b, lib=LIB)
+    torch.testing.assert_close(got, linear_ref(x, w, b), atol=1e-4, rtol=1e-4)
+    # each row's dot products do not depend on the other rows: a row alone gets the same bits
+    assert torch.equal(cpu_native.linear_native(x[-1:], w, b, lib=LIB), got[-1:])
+    wide = torch.randn(m, k + 7, generator=g)
+    wide[:, :k] = x  # rows k + 7 floats apart
+    assert torch.equal(cpu_native.linear_native(wide[:, :k], w, b, lib=LIB), got)
+
+
+@needs_lib
+def test_linear_bits_do_not_depend_on_the_thread_count():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(2, 512, generator=g), torch.randn(4000, 512, generator=g)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_native.linear_native(x, w, lib=LIB)
+        torch.set_num_threads(2)
+        assert torch.equal(cpu_native.linear_native(x, w, lib=LIB), one)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_lib
+@pytest.mark.parametrize("top_k", [1, 2, 3, 4])  # odd: each expert's rows split; even: whole experts per thread
+@pytest.mark.parametrize("h, inter", [(24, 16), (64, 512)])  # one thread; several
+def test_moe_token(threads, top_k, h, inter):
+    e = 6
+    g = torch.Generator().manual_seed(top_k * h)
+    w_gate_up, w_down = torch.randn(e, 2 * inter, h, generator=g) * 0.2, torch.randn(e, h, inter, generator=g) * 0.2
+    x = torch.randn(1, h, generator=g)
+    for drop in (False, True):
+        ids = torch.randperm(e, generator=g)[:top_k][None]
+        if drop:
+            ids[0, 0] = -1  # an expert on another shard: skipped
+        weights = torch.rand(1, top_k, generator=g)
+        got = cpu_native.moe_token_native(x, w_gate_up, w_down, ids, weights, lib=LIB)
+        want = fused_moe_ref(x, w_gate_up, w_down, ids, weights)
+        torch.testing.assert_close(got, want, atol=1e-4 * float(want.abs().max()), rtol=1e-5)
+
+
+@needs_lib
+def test_moe_token_with_every_expert_dropped_is_zero():
+    w_gate_up, w_down = torch.randn(2, 8, 4), torch.randn(2, 4, 4)
+    got = cpu_native.moe_token_native(torch.randn(1, 4), w_gate_up, w_down, torch.tensor([[-1, -1]]),
+                                      torch.ones(1, 2), lib=LIB)
+    assert torch.equal(got, torch.zeros(1, 4))
+
+
+@needs_lib
+@pytest.mark.parametrize("shape", [(1, 512), (7, 48), (5, 3, 64), (2, 1000)])
+def test_rms_norm(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x, w = torch.randn(*shape, generator=g) * 7, torch.randn(shape[-1], generator=g)
+    torch.testing.assert_close(cpu_native.rms_norm_native(x, w, 1e-6, lib=LIB), rms_norm_ref(x, w, 1e-6))
+    rows = torch.randn(shape[0], 3 * shape[-1], generator=g)[:, shape[-1]:2 * shape[-1]]  # strided rows
+    if len(shape) == 2:
+        torch.testing.assert_close(cpu_native.rms_norm_native(rows, w, 1e-5, lib=LIB), rms_norm_ref(rows, w, 1e-5))
+
+
+@needs_lib
+@pytest.mark.parametrize("nh, nkv", [(8, 8), (8, 2), (4, 1)])
+@pytest.mark.parametrize("keys", [1, 7, 300])
+def test_attend(threads, nh, nkv, keys):
+    g = torch.Generator().manual_seed(nh * nkv + keys)
+    d, slots, first = 64, 400, 37
+    q = torch.randn(nh, d, generator=g)
+    k_cache, v_cache = torch.randn(slots, nkv, d, generator=g), torch.randn(slots, nkv, d, generator=g)
+    out = torch.full((nh * d,), float("nan"))
+    got = cpu_native.attend_native(q, k_cache, v_cache, first, keys, 0.125, out, lib=LIB)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got, cpu_native.attention_ref(q, k_cache, v_cache, first, keys, 0.125),
+                               atol=1e-5, rtol=1e-5)
+
+
+@needs_lib
+def test_rope_in_place_on_a_view_of_the_qkv_rows():
+    d, nh, nkv, t = 64, 4, 2, 5
+    cos, sin = rope_table(d, 10000.0, 64)
+    pos = torch.tensor([0, 3, 9, 10, 63])
+    cos, sin = cos[pos][:, None, :], signed_sin(sin)[pos][:, None, :]
+    qkv = torch.randn(t, (nh + 2 * nkv) * d, generator=torch.Generator().manual_seed(1))
+    q = qkv[:, :nh * d].reshape(t, nh, d)  # rows (nh + 2 nkv) d floats apart
+    k = qkv[:, nh * d:(nh + nkv) * d].reshape(t, nkv, d)
+    want_q, want_k = apply_rope_rolled(q, cos, sin), apply_rope_rolled(k, cos, sin)
+    v_before = qkv[:, (nh + nkv) * d:].clone()
+    assert cpu_native.rope_native(q, cos, sin, lib=LIB) is q and cpu_native.rope_native(k, cos, sin, lib=LIB) is k
+    torch.testing.assert_close(q, want_q, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(k, want_k, atol=1e-6, rtol=1e-6)
+    assert torch.equal(qkv[:, (nh + nkv) * d:], v_before)  # v untouched
+    with pytest.raises(ValueError, match="heads packed"):
+        cpu_native.rope_native(q.transpose(0, 1), cos, sin, lib=LIB)
+
+
+@needs_lib
+def test_load_passes_its_check_where_it_builds():
+    assert cpu_native.load() is not None
+
+
+@needs_lib
+def test_the_cpu_float32_ops_use_the_kernels_and_others_do_not():
+    ops = select_kernels("cpu", "torch", torch.float32)
+    assert ops.attend_one is not None and ops.rope_in_place is not None and ops.rms_norm is not rms_norm_ref
+    for dtype in (torch.bfloat16,):
+        other = select_kernels("cpu", "torch", dtype)
+        assert other.attend_one is None and other.rope_in_place is None and other.rms_norm is rms_norm_ref
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv(cpu_native.ENV_SWITCH, "0")
+    cpu_native.load.cache_clear()
+    try:
+        assert cpu_native.load() is None
+        ops = select_kernels("cpu", "torch", torch.float32)
+        assert ops.attend_one is None and ops.rms_norm is rms_norm_ref
+    finally:
+        monkeypatch.delenv(cpu_native.ENV_SWITCH)
+        cpu_native.load.cache_clear()
+
+
+def test_a_missing_compiler_is_named(tmp_path):
+    with pytest.raises(cpu_native.NativeBuildError, match="no-such-cc"):
+        cpu_native.build(compiler="no-such-cc", out_dir=tmp_path)
+
+
+@needs_lib
+def test_built_once_per_source_and_cpu(tmp_path):
+    first = cpu_native.build(out_dir=tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert cpu_native.build(out_dir=tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left behind
+
+
+def test_a_compile_error_is_reported(tmp_path, monkeypatch):
+    bad = tmp_path / "bad.c"
+    bad.write_text("this is not C\n")
+    monkeypatch.setattr(cpu_native, "SOURCE", bad)
+    if cpu_native.shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    with pytest.raises(cpu_native.NativeBuildError, match="failed on bad.c"):
+        cpu_native.build(compiler="cc", out_dir=tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
