@@ -41,7 +41,7 @@ ENV_SWITCH = "MOE_SERVE_NATIVE_KERNELS"
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "ms_linear": [_P, _I, _P, _P, _P, _I, _I, _I, ctypes.c_int],
-    "ms_moe_token": [_P, _P, _P, _P, _I, _I, _I, _P, _P, ctypes.c_int],
+    "ms_moe_token": [_P, _P, _I, _P, _I, _P, _P, _I, _I, _I, _P, _P, ctypes.c_int],
     "ms_rms_norm": [_P, _I, _P, _F, _P, _I, _I],
     "ms_attend": [_P, _P, _P, _I, _I, _I, _I, _I, _F, _P, _P, ctypes.c_int],
     "ms_rope": [_P, _I, _I, _I, _I, _P, _P],
@@ -132,20 +132,18 @@ def linear_native(x: Tensor, w: Tensor, bias: Tensor | None = None, lib: ctypes.
 
 def moe_token_native(x: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_ids: Tensor, topk_weights: Tensor,
                      lib: ctypes.CDLL | None = None) -> Tensor:
-    """`fused_moe_ref` for one float32 CPU token x [1, H]: its experts in ascending id order (negative
-    ids skipped), each expert's matrices contiguous ([2I, H] and [H, I] slices of the banks)."""
+    """`fused_moe_ref` for one float32 CPU token x [1, H] over banks w_gate_up [E, 2I, H] and w_down
+    [E, H, I] whose experts' matrices are each contiguous: its experts added in ascending id order,
+    negative ids skipped."""
     lib = lib or load()
     h, inter = x.shape[1], w_down.shape[2]
-    pairs = sorted((e, w) for e, w in zip(topk_ids[0].tolist(), topk_weights[0].float().tolist()) if e >= 0)
-    k = len(pairs)
-    gate_up = (ctypes.c_int64 * k)(*(w_gate_up[e].data_ptr() for e, _ in pairs))
-    down = (ctypes.c_int64 * k)(*(w_down[e].data_ptr() for e, _ in pairs))
-    weights = (ctypes.c_float * k)(*(w for _, w in pairs))
+    ids, weights = topk_ids.to(torch.int64).contiguous(), topk_weights.float().contiguous()
     threads = torch.get_num_threads()
     out = torch.empty(1, h, dtype=torch.float32)
     scratch = torch.empty(max(threads, 2) * (h + inter), dtype=torch.float32)
-    xc = x.contiguous()
-    lib.ms_moe_token(xc.data_ptr(), gate_up, down, weights, k, h, inter, out.data_ptr(), scratch.data_ptr(), threads)
+    lib.ms_moe_token(x.contiguous().data_ptr(), w_gate_up.data_ptr(), w_gate_up.stride(0), w_down.data_ptr(),
+                     w_down.stride(0), ids.data_ptr(), weights.data_ptr(), ids.shape[-1], h, inter, out.data_ptr(),
+                     scratch.data_ptr(), threads)
     return out
 
 
