@@ -21,7 +21,7 @@ class AttentionWorker:
                  dtype: torch.dtype, device: torch.device, ops: KernelOps) -> None:
         self.spec, self.w, self.dtype, self.device = spec, weights, dtype, device
         self.linear, self.rms_norm, self.attend_one = ops.linear, ops.rms_norm, ops.attend_one
-        self.rope_in_place = ops.rope_in_place
+        self.rope_in_place, self.block = ops.rope_in_place, ops.attention_block
         cos, sin = rope_table(spec.head_dim, spec.rope_theta, spec.max_position_embeddings)
         self.cos, self.sin = cos.to(device, dtype), signed_sin(sin).to(device, dtype)
         self._rope_at: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # see _rope
@@ -41,6 +41,8 @@ class AttentionWorker:
     def attention(self, layer: int, h: torch.Tensor, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Residual stream h [T, H] -> (h + attention, post-attention-normed input of the FFN)."""
         lw = self.w.layers[layer]
+        if self.block is not None and self._one_decode_token(batch):
+            return self._attention_block(layer, lw, h, batch)
         x = self.rms_norm(h, lw.input_norm, self.spec.rms_norm_eps)
         q, k, v = self._qkv(lw, x, batch)
         self.k_cache[layer][batch.slot_mapping] = k
@@ -48,6 +50,23 @@ class AttentionWorker:
         attn = paged_attention(q, self.k_cache[layer], self.v_cache[layer], batch, self.scale, self.attend_one)
         h = h + self.linear(attn, lw.o)
         return h, self.rms_norm(h, lw.post_norm, self.spec.rms_norm_eps)
+
+    def _one_decode_token(self, batch: StepBatch) -> bool:
+        """A lone sequence's single new token, its keys consecutive and all visible to it: what the
+        fused attention block (KernelOps.attention_block) computes."""
+        keys = batch.kv_lens[0] if batch.kv_lens else 0
+        window = batch.sliding_window
+        return (batch.num_seqs == 1 and batch.q_lens == (1,) and batch.kv_runs is not None
+                and (window is None or keys <= window))
+
+    def _attention_block(self, layer: int, lw: LayerWeights, h: torch.Tensor, batch: StepBatch):
+        """`attention` for one decode token in one call: the same kernels, the same bits."""
+        s = self.spec
+        cos, sin = self._rope(batch)
+        weights = {"input_norm": lw.input_norm, "post_norm": lw.post_norm, "qkv": lw.qkv,
+                   "qkv_bias": lw.qkv_bias, "q_norm": lw.q_norm, "k_norm": lw.k_norm, "o": lw.o}
+        return self.block(h, weights, s.rms_norm_eps, s.qk_norm, s.clip_qkv, cos, sin, self.k_cache[layer],
+                          self.v_cache[layer], batch.kv_runs[0], batch.kv_lens[0], s.num_heads, self.scale)
 
     def _qkv(self, lw: LayerWeights, x: torch.Tensor, batch: StepBatch):
         s = self.spec

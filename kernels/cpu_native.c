@@ -12,6 +12,8 @@
 #include <stdint.h>
 #include <omp.h>
 
+#include "cpu_native.h"
+
 /* Work below which a call runs on one thread: waking the others costs more than it saves. */
 #define MS_PARALLEL_MIN_FLOATS (64 * 1024)
 

@@ -1,15 +1,18 @@
-"""Float32 CPU kernels in C for decode-sized inputs (kernels/cpu_native.c), beside their torch references.
+"""Float32 CPU kernels in C for decode-sized inputs (cpu_native.c, cpu_attention.c), beside their
+torch references.
 
 At batch 1 a decode step is ~90 small projections plus ~100 small ops per layer; in torch each
 projection of one row took a copy, two transposes and MKL's matrix product, and each op 2-10 us of
-dispatch. The C kernels stream each weight row once per step for all of x's rows, on all of torch's
-threads, with one call per projection, per RMSNorm and per token's whole MoE layer.
+dispatch, more with the caches cold from the weights streamed in between. The C kernels stream each
+weight row once per step for all of x's rows, on all of torch's threads, with one call per
+projection, per RMSNorm, per token's whole MoE layer and per decode token's attention half.
 
-The C file is compiled on first use with the system C compiler (`$CC`, else `cc`) for this CPU
-(`-march=native`) into the user cache (`$MOE_SERVE_CACHE/kernels`, else `~/.cache/moe-serve/kernels`),
-keyed by the source, the flags and the CPU's features, and loaded with ctypes. Where that fails (no
-compiler, a read-only cache) or `MOE_SERVE_NATIVE_KERNELS=0` is set, `load()` returns None and the
-torch paths run instead; a loaded library is checked once against the references.
+The C files are compiled together on first use with the system C compiler (`$CC`, else `cc`) for
+this CPU (`-march=native`) into the user cache (`$MOE_SERVE_CACHE/kernels`, else
+`~/.cache/moe-serve/kernels`), keyed by the sources, the flags and the CPU's features, and loaded
+with ctypes. Where that fails (no compiler, a read-only cache) or `MOE_SERVE_NATIVE_KERNELS=0` is
+set, `load()` returns None and the torch paths run instead; a loaded library is checked once
+against the references.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from kernels.norm import rms_norm_ref
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_native.c")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "cpu_native.c", HERE / "cpu_attention.c")  # and the header they share, cpu_native.h
+HEADER = HERE / "cpu_native.h"
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 ENV_SWITCH = "MOE_SERVE_NATIVE_KERNELS"
 
@@ -45,7 +50,10 @@ _SIGNATURES = {
     "ms_rms_norm": [_P, _I, _P, _F, _P, _I, _I],
     "ms_attend": [_P, _P, _P, _I, _I, _I, _I, _I, _F, _P, _P, ctypes.c_int],
     "ms_rope": [_P, _I, _I, _I, _I, _P, _P],
+    "ms_attention_block": [_P, _P, _P, _I, _P, _P, _F, _P, _P, _P, _P, ctypes.c_int, _F, _P, _P, _P, _P, _I, _I,
+                           _I, _I, _I, _F, _P, _P, ctypes.c_int],
 }
+QK_NORM_MODES = {"none": 0, "full": 1, "head": 2}  # cpu_attention.c's MS_QK_*
 
 
 class NativeBuildError(RuntimeError):
@@ -66,11 +74,13 @@ def _cpu_features() -> str:
 
 
 def build(compiler: str | None = None, out_dir: Path | None = None) -> Path:
-    """Compile cpu_native.c (once per source, flags and CPU) and return the shared library's path."""
+    """Compile the C sources (once per source text, compiler, flags and CPU) and return the shared
+    library's path."""
     cc = compiler or os.environ.get("CC", "cc")
     if shutil.which(cc) is None:
         raise NativeBuildError(f"no C compiler: {cc!r} is not on PATH (set CC to one)")
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, *FLAGS, _cpu_features()]).encode()).hexdigest()[:16]
+    texts = [p.read_text() for p in (*SOURCES, HEADER)]
+    key = hashlib.sha256("\0".join([*texts, cc, *FLAGS, _cpu_features()]).encode()).hexdigest()[:16]
     out_dir = out_dir or cache_dir()
     lib = out_dir / f"moe_cpu_{key}.so"
     if lib.is_file():
@@ -81,11 +91,12 @@ def build(compiler: str | None = None, out_dir: Path | None = None) -> Path:
         os.close(fd)
     except OSError as e:
         raise NativeBuildError(f"cannot write the kernel cache {out_dir}: {e}") from e
-    log.info("compiling %s into %s", SOURCE.name, lib)
-    proc = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True)
+    names = ", ".join(p.name for p in SOURCES)
+    log.info("compiling %s into %s", names, lib)
+    proc = subprocess.run([cc, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True)
     if proc.returncode != 0:
         os.unlink(tmp)
-        raise NativeBuildError(f"{cc} failed on {SOURCE.name}: {proc.stderr.strip()[-2000:]}")
+        raise NativeBuildError(f"{cc} failed on {names}: {proc.stderr.strip()[-2000:]}")
     os.replace(tmp, lib)
     return lib
 
@@ -182,6 +193,31 @@ def rope_native(x: Tensor, cos: Tensor, sin_signed: Tensor, lib: ctypes.CDLL | N
         raise ValueError(f"rope_native needs each row's heads packed, got strides {x.stride()}")
     lib.ms_rope(x.data_ptr(), x.stride(0), t, n, d, cos.data_ptr(), sin_signed.data_ptr())
     return x
+
+
+def attention_block_native(h: Tensor, weights: dict[str, Tensor | None], eps: float, qk_norm: str,
+                           clip: float | None, cos: Tensor, sin_signed: Tensor, k_cache: Tensor, v_cache: Tensor,
+                           first: int, keys: int, num_heads: int, scale: float,
+                           lib: ctypes.CDLL | None = None) -> tuple[Tensor, Tensor]:
+    """The attention half of a decoder layer for one float32 CPU decode token h [1, H]
+    (kernels/cpu_attention.c): (h + o(attention(input_norm(h))), post_norm of that), its key and value
+    written to cache slot first + keys - 1, its query attending slots first..first+keys-1. `weights`:
+    input_norm, post_norm, qkv, qkv_bias, q_norm, k_norm, o (contiguous; the biases and q/k norms may
+    be None); qk_norm: "none", "full" or "head"; cos, sin_signed: [D] rows (contiguous) at the
+    token's position. The same bits as the unfused path through this module's kernels."""
+    lib = lib or load()
+    hid = h.shape[1]
+    nkv, d = k_cache.shape[1], k_cache.shape[2]
+    held = {name: None if t is None else t.contiguous() for name, t in weights.items()}  # alive through the call
+    ptr = {name: None if t is None else t.data_ptr() for name, t in held.items()}
+    h_out, x_out = torch.empty(1, hid), torch.empty(1, hid)
+    scratch = torch.empty(2 * hid + (2 * num_heads + 2 * nkv) * d + num_heads * keys)
+    lib.ms_attention_block(h.contiguous().data_ptr(), h_out.data_ptr(), x_out.data_ptr(), hid, ptr["input_norm"],
+                           ptr["post_norm"], eps, ptr["qkv"], ptr["qkv_bias"], ptr["q_norm"], ptr["k_norm"],
+                           QK_NORM_MODES[qk_norm], clip or 0.0, cos.data_ptr(), sin_signed.data_ptr(),
+                           k_cache.data_ptr(), v_cache.data_ptr(), first, keys, num_heads, nkv, d, scale,
+                           ptr["o"], scratch.data_ptr(), torch.get_num_threads())
+    return h_out, x_out
 
 
 def attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, first: int, keys: int, scale: float) -> Tensor:

@@ -38,6 +38,7 @@ class KernelOps:
     rms_norm: Callable[..., Tensor] = rms_norm_ref  # (x, weight, eps) -> normed x
     attend_one: Callable[..., Tensor] | None = None  # decode attention of one query (cluster/layers.py)
     rope_in_place: Callable[..., Tensor] | None = None  # apply_rope_rolled in place (cluster/attention_worker.py)
+    attention_block: Callable[..., tuple[Tensor, Tensor]] | None = None  # one decode token's attention half
 
 
 def _triton_importable() -> bool:
@@ -80,7 +81,8 @@ def _native(device: torch.device, dtype: torch.dtype) -> dict[str, Callable]:
     return {"one_token": functools.partial(cpu_native.moe_token_native, lib=lib),
             "rms_norm": functools.partial(cpu_native.rms_norm_native, lib=lib),
             "attend_one": functools.partial(cpu_native.attend_native, lib=lib),
-            "rope_in_place": functools.partial(cpu_native.rope_native, lib=lib)}
+            "rope_in_place": functools.partial(cpu_native.rope_native, lib=lib),
+            "attention_block": functools.partial(cpu_native.attention_block_native, lib=lib)}
 
 
 def select_kernels(device: torch.device | str, backend: str = "auto",

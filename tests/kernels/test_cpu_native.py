@@ -177,7 +177,7 @@ def test_built_once_per_source_and_cpu(tmp_path):
 def test_a_compile_error_is_reported(tmp_path, monkeypatch):
     bad = tmp_path / "bad.c"
     bad.write_text("this is not C\n")
-    monkeypatch.setattr(cpu_native, "SOURCE", bad)
+    monkeypatch.setattr(cpu_native, "SOURCES", (bad,))
     if cpu_native.shutil.which("cc") is None:
         pytest.skip("no C compiler")
     with pytest.raises(cpu_native.NativeBuildError, match="failed on bad.c"):
