@@ -15,11 +15,11 @@ from cluster.model import InProcessModel
 from cluster.errors import ClusterRecovered
 from cluster.logits_processors import adjust_logits
 from cluster.request import Request, RequestOutput
-from cluster.sampler import TokenLogprob, new_generator, sample, token_logprobs
+from cluster.sampler import TokenLogprob, new_random, sample, token_logprobs
 from cluster.sampling_params import SamplingParams
 from cluster.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from cluster.sequence import Sequence
-from cluster.speculative import accept, can_speculate, draft_tokens, row_outputs
+from cluster.speculative import accept, draft_tokens, row_outputs
 from experts.config import load_spec
 from experts.expert_cache import CacheStats
 from experts.tokenizer import load_tokenizer
@@ -89,10 +89,10 @@ class LLMEngine:
                 raise ValueError(f"{name} token ids out of range [0, {self.spec.vocab_size}): {bad[:5]}")
         seq = Sequence(seq_id, self.tokenize(prompt), params.max_tokens,
                        prompt_logits=params.prompt_logprobs is not None,
-                       speculate=self.config.num_speculative_tokens > 0 and can_speculate(params))
+                       speculate=self.config.num_speculative_tokens > 0)
         self.scheduler.add(seq)
         text = IncrementalText(self.tokenizer.decode, params.stop) if self.tokenizer else None
-        req = Request(request_id, seq, params, new_generator(params, self.device), text, self.eos_ids)
+        req = Request(request_id, seq, params, new_random(params), text, self.eos_ids)
         self.requests[request_id] = req
         self._by_seq[seq_id] = req
         return request_id
@@ -163,7 +163,7 @@ class LLMEngine:
         params = [r.params for r in reqs]
         outputs = row_outputs(seq_ids, [r.seq.output_ids for r in reqs], drafts)  # a draft's row: drafts before it
         adjusted = adjust_logits(logits, params, [r.seq.prompt_ids for r in reqs], outputs, [r.stop_ids for r in reqs])
-        tokens = sample(adjusted, params, [r.generator for r in reqs])
+        tokens = sample(adjusted, params, [r.random for r in reqs], [len(o) for o in outputs])
         self._record_logprobs(logits, reqs, tokens)  # the model's own distribution, before any adjustment
         if any(c.prompt_targets for c in out.chunks):
             self._record_prompt_logprobs(out)

@@ -24,8 +24,8 @@ def engine_args(p: argparse.ArgumentParser) -> None:
                    help="reuse the K/V of prompt blocks earlier requests computed (shared system prompts, "
                         "multi-turn chat); each attention worker caches its own")
     p.add_argument("--num-speculative-tokens", type=int, metavar="K",
-                   help="speculative decoding by prompt lookup: up to K draft tokens per step for greedy requests, "
-                        "checked in the same forward pass (the output does not change); "
+                   help="speculative decoding by prompt lookup: up to K draft tokens per step, checked in the same "
+                        "forward pass (greedy and seeded outputs do not change); "
                         + _default("num_speculative_tokens"))
     p.add_argument("--prompt-lookup-max", type=int, metavar="N",
                    help="longest n-gram of the output's end looked up in the text for drafts; "

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from cluster.detokenizer import IncrementalText
-from cluster.sampler import TokenLogprob
+from cluster.sampler import TokenLogprob, TokenRandom
 from cluster.sampling_params import SamplingParams
 from cluster.sequence import Sequence
 
@@ -36,7 +34,7 @@ class Request:
     request_id: str
     seq: Sequence
     params: SamplingParams
-    generator: torch.Generator | None
+    random: TokenRandom | None  # its uniforms, one per output position (None: greedy)
     text: IncrementalText | None  # None when the model has no tokenizer
     eos_ids: frozenset[int]
     num_reported: int = 0  # output tokens already sent in a RequestOutput

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 
 import torch
@@ -21,35 +22,59 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
 
 
-def new_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    """A request's own RNG (None for greedy), so its samples do not depend on its batch mates."""
-    if params.greedy:
-        return None
-    gen = torch.Generator(device=device)
-    if params.seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(params.seed)
-    return gen
+_MASK64 = (1 << 64) - 1
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> list[int]:
-    """logits: [S, V] float32 -> one token id per row. The non-greedy rows are filtered and drawn
-    together, each from its own generator: row by row, sampling took 25 ms of a 40 ms decode step
-    of the demo model at batch 64 (top_p 0.9), together 5 ms."""
+class TokenRandom:
+    """A sampled request's random numbers: one uniform per output position, a pure function of the
+    request's seed and the position (splitmix64). So a seeded request draws the same tokens alone or
+    in any batch, whatever its steps (speculative decoding samples several positions in one step),
+    and a draft at a position is kept exactly when the token drawn there equals it (which is
+    rejection sampling against a draft that proposes one token: the kept token's distribution is
+    the model's)."""
+
+    __slots__ = ("seed",)
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = secrets.randbits(64) if seed is None else seed
+
+    def uniform(self, position: int) -> float:
+        """A uniform in [0, 1) for output position `position` (53 random bits)."""
+        z = (self.seed + (position + 1) * 0x9E3779B97F4A7C15) & _MASK64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        return ((z ^ (z >> 31)) >> 11) * 2.0 ** -53
+
+
+def new_random(params: SamplingParams) -> TokenRandom | None:
+    """A request's own random numbers (None for greedy): seeded by params.seed, else at random."""
+    return None if params.greedy else TokenRandom(params.seed)
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], randoms: list[TokenRandom | None],
+           positions: list[int]) -> list[int]:
+    """logits: [S, V] float32 -> one token id per row; a sampled row draws with its request's uniform
+    for its output position (`positions[i]`: the output tokens before the row's). The non-greedy rows
+    are filtered and drawn together: row by row, sampling took 25 ms of a 40 ms decode step of the
+    demo model at batch 64 (top_p 0.9), together 5 ms. The inverse CDF runs over the candidates in
+    token order: in probability order, two tail tokens whose probabilities differ in the last bits
+    (the same row computed in a batch of another shape) could swap places and so swap which one a
+    uniform picks; in token order a change of the last bits moves the draw only where the uniform
+    lies within that change of a boundary."""
     out = greedy_tokens(logits)
     vocab = logits.shape[-1]
     plain = [i for i, p in enumerate(params) if not p.greedy and not _filters(p, vocab)]
     cut = [i for i, p in enumerate(params) if not p.greedy and _filters(p, vocab)]
     if plain:  # temperature only: every token is a candidate
         temps = logits.new_tensor([params[i].temperature for i in plain])[:, None]
-        drawn = _draw(torch.softmax(logits[plain] / temps, dim=-1), [generators[i] for i in plain])
+        drawn = _draw(torch.softmax(logits[plain] / temps, dim=-1), [randoms[i].uniform(positions[i]) for i in plain])
         for i, token in zip(plain, drawn.tolist()):
             out[i] = token
     if cut:
         weights, ids = _candidates(logits[cut], [params[i] for i in cut])
-        drawn = ids.gather(1, _draw(weights, [generators[i] for i in cut])[:, None]).squeeze(1)
+        ids, order = ids.sort(dim=-1)  # drawn in token order, not probability order: see below
+        weights = weights.gather(1, order)
+        drawn = ids.gather(1, _draw(weights, [randoms[i].uniform(positions[i]) for i in cut])[:, None]).squeeze(1)
         for i, token in zip(cut, drawn.tolist()):
             out[i] = token
     return out
@@ -103,13 +128,13 @@ def _nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
 
 
-def _draw(weights: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+def _draw(weights: torch.Tensor, uniforms: list[float]) -> torch.Tensor:
     """[R, n] weights -> [R] indices, row r drawn with probability proportional to weights[r] by
-    inverse CDF with one uniform from generators[r] (`torch.multinomial` took 1.1 ms for 50k
-    weights, cumsum + searchsorted 0.06 ms)."""
+    inverse CDF at uniforms[r] in [0, 1) (`torch.multinomial` took 1.1 ms for 50k weights, cumsum +
+    searchsorted 0.06 ms)."""
     cdf = weights.cumsum(dim=-1)
     total = cdf[:, -1:].contiguous()
-    u = torch.cat([torch.rand(1, generator=g, device=weights.device) for g in generators])[:, None] * total
+    u = torch.tensor(uniforms, dtype=cdf.dtype, device=weights.device)[:, None] * total
     drawn = torch.searchsorted(cdf, u, right=True)
     last = torch.searchsorted(cdf, total)  # the last drawable index, should u round up to the total
     return torch.minimum(drawn, last).squeeze(1)

@@ -64,7 +64,7 @@ class AppArgs(BaseModel):
     kv_cache_tokens: int | None = Field(None, ge=1)
     max_num_seqs: int | None = Field(None, ge=1)
     enable_prefix_caching: bool | None = None  # reuse cached prompt blocks' K/V
-    num_speculative_tokens: int | None = Field(None, ge=0)  # draft tokens per step by prompt lookup (greedy requests)
+    num_speculative_tokens: int | None = Field(None, ge=0)  # draft tokens per step by prompt lookup
     prompt_lookup_max: int | None = Field(None, ge=1)  # longest n-gram looked up for drafts
     prompt_lookup_min: int | None = Field(None, ge=1)  # shortest
     expert_cache_fraction: float | None = Field(None, gt=0.0, le=1.0)  # experts kept resident (ray: of each shard's)

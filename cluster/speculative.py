@@ -1,15 +1,20 @@
 """Speculative decoding by prompt lookup (n-gram drafts), torch-free.
 
-A decoding sequence of a greedy request (`can_speculate`) gets up to K draft tokens per step: the tokens that followed the
-latest earlier occurrence of its last n tokens (n from `prompt_lookup_max` down to
-`prompt_lookup_min`) in its prompt and output. The step runs the last token and the drafts as one
-chunk, which yields the model's greedy token after each of them; the drafts are kept up to the
+A decoding sequence gets up to K draft tokens per step: the tokens that followed the latest earlier
+occurrence of its last n tokens (n from `prompt_lookup_max` down to `prompt_lookup_min`) in its
+prompt and output. The step runs the last token and the drafts as one chunk, which yields the
+model's token after each of them, picked as decoding picks it (greedy, or drawn with the request's
+uniform for that output position: cluster/sampler.py `TokenRandom`); the drafts are kept up to the
 first one that differs from the model's, and the model's token at that point is added (so a step
-yields 1 to K + 1 tokens). The output is the greedy output without speculation: each kept token is
-the model's argmax given the tokens before it. The K/V written for the dropped drafts lies beyond
-the sequence's computed positions and is overwritten by the next step. The logit adjustments that
-depend on the output so far (penalties, min_tokens) see, at a draft's row, the drafts before it
-(`row_outputs`), so each row's token is the one decoding would have picked there.
+yields 1 to K + 1 tokens). Each kept token is therefore the token decoding without drafts would
+have produced at its position: the greedy output, and a seeded request's sampled output, are the
+same with or without speculation. (For a sampled request this is rejection sampling against a
+draft that proposes a single token: a draft is kept with the model's probability of it, and on a
+miss the token drawn is distributed as the model's distribution without the draft.) The K/V
+written for the dropped drafts lies beyond the sequence's computed positions and is overwritten by
+the next step. The logit adjustments that depend on the output so far (penalties, min_tokens) see,
+at a draft's row, the drafts before it (`row_outputs`), so each row's token is the one decoding
+would have picked there.
 """
 
 from __future__ import annotations
@@ -60,11 +65,6 @@ def accept(drafts: Seq[int], targets: Seq[int]) -> list[int]:
     while kept < len(drafts) and drafts[kept] == targets[kept]:
         kept += 1
     return list(drafts[:kept]) + [targets[kept]]
-
-
-def can_speculate(params) -> bool:
-    """Whether a request's tokens may be drafted (SamplingParams): greedy."""
-    return params.temperature == 0
 
 
 def draft_tokens(chunks) -> dict[int, tuple[int, ...]]:

@@ -10,7 +10,7 @@ from cluster.engine import LLMEngine
 from cluster.sampling_params import SamplingParams
 from cluster.scheduler import Scheduler, SchedulerConfig
 from cluster.sequence import Sequence
-from cluster.speculative import SpeculativeConfig, accept, can_speculate, propose, row_outputs
+from cluster.speculative import SpeculativeConfig, accept, propose, row_outputs
 
 CODE = ["def add(a, b):\n    return a + b\n\ndef sub(a, b):\n", "import os\nimport sys\n\n",
         "class Foo:\n    def __init__(self, x):\n        self.x = x\n"]
@@ -33,10 +33,7 @@ def test_verification_keeps_drafts_up_to_the_first_mismatch_then_the_models_toke
     assert accept((), (3,)) == [3]
 
 
-def test_only_greedy_requests_speculate():
-    assert can_speculate(SamplingParams(temperature=0.0, logit_bias=((3, 1.0),), stop_token_ids=(2,), logprobs=2,
-                                        presence_penalty=0.5, repetition_penalty=1.2, min_tokens=3, stop=("x",)))
-    assert not can_speculate(SamplingParams(temperature=0.7))
+def test_row_outputs_and_settings():
     assert row_outputs([4, 4, 4, 7], [[1], [1], [1], [2]], {4: (8, 9)}) == [[1], [1, 8], [1, 8, 9], [2]]
     with pytest.raises(ValueError, match="prompt_lookup_min <= prompt_lookup_max"):
         SpeculativeConfig(2, prompt_lookup_max=2, prompt_lookup_min=3)
@@ -141,11 +138,41 @@ def test_stop_strings_end_a_request_at_the_token_that_completes_them(demo):
         assert "".join(u.new_text for u in streamed) == want.text and streamed[-1].token_ids == want.token_ids
 
 
-def test_sampled_requests_do_not_speculate_and_keep_their_tokens(demo):
-    params = SamplingParams(max_tokens=32, temperature=0.8, seed=5)
+@pytest.mark.parametrize("kw", [{"temperature": 0.8}, {"temperature": 1.0, "top_k": 5},
+                                {"temperature": 0.6, "top_p": 0.9, "repetition_penalty": 1.1}])
+def test_seeded_sampled_requests_speculate_and_keep_their_tokens(demo, kw):
+    """Each output position draws with its own uniform, so a kept draft is the token decoding without
+    drafts would have drawn there: the same tokens alone, in a batch, with and without drafts."""
+    params = SamplingParams(max_tokens=64, seed=5, ignore_eos=True, **kw)
     want, _ = _run(demo, params, 0)
-    got, engine = _run(demo, params, 4)
-    assert [o.token_ids for o in got] == [o.token_ids for o in want] and engine.num_draft_tokens == 0
+    for prompts in (CODE[:1], CODE):
+        got, engine = _run(demo, params, 4, prompts)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want[:len(prompts)]]
+        assert engine.num_draft_tokens > 0
+        # drafts are repeats, which a repetition penalty makes unlikely: none may be kept then
+        assert engine.num_accepted_tokens > 0 or "repetition_penalty" in kw
+
+
+def test_a_sampled_draft_is_kept_with_the_models_probability_of_it():
+    """Rejection sampling against a one-token proposal, as the engine verifies: draw at the position,
+    keep the draft when the draw equals it. The kept tokens follow the model's distribution, and a
+    draft is kept as often as the model would pick it."""
+    import torch
+
+    from cluster.sampler import TokenRandom, sample
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0]])
+    probs = torch.softmax(logits, dim=-1)[0]
+    params = [SamplingParams(temperature=1.0)]
+    out, kept = [], 0
+    for seed in range(4000):
+        token = sample(logits, params, [TokenRandom(seed)], [0])[0]
+        new = accept((1,), (token, 4))  # draft token 1; 4: the token after it, if kept
+        kept += len(new) == 2
+        out.append(new[0])
+    assert abs(kept / 4000 - float(probs[1])) < 0.03
+    counts = torch.bincount(torch.tensor(out), minlength=5).float() / 4000
+    torch.testing.assert_close(counts, probs, atol=0.03, rtol=0)
 
 
 def test_streams_and_metrics_count_every_token_and_the_drafts(demo):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cluster.detokenizer import IncrementalText
-from cluster.sampler import new_generator, sample
+from cluster.sampler import TokenRandom, new_random, sample
 from cluster.sampling_params import SamplingParams
 
 
@@ -56,16 +56,28 @@ def test_sampler_filters_and_seeds():
     greedy = SamplingParams(temperature=0.0)
     top1 = SamplingParams(top_k=1, seed=3)
     nucleus = SamplingParams(top_p=0.5, seed=3)
-    gens = [new_generator(p, torch.device("cpu")) for p in (greedy, top1, nucleus)]
-    assert gens[0] is None
-    for _ in range(20):
-        out = sample(logits, [greedy, top1, nucleus], gens)
+    randoms = [new_random(p) for p in (greedy, top1, nucleus)]
+    assert randoms[0] is None
+    for position in range(20):
+        out = sample(logits, [greedy, top1, nucleus], randoms, [position] * 3)
         assert out[0] == 1 and out[1] == 1 and out[2] in (1, 2)
     wide = SamplingParams(temperature=5.0, seed=11)
-    a = [sample(logits[:1], [wide], [new_generator(wide, torch.device("cpu"))]) for _ in range(2)]
-    g = new_generator(wide, torch.device("cpu"))
-    draws = {sample(logits[:1], [wide], [g])[0] for _ in range(50)}
-    assert a[0] == a[1] and len(draws) >= 3  # same seed -> same draw; high temperature -> spread
+    a = [sample(logits[:1], [wide], [new_random(wide)], [7]) for _ in range(2)]
+    draws = {sample(logits[:1], [wide], [new_random(wide)], [position])[0] for position in range(50)}
+    assert a[0] == a[1] and len(draws) >= 3  # same seed and position -> same draw; high temperature -> spread
+    unseeded = SamplingParams(temperature=5.0)
+    assert len({sample(logits[:1], [unseeded], [new_random(unseeded)], [0])[0] for _ in range(50)}) >= 3
+
+
+def test_uniforms_are_uniform_and_a_function_of_seed_and_position():
+    u = torch.tensor([TokenRandom(seed).uniform(pos) for seed in range(40) for pos in range(250)], dtype=torch.float64)
+    assert 0 <= float(u.min()) and float(u.max()) < 1
+    counts = torch.histc(u, bins=10, min=0, max=1) / u.numel()  # 10,000 draws over 10 bins
+    assert float((counts - 0.1).abs().max()) < 0.01
+    assert TokenRandom(3).uniform(5) == TokenRandom(3).uniform(5) != TokenRandom(4).uniform(5)
+    assert TokenRandom(3).uniform(5) != TokenRandom(3).uniform(6)
+    adjacent = torch.tensor([TokenRandom(9).uniform(p) for p in range(2001)], dtype=torch.float64)
+    assert abs(float(torch.corrcoef(torch.stack([adjacent[:-1], adjacent[1:]]))[0, 1])) < 0.05
 
 
 def reference_distribution(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -102,8 +114,8 @@ def test_batched_candidates_are_each_rows_full_sort_distribution(spread):
 def test_draws_follow_the_distribution_and_skip_zero_weights():
     from cluster.sampler import _draw
     weights = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.1, 0.0, 0.0, 0.0, 0.0, 0.9]])
-    gens = [torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)]
-    draws = torch.stack([_draw(weights, gens) for _ in range(4000)])  # [4000, 2]
+    draws = torch.stack([_draw(weights, [TokenRandom(5).uniform(i), TokenRandom(6).uniform(i)])
+                         for i in range(4000)])  # [4000, 2]
     for row in range(2):
         counts = torch.bincount(draws[:, row], minlength=6).float() / 4000
         assert counts[weights[row] == 0].sum() == 0
@@ -111,15 +123,15 @@ def test_draws_follow_the_distribution_and_skip_zero_weights():
 
 
 def test_a_rows_draws_do_not_depend_on_its_batch_mates():
-    """Each request draws from its own generator: the same seed gives the same tokens alone or
-    beside other requests (greedy, temperature-only, top-k, top-p)."""
+    """Each request draws with its own uniforms: the same seed gives the same tokens alone or beside
+    other requests (greedy, temperature-only, top-k, top-p)."""
     logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(1)) * 3
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=1.5, seed=1),
               SamplingParams(top_k=5, seed=2), SamplingParams(top_p=0.8, seed=3)]
 
     def run(rows):
-        gens = [new_generator(params[r], torch.device("cpu")) for r in rows]
-        return [sample(logits[rows], [params[r] for r in rows], gens) for _ in range(20)]
+        randoms = [new_random(params[r]) for r in rows]
+        return [sample(logits[rows], [params[r] for r in rows], randoms, [step] * len(rows)) for step in range(20)]
 
     together = run([0, 1, 2, 3])
     for r in range(4):
@@ -175,3 +187,18 @@ def test_windowed_decoding_gives_the_whole_decode(kind):
                 assert inc.text == whole
         assert released == inc.text == tok.decode(ids)
     assert max(calls) < 40  # windows, never the 300-token output whole
+
+
+def test_draws_barely_move_when_the_logits_change_in_their_last_bits():
+    """The same row computed in batches of other shapes differs in its last bits; drawn in token
+    order, a uniform still picks the same token almost always (in probability order, candidates of
+    nearly equal probability swap places and with them their draws)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 5000, generator=g) - 20
+    best = torch.randperm(5000, generator=g)[:200]  # 200 clear candidates, many of equal probability
+    logits[0, best] = 2 + torch.round(torch.randn(200, generator=g) * 4) / 4
+    nudged = logits * (1 + 1e-6 * torch.randn(1, 5000, generator=g))
+    params = SamplingParams(top_k=200, temperature=0.8, seed=1)
+    r = new_random(params)
+    moved = sum(sample(logits, [params], [r], [i]) != sample(nudged, [params], [r], [i]) for i in range(300))
+    assert moved <= 2
