@@ -33,7 +33,8 @@ from cluster.async_engine import AsyncLLMEngine
 from cluster.config import EngineConfig
 from cluster.grpc_service import GrpcMethods
 from cluster.openai_schema import ErrorDetail, ErrorResponse
-from cluster.openai_serving import OpenAIError, OpenAIServing
+from cluster.openai_serving import OpenAIServing
+from cluster.openai_streams import OpenAIError
 
 DEMO_SERVED_NAME = "moe-serve-demo"
 MAX_BODY_BYTES = 4 << 20
