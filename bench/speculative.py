@@ -1,4 +1,4 @@
-"""Speculative decoding by prompt lookup: greedy decode tokens/s with drafts against without.
+"""Speculative decoding by prompt lookup: decode tokens/s with drafts against without.
 
 On the demo model (or `--model DIR`), in-process: the 8 held-out prompts of bench/placement_live.py,
 `--max-tokens` greedy tokens each, one request at a time (batch 1) and all at once (batch 8). Each
@@ -8,9 +8,10 @@ prints the share of drafts kept and the tokens each step gave per sequence on av
 a model with random weights (`--model` bench/decode.py's) seldom repeats itself, so few drafts are
 proposed: there the benchmark shows what the lookup costs. `--engine ray` runs both engines on a
 local multi-node Ray cluster (bench/cluster_engine.py's: 1 attention worker, 2 expert shards), where
-a step's fixed cost (a Ray call, a data-plane round trip per layer) is larger.
+a step's fixed cost (a Ray call, a data-plane round trip per layer) is larger. `--temperature T`
+(with `--top-p`) samples instead, seeded, so the tokens must still be identical.
 Prints one JSON object. Usage: python bench/speculative.py [--k 4] [--max-tokens 96] [--repeats 3]
-[--engine inprocess|ray]
+[--engine inprocess|ray] [--temperature 0.7 --top-p 0.95]
 """
 
 from __future__ import annotations
@@ -44,11 +45,17 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--engine", default="inprocess", choices=("inprocess", "ray"))
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above: seeded sampling")
+    ap.add_argument("--top-p", type=float, default=1.0)
     args = ap.parse_args()
     if min(args.k, args.max_tokens, args.repeats) <= 0:
         ap.error("--k, --max-tokens and --repeats must be > 0")
     model = args.model or str(ensure_demo_model())
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    try:
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                                seed=0 if args.temperature > 0 else None, ignore_eos=True)
+    except ValueError as exc:
+        ap.error(str(exc))
     extra, cluster = {}, None
     if args.engine == "ray":
         from cluster_engine import start_cluster  # bench/cluster_engine.py, beside this file
@@ -71,6 +78,7 @@ def run(model: str, params: SamplingParams, args, extra: dict) -> dict:
     try:
         return compare(plain, spec, params, args, {"model": model, "engine": args.engine, "k": args.k,
                                                     "max_tokens": args.max_tokens, "prompts": len(HELD_OUT),
+                                                    "temperature": args.temperature, "top_p": args.top_p,
                                                     "repeats": args.repeats})
     finally:
         plain.shutdown()

@@ -20,7 +20,7 @@ class AttentionWorker:
     def __init__(self, spec: ModelSpec, weights: DenseWeights, num_slots: int,
                  dtype: torch.dtype, device: torch.device, ops: KernelOps) -> None:
         self.spec, self.w, self.dtype, self.device = spec, weights, dtype, device
-        self.linear, self.rms_norm, self.attend_one = ops.linear, ops.rms_norm, ops.attend_one
+        self.linear, self.rms_norm, self.attend = ops.linear, ops.rms_norm, ops.attend
         self.rope_in_place, self.block = ops.rope_in_place, ops.attention_block
         cos, sin = rope_table(spec.head_dim, spec.rope_theta, spec.max_position_embeddings)
         self.cos, self.sin = cos.to(device, dtype), signed_sin(sin).to(device, dtype)
@@ -47,7 +47,7 @@ class AttentionWorker:
         q, k, v = self._qkv(lw, x, batch)
         self.k_cache[layer][batch.slot_mapping] = k
         self.v_cache[layer][batch.slot_mapping] = v
-        attn = paged_attention(q, self.k_cache[layer], self.v_cache[layer], batch, self.scale, self.attend_one)
+        attn = paged_attention(q, self.k_cache[layer], self.v_cache[layer], batch, self.scale, self.attend)
         h = h + self.linear(attn, lw.o)
         return h, self.rms_norm(h, lw.post_norm, self.spec.rms_norm_eps)
 

@@ -41,11 +41,13 @@ def _gather(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return cache.index_select(0, index.reshape(-1)).view(*index.shape, *cache.shape[1:])
 
 
+ATTEND_MAX_QUERIES = 8  # a sequence's new queries up to which `attend` serves it (decode, draft chunks);
+# it reads the keys once per query, where SDPA's blocks share them
 GATHER_MAX_BYTES = 8 * 2**20  # keys (or values) gathered per layer above which a batch is attended in place
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    batch: StepBatch, scale: float, attend_one=None) -> torch.Tensor:
+                    batch: StepBatch, scale: float, attend=None) -> torch.Tensor:
     """q: [T, nh, D] new tokens; caches: [slots, nkv, D] already holding these tokens' K/V.
 
     Returns [T, nh * D]. When every sequence's keys sit in consecutive slots (as the block manager
@@ -58,11 +60,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     64), gathered against in place: 32 sequences of 64 keys 0.36 against 0.76 ms, of 128 keys
     1.16-6.74 (two runs) against 1.32, of 256 keys 3.85 against 2.86; 8 of 256 0.32 against 0.32,
     8 of 1,000 2.53-3.87 against 2.22; 31 of 64 keys beside one of 2,000 94-102 against 1.03.
-    `attend_one` (kernels/cpu_native.py `attend_native`), where given, attends the in-place path's
-    single queries that see all their keys."""
+    `attend` (kernels/cpu_native.py `attend_native`), where given, attends the in-place path's
+    sequences of up to ATTEND_MAX_QUERIES queries (decode, draft chunks) outside a sliding window's reach."""
     large = q.device.type == "cpu" and _gather_bytes(k_cache, batch) > GATHER_MAX_BYTES
     if batch.kv_runs is not None and (batch.num_seqs == 1 or large):
-        return _attention_in_place(q, k_cache, v_cache, batch, scale, attend_one)
+        return _attention_in_place(q, k_cache, v_cache, batch, scale, attend)
     return _attention_gathered(q, k_cache, v_cache, batch, scale)
 
 
@@ -71,7 +73,7 @@ def _gather_bytes(cache: torch.Tensor, batch: StepBatch) -> int:
 
 
 def _attention_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        batch: StepBatch, scale: float, attend_one=None) -> torch.Tensor:
+                        batch: StepBatch, scale: float, attend=None) -> torch.Tensor:
     """Each sequence's queries over a view of its keys: no copy of the keys, one call per sequence.
     The view has the gathered copy's layout, so a lone sequence gets the gathered path's bits (tests/
     cluster/test_layers.py). A single query that sees all its keys goes without a mask (adding an
@@ -81,11 +83,12 @@ def _attention_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     out = q.new_empty(q.shape[0], nh * d)
     window, row = batch.sliding_window, 0
     for b, (n, keys, first) in enumerate(zip(batch.q_lens, batch.kv_lens, batch.kv_runs)):
-        sees_all = n == 1 and (window is None or keys <= window)
-        if sees_all and attend_one is not None:
-            attend_one(q[row], k_cache, v_cache, first, keys, scale, out[row])
-            row += 1
+        unwindowed = window is None or keys <= window
+        if attend is not None and n <= ATTEND_MAX_QUERIES and unwindowed:
+            attend(q[row:row + n], k_cache, v_cache, first, keys, scale, out[row:row + n])
+            row += n
             continue
+        sees_all = n == 1 and unwindowed
         k, v = (_seq_view(cache, first, keys) for cache in (k_cache, v_cache))  # [1, nkv, keys, D]
         qb = _seq_view(q, row, n)  # [1, nh, n, D]
         mask = None if sees_all else batch.attn_mask[b:b + 1, :, :n, :keys]

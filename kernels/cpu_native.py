@@ -1,11 +1,11 @@
-"""Float32 CPU kernels in C for decode-sized inputs (cpu_native.c, cpu_attention.c), beside their
-torch references.
+"""Float32 CPU kernels in C for decode-sized inputs (cpu_native.c, cpu_moe.c, cpu_attention.c),
+beside their torch references.
 
 At batch 1 a decode step is ~90 small projections plus ~100 small ops per layer; in torch each
 projection of one row took a copy, two transposes and MKL's matrix product, and each op 2-10 us of
 dispatch, more with the caches cold from the weights streamed in between. The C kernels stream each
 weight row once per step for all of x's rows, on all of torch's threads, with one call per
-projection, per RMSNorm, per token's whole MoE layer and per decode token's attention half.
+projection, per RMSNorm, per few tokens' MoE layer and per decode token's attention half.
 
 The C files are compiled together on first use with the system C compiler (`$CC`, else `cc`) for
 this CPU (`-march=native`) into the user cache (`$MOE_SERVE_CACHE/kernels`, else
@@ -38,7 +38,7 @@ from kernels.norm import rms_norm_ref
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "cpu_native.c", HERE / "cpu_attention.c")  # and the header they share, cpu_native.h
+SOURCES = (HERE / "cpu_native.c", HERE / "cpu_moe.c", HERE / "cpu_attention.c")  # and their header, cpu_native.h
 HEADER = HERE / "cpu_native.h"
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 ENV_SWITCH = "MOE_SERVE_NATIVE_KERNELS"
@@ -46,14 +46,15 @@ ENV_SWITCH = "MOE_SERVE_NATIVE_KERNELS"
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "ms_linear": [_P, _I, _P, _P, _P, _I, _I, _I, ctypes.c_int],
-    "ms_moe_token": [_P, _P, _I, _P, _I, _P, _P, _I, _I, _I, _P, _P, ctypes.c_int],
+    "ms_moe": [_P, _I, _P, _I, _P, _I, _P, _P, _I, _I, _I, _P, _P, ctypes.c_int],
     "ms_rms_norm": [_P, _I, _P, _F, _P, _I, _I],
-    "ms_attend": [_P, _P, _P, _I, _I, _I, _I, _I, _F, _P, _P, ctypes.c_int],
+    "ms_attend_causal": [_P, _I, _P, _P, _I, _I, _I, _I, _I, _F, _P, _I, _P, ctypes.c_int],
     "ms_rope": [_P, _I, _I, _I, _I, _P, _P],
     "ms_attention_block": [_P, _P, _P, _I, _P, _P, _F, _P, _P, _P, _P, ctypes.c_int, _F, _P, _P, _P, _P, _I, _I,
                            _I, _I, _I, _F, _P, _P, ctypes.c_int],
 }
 QK_NORM_MODES = {"none": 0, "full": 1, "head": 2}  # cpu_attention.c's MS_QK_*
+
 
 
 class NativeBuildError(RuntimeError):
@@ -141,20 +142,21 @@ def linear_native(x: Tensor, w: Tensor, bias: Tensor | None = None, lib: ctypes.
     return y
 
 
-def moe_token_native(x: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_ids: Tensor, topk_weights: Tensor,
-                     lib: ctypes.CDLL | None = None) -> Tensor:
-    """`fused_moe_ref` for one float32 CPU token x [1, H] over banks w_gate_up [E, 2I, H] and w_down
-    [E, H, I] whose experts' matrices are each contiguous: its experts added in ascending id order,
-    negative ids skipped."""
+def moe_native(x: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_ids: Tensor, topk_weights: Tensor,
+               lib: ctypes.CDLL | None = None) -> Tensor:
+    """`fused_moe_ref` for a few float32 CPU tokens x [T, H] (cpu_moe.c) over banks w_gate_up
+    [E, 2I, H] and w_down [E, H, I] whose experts' matrices are each contiguous: each expert once on
+    its tokens, in ascending id order, negative ids skipped."""
     lib = lib or load()
-    h, inter = x.shape[1], w_down.shape[2]
-    ids, weights = topk_ids.to(torch.int64).contiguous(), topk_weights.float().contiguous()
+    t, h = x.shape
+    inter = w_down.shape[2]
+    x, ids, weights = x.contiguous(), topk_ids.to(torch.int64).contiguous(), topk_weights.float().contiguous()
     threads = torch.get_num_threads()
-    out = torch.empty(1, h, dtype=torch.float32)
-    scratch = torch.empty(max(threads, 2) * (h + inter), dtype=torch.float32)
-    lib.ms_moe_token(x.contiguous().data_ptr(), w_gate_up.data_ptr(), w_gate_up.stride(0), w_down.data_ptr(),
-                     w_down.stride(0), ids.data_ptr(), weights.data_ptr(), ids.shape[-1], h, inter, out.data_ptr(),
-                     scratch.data_ptr(), threads)
+    out = torch.empty(t, h, dtype=torch.float32)
+    scratch = torch.empty(max(threads, 1) * t * (h + inter) + 2 * t * inter, dtype=torch.float32)
+    lib.ms_moe(x.data_ptr(), t, w_gate_up.data_ptr(), w_gate_up.stride(0), w_down.data_ptr(),
+               w_down.stride(0), ids.data_ptr(), weights.data_ptr(), ids.shape[-1], h, inter, out.data_ptr(),
+               scratch.data_ptr(), threads)
     return out
 
 
@@ -171,16 +173,19 @@ def rms_norm_native(x: Tensor, weight: Tensor, eps: float, lib: ctypes.CDLL | No
 
 def attend_native(q: Tensor, k_cache: Tensor, v_cache: Tensor, first: int, keys: int, scale: float,
                   out: Tensor, lib: ctypes.CDLL | None = None) -> Tensor:
-    """One float32 CPU query per head, q [nh, D] (rows contiguous), over the keys and values at slots
-    first..first+keys of contiguous caches [slots, nkv, D]; writes out [nh * D] (a contiguous row) and
-    returns it. Unmasked SDPA with GQA (attention_ref)."""
+    """n float32 CPU queries of one sequence, q [n, nh, D], the last n of its `keys` keys and values at
+    slots first..first+keys of contiguous caches [slots, nkv, D], each over the keys up to its own
+    (causal); writes out [n, nh * D] (rows contiguous) and returns it. Masked SDPA with GQA
+    (attention_ref)."""
     lib = lib or load()
-    nh, d = q.shape
+    n, nh, d = q.shape
     nkv = k_cache.shape[1]
     row = nkv * d
     scores = torch.empty(nh * keys, dtype=torch.float32)
-    lib.ms_attend(q.contiguous().data_ptr(), k_cache.data_ptr() + 4 * first * row, v_cache.data_ptr() + 4 * first * row,
-                  row, keys, nh, nkv, d, scale, out.data_ptr(), scores.data_ptr(), torch.get_num_threads())
+    q = q.contiguous()  # held: a temporary's memory would be freed before the call
+    lib.ms_attend_causal(q.data_ptr(), n, k_cache.data_ptr() + 4 * first * row,
+                         v_cache.data_ptr() + 4 * first * row, row, keys, nh, nkv, d, scale, out.data_ptr(),
+                         out.stride(0), scores.data_ptr(), torch.get_num_threads())
     return out
 
 
@@ -212,7 +217,8 @@ def attention_block_native(h: Tensor, weights: dict[str, Tensor | None], eps: fl
     ptr = {name: None if t is None else t.data_ptr() for name, t in held.items()}
     h_out, x_out = torch.empty(1, hid), torch.empty(1, hid)
     scratch = torch.empty(2 * hid + (2 * num_heads + 2 * nkv) * d + num_heads * keys)
-    lib.ms_attention_block(h.contiguous().data_ptr(), h_out.data_ptr(), x_out.data_ptr(), hid, ptr["input_norm"],
+    h = h.contiguous()
+    lib.ms_attention_block(h.data_ptr(), h_out.data_ptr(), x_out.data_ptr(), hid, ptr["input_norm"],
                            ptr["post_norm"], eps, ptr["qkv"], ptr["qkv_bias"], ptr["q_norm"], ptr["k_norm"],
                            QK_NORM_MODES[qk_norm], clip or 0.0, cos.data_ptr(), sin_signed.data_ptr(),
                            k_cache.data_ptr(), v_cache.data_ptr(), first, keys, num_heads, nkv, d, scale,
@@ -221,10 +227,13 @@ def attention_block_native(h: Tensor, weights: dict[str, Tensor | None], eps: fl
 
 
 def attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, first: int, keys: int, scale: float) -> Tensor:
-    """`attend_native`'s reference: SDPA of q [nh, D] over cache rows first..first+keys -> [nh * D]."""
+    """`attend_native`'s reference: causal SDPA of q [n, nh, D] over cache rows first..first+keys
+    -> [n, nh * D]."""
+    n = q.shape[0]
     k, v = (c[first:first + keys].transpose(0, 1)[None] for c in (k_cache, v_cache))  # [1, nkv, keys, D]
-    o = F.scaled_dot_product_attention(q[None, :, None], k, v, scale=scale, enable_gqa=True)
-    return o.reshape(-1)
+    mask = torch.arange(keys)[None, :] <= torch.arange(keys - n, keys)[:, None]  # [n, keys]
+    o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o[0].transpose(0, 1).reshape(n, -1)
 
 
 def _agrees(lib: ctypes.CDLL) -> bool:
@@ -236,7 +245,9 @@ def _agrees(lib: ctypes.CDLL) -> bool:
     cos, sin = torch.randn(2, 1, 16, generator=g), torch.randn(2, 1, 16, generator=g)
     close = functools.partial(torch.allclose, atol=1e-4, rtol=1e-4)
     return (close(linear_native(x, w, b, lib), linear_ref(x, w, b))
-            and close(moe_token_native(x[:1], gu, dn, ids, wts, lib), fused_moe_ref(x[:1], gu, dn, ids, wts))
+            and close(moe_native(x[:2], gu, dn, ids.repeat(2, 1), wts.repeat(2, 1), lib),
+                      fused_moe_ref(x[:2], gu, dn, ids.repeat(2, 1), wts.repeat(2, 1)))
             and close(rms_norm_native(x, b[:40], 1e-6, lib), rms_norm_ref(x, b[:40], 1e-6))
-            and close(attend_native(q, kc, vc, 3, 9, 0.25, torch.empty(64), lib), attention_ref(q, kc, vc, 3, 9, 0.25))
+            and close(attend_native(q[None], kc, vc, 3, 9, 0.25, torch.empty(1, 64), lib),
+                      attention_ref(q[None], kc, vc, 3, 9, 0.25))
             and close(rope_native(kc[:2].clone(), cos, sin, lib), kc[:2] * cos + kc[:2].roll(8, -1) * sin))

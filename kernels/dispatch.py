@@ -36,7 +36,7 @@ class KernelOps:
     topk_gating: Callable[..., tuple[Tensor, Tensor]]
     linear: Callable[..., Tensor] = linear_ref  # projections y = x @ w^T (+ b): dense layers and experts
     rms_norm: Callable[..., Tensor] = rms_norm_ref  # (x, weight, eps) -> normed x
-    attend_one: Callable[..., Tensor] | None = None  # decode attention of one query (cluster/layers.py)
+    attend: Callable[..., Tensor] | None = None  # attention of a sequence's few new queries (cluster/layers.py)
     rope_in_place: Callable[..., Tensor] | None = None  # apply_rope_rolled in place (cluster/attention_worker.py)
     attention_block: Callable[..., tuple[Tensor, Tensor]] | None = None  # one decode token's attention half
 
@@ -78,9 +78,9 @@ def _native(device: torch.device, dtype: torch.dtype) -> dict[str, Callable]:
     lib = cpu_native.load()
     if lib is None:
         return {}
-    return {"one_token": functools.partial(cpu_native.moe_token_native, lib=lib),
+    return {"few_tokens": functools.partial(cpu_native.moe_native, lib=lib),
             "rms_norm": functools.partial(cpu_native.rms_norm_native, lib=lib),
-            "attend_one": functools.partial(cpu_native.attend_native, lib=lib),
+            "attend": functools.partial(cpu_native.attend_native, lib=lib),
             "rope_in_place": functools.partial(cpu_native.rope_native, lib=lib),
             "attention_block": functools.partial(cpu_native.attention_block_native, lib=lib)}
 
@@ -110,7 +110,7 @@ def select_kernels(device: torch.device | str, backend: str = "auto",
     if backend == "torch":  # projections through the fastest correct linear for the device and dtype
         linear = select_linear(device, dtype)
         native = _native(device, dtype)
-        moe = functools.partial(fused_moe_torch, linear=linear, one_token=native.pop("one_token", None))
+        moe = functools.partial(fused_moe_torch, linear=linear, few_tokens=native.pop("few_tokens", None))
         return KernelOps(backend="torch", fused_moe=moe, topk_gating=topk_gating_ref, linear=linear, **native)
     _check_triton_allowed(device)
     return _triton_ops()

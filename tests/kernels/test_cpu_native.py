@@ -65,29 +65,32 @@ def test_linear_bits_do_not_depend_on_the_thread_count():
 
 
 @needs_lib
-@pytest.mark.parametrize("top_k", [1, 2, 3, 4])  # odd: each expert's rows split; even: whole experts per thread
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+@pytest.mark.parametrize("top_k", [1, 2, 3, 4])  # few experts: rows split; more: whole experts per thread
 @pytest.mark.parametrize("h, inter", [(24, 16), (64, 512)])  # one thread; several
-def test_moe_token(threads, top_k, h, inter):
+def test_moe(threads, tokens, top_k, h, inter):
     e = 6
-    g = torch.Generator().manual_seed(top_k * h)
+    g = torch.Generator().manual_seed(top_k * h + tokens)
     w_gate_up, w_down = torch.randn(e, 2 * inter, h, generator=g) * 0.2, torch.randn(e, h, inter, generator=g) * 0.2
-    x = torch.randn(1, h, generator=g)
+    x = torch.randn(tokens, h, generator=g)
     for drop in (False, True):
-        ids = torch.randperm(e, generator=g)[:top_k][None]
+        ids = torch.stack([torch.randperm(e, generator=g)[:top_k] for _ in range(tokens)])
         if drop:
             ids[0, 0] = -1  # an expert on another shard: skipped
-        weights = torch.rand(1, top_k, generator=g)
-        got = cpu_native.moe_token_native(x, w_gate_up, w_down, ids, weights, lib=LIB)
+        weights = torch.rand(tokens, top_k, generator=g)
+        got = cpu_native.moe_native(x, w_gate_up, w_down, ids, weights, lib=LIB)
         want = fused_moe_ref(x, w_gate_up, w_down, ids, weights)
         torch.testing.assert_close(got, want, atol=1e-4 * float(want.abs().max()), rtol=1e-5)
+        strided = torch.stack([x, x], dim=2).reshape(tokens, 2 * h)[:, ::2]  # x, column stride 2: copied, kept alive
+        assert torch.equal(cpu_native.moe_native(strided, w_gate_up, w_down, ids, weights, lib=LIB), got)
 
 
 @needs_lib
-def test_moe_token_with_every_expert_dropped_is_zero():
+def test_moe_with_every_expert_dropped_is_zero():
     w_gate_up, w_down = torch.randn(2, 8, 4), torch.randn(2, 4, 4)
-    got = cpu_native.moe_token_native(torch.randn(1, 4), w_gate_up, w_down, torch.tensor([[-1, -1]]),
-                                      torch.ones(1, 2), lib=LIB)
-    assert torch.equal(got, torch.zeros(1, 4))
+    got = cpu_native.moe_native(torch.randn(2, 4), w_gate_up, w_down, torch.tensor([[-1, -1], [-1, -1]]),
+                                torch.ones(2, 2), lib=LIB)
+    assert torch.equal(got, torch.zeros(2, 4))
 
 
 @needs_lib
@@ -103,17 +106,24 @@ def test_rms_norm(shape):
 
 @needs_lib
 @pytest.mark.parametrize("nh, nkv", [(8, 8), (8, 2), (4, 1)])
-@pytest.mark.parametrize("keys", [1, 7, 300])
-def test_attend(threads, nh, nkv, keys):
-    g = torch.Generator().manual_seed(nh * nkv + keys)
+@pytest.mark.parametrize("keys, queries", [(1, 1), (7, 1), (7, 7), (300, 1), (300, 5)])
+def test_attend(threads, nh, nkv, keys, queries):
+    g = torch.Generator().manual_seed(nh * nkv + keys + queries)
     d, slots, first = 64, 400, 37
-    q = torch.randn(nh, d, generator=g)
+    q = torch.randn(queries, nh, d, generator=g)
     k_cache, v_cache = torch.randn(slots, nkv, d, generator=g), torch.randn(slots, nkv, d, generator=g)
-    out = torch.full((nh * d,), float("nan"))
+    out = torch.full((queries, nh * d), float("nan"))
     got = cpu_native.attend_native(q, k_cache, v_cache, first, keys, 0.125, out, lib=LIB)
     assert got.data_ptr() == out.data_ptr()
     torch.testing.assert_close(got, cpu_native.attention_ref(q, k_cache, v_cache, first, keys, 0.125),
                                atol=1e-5, rtol=1e-5)
+    strided = torch.randn(queries, nh + 3, d, generator=g)[:, :nh]  # rows (nh + 3) d floats apart
+    strided.copy_(q)
+    assert torch.equal(cpu_native.attend_native(strided, k_cache, v_cache, first, keys, 0.125,
+                                                torch.empty(queries, nh * d), lib=LIB), got)
+    # each query sees the keys up to its own: the last one alone gets the same
+    alone = cpu_native.attend_native(q[-1:], k_cache, v_cache, first, keys, 0.125, torch.empty(1, nh * d), lib=LIB)
+    assert torch.equal(alone, got[-1:])
 
 
 @needs_lib
@@ -143,10 +153,10 @@ def test_load_passes_its_check_where_it_builds():
 @needs_lib
 def test_the_cpu_float32_ops_use_the_kernels_and_others_do_not():
     ops = select_kernels("cpu", "torch", torch.float32)
-    assert ops.attend_one is not None and ops.rope_in_place is not None and ops.rms_norm is not rms_norm_ref
+    assert ops.attend is not None and ops.rope_in_place is not None and ops.rms_norm is not rms_norm_ref
     for dtype in (torch.bfloat16,):
         other = select_kernels("cpu", "torch", dtype)
-        assert other.attend_one is None and other.rope_in_place is None and other.rms_norm is rms_norm_ref
+        assert other.attend is None and other.rope_in_place is None and other.rms_norm is rms_norm_ref
 
 
 def test_switched_off_by_the_environment(monkeypatch):
@@ -155,7 +165,7 @@ def test_switched_off_by_the_environment(monkeypatch):
     try:
         assert cpu_native.load() is None
         ops = select_kernels("cpu", "torch", torch.float32)
-        assert ops.attend_one is None and ops.rms_norm is rms_norm_ref
+        assert ops.attend is None and ops.rms_norm is rms_norm_ref
     finally:
         monkeypatch.delenv(cpu_native.ENV_SWITCH)
         cpu_native.load.cache_clear()
