@@ -29,7 +29,7 @@ from cluster.prefix_cache import root_of
 from cluster.scheduler_config import (AdmissionError, ScheduledChunk, SchedulerConfig,  # noqa: F401
                                       SchedulerOutput)
 from cluster.sequence import Sequence, SeqStatus
-from cluster.speculative import propose
+from cluster.speculative import next_pause, propose
 from router.shuffle import start_worker
 
 
@@ -187,6 +187,10 @@ class Scheduler:
         """Draft tokens for a decoding sequence: within the token budget, the slots it holds, and its
         max_tokens (the step adds one token beyond the drafts it keeps)."""
         spec = self.config.speculative
+        left, last = seq.draft_pause
+        if left:  # its recent drafts missed (speculative.next_pause)
+            seq.draft_pause = (left - 1, last)
+            return ()
         room = len(seq.block_ids) * self.config.block_size - seq.num_tokens
         k = min(spec.num_speculative_tokens, budget, room, seq.max_tokens - len(seq.output_ids) - 1)
         return propose(seq.all_tokens(), k, spec.prompt_lookup_max, spec.prompt_lookup_min) if k > 0 else ()
@@ -210,6 +214,7 @@ class Scheduler:
             if seq is None or seq.status is not SeqStatus.RUNNING:
                 continue
             kept = accepted.get(chunk.seq_id, ()) if accepted else ()
+            seq.draft_pause = next_pause(seq.draft_pause, chunk.num_draft, len(kept))
             seq.num_computed = chunk.start + len(chunk.token_ids) - chunk.num_draft + len(kept)
             seq.output_ids.extend(kept)
             if chunk.prompt_targets:  # scored now; a step that failed scores them again when recomputed

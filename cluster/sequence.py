@@ -27,6 +27,7 @@ class Sequence:
     prompt_logits: bool = False  # score every prompt token (prompt logprobs): no prefix-cache hits
     speculate: bool = False  # decode steps may carry draft tokens (cluster/speculative.py)
     num_drafted: int = 0  # draft tokens in the step being scheduled: their slots are in use
+    draft_pause: tuple[int, int] = (0, 0)  # (decode steps left without drafts, the last pause): speculative.py
     num_prompt_scored: int = 0  # prompt positions 1..this already scored (by a step that finished)
     num_cached_blocks: int = 0  # leading blocks matched in or registered with the prefix cache
     cache_node: int | None = 0  # the prefix cache's node of the last of them (or its worker's root:

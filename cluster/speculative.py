@@ -14,7 +14,9 @@ miss the token drawn is distributed as the model's distribution without the draf
 written for the dropped drafts lies beyond the sequence's computed positions and is overwritten by
 the next step. The logit adjustments that depend on the output so far (penalties, min_tokens) see,
 at a draft's row, the drafts before it (`row_outputs`), so each row's token is the one decoding
-would have picked there.
+would have picked there. A step whose drafts are all dropped costs more than a plain decode step
+and gives no more, so a sequence whose drafts miss pauses drafting (`next_pause`): 1 step after a
+miss, doubling with each miss in a row up to MAX_PAUSE, back to none after a step keeps a draft.
 """
 
 from __future__ import annotations
@@ -65,6 +67,21 @@ def accept(drafts: Seq[int], targets: Seq[int]) -> list[int]:
     while kept < len(drafts) and drafts[kept] == targets[kept]:
         kept += 1
     return list(drafts[:kept]) + [targets[kept]]
+
+
+MAX_PAUSE = 16  # decode steps without drafts after several misses in a row at most
+
+
+def next_pause(pause: tuple[int, int], drafted: int, kept: int) -> tuple[int, int]:
+    """A sequence's draft pause (steps left, last pause) after a step that drafted `drafted` tokens
+    and kept `kept` of them: a miss pauses drafting for twice the last pause (1 at first, at most
+    MAX_PAUSE), a kept draft ends the pausing."""
+    if not drafted:
+        return pause
+    if kept:
+        return 0, 0
+    length = min(max(1, 2 * pause[1]), MAX_PAUSE)
+    return length, length
 
 
 def draft_tokens(chunks) -> dict[int, tuple[int, ...]]:

@@ -10,7 +10,7 @@ from cluster.engine import LLMEngine
 from cluster.sampling_params import SamplingParams
 from cluster.scheduler import Scheduler, SchedulerConfig
 from cluster.sequence import Sequence
-from cluster.speculative import SpeculativeConfig, accept, propose, row_outputs
+from cluster.speculative import MAX_PAUSE, SpeculativeConfig, accept, next_pause, propose, row_outputs
 
 CODE = ["def add(a, b):\n    return a + b\n\ndef sub(a, b):\n", "import os\nimport sys\n\n",
         "class Foo:\n    def __init__(self, x):\n        self.x = x\n"]
@@ -54,6 +54,31 @@ def test_the_scheduler_drafts_within_max_tokens_and_counts_kept_drafts_as_comput
     s.update(out, {0: 7, 1: 7}, {0: (1,)})  # the draft 1 kept, then 7
     assert s.seqs[0].output_ids == [3, 1, 7] and s.seqs[0].num_computed == 7 and s.seqs[0].num_pending == 1
     assert s.seqs[1].output_ids == [3, 7] and s.seqs[1].num_computed == 6
+
+
+def test_missed_drafts_pause_drafting_for_longer_each_time_until_one_is_kept():
+    assert next_pause((0, 0), 0, 0) == (0, 0)  # no drafts: nothing learned
+    pause, lengths = (0, 0), []
+    for _ in range(7):
+        pause = next_pause(pause, 4, 0)
+        lengths.append(pause[0])
+    assert lengths == [1, 2, 4, 8, 16, MAX_PAUSE, MAX_PAUSE]
+    assert next_pause(pause, 4, 1) == (0, 0)
+    s = Scheduler(SchedulerConfig(block_size=4, num_blocks=16, max_model_len=64,
+                                  speculative=SpeculativeConfig(2, 4, 2)))
+    s.add(Sequence(0, [1, 2, 3, 1, 2], 40, speculate=True))
+    cycle = iter([3, 1, 2] * 20)  # the output continues the pattern: a draft is always proposed
+
+    def step(keep: bool) -> int:
+        out = s.schedule()
+        drafted = out.chunks[0].num_draft
+        kept = tuple(next(cycle) for _ in range(drafted)) if keep else ()
+        s.update(out, {0: next(cycle)}, {0: kept})
+        return drafted
+
+    step(False)  # the prefill
+    assert [step(False) for _ in range(8)] == [2, 0, 2, 0, 0, 2, 0, 0]  # missed: pauses of 1, 2, 4 steps
+    assert [step(True) for _ in range(6)] == [0, 0, 2, 2, 2, 2]  # the pause runs out; kept: no more pausing
 
 
 @pytest.fixture(scope="module")
