@@ -56,7 +56,6 @@ _SIGNATURES = {
 QK_NORM_MODES = {"none": 0, "full": 1, "head": 2}  # cpu_attention.c's MS_QK_*
 
 
-
 class NativeBuildError(RuntimeError):
     """The C kernels could not be compiled or loaded here."""
 
@@ -151,6 +150,8 @@ def moe_native(x: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_ids: Tensor, t
     t, h = x.shape
     inter = w_down.shape[2]
     x, ids, weights = x.contiguous(), topk_ids.to(torch.int64).contiguous(), topk_weights.float().contiguous()
+    if ids.numel() and int(ids.max()) >= w_gate_up.shape[0]:  # C would read past the banks
+        raise ValueError(f"expert id {int(ids.max())} out of range for {w_gate_up.shape[0]} experts")
     threads = torch.get_num_threads()
     out = torch.empty(t, h, dtype=torch.float32)
     scratch = torch.empty(max(threads, 1) * t * (h + inter) + 2 * t * inter, dtype=torch.float32)
@@ -180,6 +181,7 @@ def attend_native(q: Tensor, k_cache: Tensor, v_cache: Tensor, first: int, keys:
     lib = lib or load()
     n, nh, d = q.shape
     nkv = k_cache.shape[1]
+    _check_slots(k_cache, first, keys, n)
     row = nkv * d
     scores = torch.empty(nh * keys, dtype=torch.float32)
     q = q.contiguous()  # held: a temporary's memory would be freed before the call
@@ -213,6 +215,7 @@ def attention_block_native(h: Tensor, weights: dict[str, Tensor | None], eps: fl
     lib = lib or load()
     hid = h.shape[1]
     nkv, d = k_cache.shape[1], k_cache.shape[2]
+    _check_slots(k_cache, first, keys, 1)
     held = {name: None if t is None else t.contiguous() for name, t in weights.items()}  # alive through the call
     ptr = {name: None if t is None else t.data_ptr() for name, t in held.items()}
     h_out, x_out = torch.empty(1, hid), torch.empty(1, hid)
@@ -224,6 +227,13 @@ def attention_block_native(h: Tensor, weights: dict[str, Tensor | None], eps: fl
                            k_cache.data_ptr(), v_cache.data_ptr(), first, keys, num_heads, nkv, d, scale,
                            ptr["o"], scratch.data_ptr(), torch.get_num_threads())
     return h_out, x_out
+
+
+def _check_slots(cache: Tensor, first: int, keys: int, queries: int) -> None:
+    """The keys lie in the cache and include the queries' own: C would read past it otherwise."""
+    if not (0 <= first and queries <= keys and first + keys <= cache.shape[0]):
+        raise ValueError(f"{keys} keys from slot {first} (for {queries} queries) do not fit a cache of "
+                         f"{cache.shape[0]} slots")
 
 
 def attention_ref(q: Tensor, k_cache: Tensor, v_cache: Tensor, first: int, keys: int, scale: float) -> Tensor:

@@ -3,10 +3,10 @@ torch reference and the CPU float32 paths.
 
 On CPU, `F.linear` in float32 goes to the BLAS sgemm with a transposed operand, which on this class
 of machine (AMD EPYC, MKL) reaches roughly half of what oneDNN's inner-product primitive does (for
-[32, 512] x [512, 50304]: 25 ms against 11 ms). Decode-sized inputs (up to SMALL_M rows) go faster
-still as `(w @ x^T)^T` (`linear_weight_major`); larger ones through oneDNN. The CPU path is chosen
-once at start-up, oneDNN after checking that it exists in this torch build and agrees with the
-reference.
+[32, 512] x [512, 50304]: 25 ms against 11 ms). Decode-sized inputs (up to SMALL_M rows) go through
+the C kernel where it is built (kernels/cpu_native.py), else as `(w @ x^T)^T` (`linear_weight_major`);
+larger ones through oneDNN. The CPU path is chosen once at start-up, oneDNN after checking that it
+exists in this torch build and agrees with the reference.
 """
 
 from __future__ import annotations

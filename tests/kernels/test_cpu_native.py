@@ -86,6 +86,17 @@ def test_moe(threads, tokens, top_k, h, inter):
 
 
 @needs_lib
+def test_out_of_range_inputs_are_refused_before_the_c_call():
+    w_gate_up, w_down = torch.randn(2, 8, 4), torch.randn(2, 4, 4)
+    with pytest.raises(ValueError, match="expert id 2 out of range for 2 experts"):
+        cpu_native.moe_native(torch.randn(1, 4), w_gate_up, w_down, torch.tensor([[0, 2]]), torch.ones(1, 2), lib=LIB)
+    cache = torch.zeros(10, 1, 16)
+    for first, keys, n in ((5, 6, 1), (-1, 3, 1), (0, 2, 3)):
+        with pytest.raises(ValueError, match="do not fit a cache of 10 slots"):
+            cpu_native.attend_native(torch.zeros(n, 1, 16), cache, cache, first, keys, 1.0, torch.empty(n, 16), lib=LIB)
+
+
+@needs_lib
 def test_moe_with_every_expert_dropped_is_zero():
     w_gate_up, w_down = torch.randn(2, 8, 4), torch.randn(2, 4, 4)
     got = cpu_native.moe_native(torch.randn(2, 4), w_gate_up, w_down, torch.tensor([[-1, -1], [-1, -1]]),
