@@ -72,7 +72,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], randoms: list[Tok
             out[i] = token
     if cut:
         weights, ids = _candidates(logits[cut], [params[i] for i in cut])
-        ids, order = ids.sort(dim=-1)  # drawn in token order, not probability order: see below
+        ids, order = ids.sort(dim=-1)  # drawn in token order, not probability order (docstring)
         weights = weights.gather(1, order)
         drawn = ids.gather(1, _draw(weights, [randoms[i].uniform(positions[i]) for i in cut])[:, None]).squeeze(1)
         for i, token in zip(cut, drawn.tolist()):
