@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import secrets
 from dataclasses import dataclass
 
@@ -63,6 +64,17 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], randoms: list[Tok
     lies within that change of a boundary."""
     out = greedy_tokens(logits)
     vocab = logits.shape[-1]
+    drawn = [i for i, p in enumerate(params) if not p.greedy]
+    lib = _native_sampler() if drawn and logits.device.type == "cpu" and logits.dtype == torch.float32 else None
+    if lib is not None:  # kernels/cpu_sample.c: the same draws without ~30 small torch ops a step
+        from kernels.cpu_native import sample_native
+        tokens = sample_native(logits[drawn], [params[i].temperature for i in drawn],
+                               [params[i].top_k if 0 < params[i].top_k < vocab else 0 for i in drawn],
+                               [params[i].top_p for i in drawn], [randoms[i].uniform(positions[i]) for i in drawn],
+                               lib)
+        for i, token in zip(drawn, tokens):
+            out[i] = token
+        return out
     plain = [i for i, p in enumerate(params) if not p.greedy and not _filters(p, vocab)]
     cut = [i for i, p in enumerate(params) if not p.greedy and _filters(p, vocab)]
     if plain:  # temperature only: every token is a candidate
@@ -78,6 +90,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], randoms: list[Tok
         for i, token in zip(cut, drawn.tolist()):
             out[i] = token
     return out
+
+
+@functools.cache
+def _native_sampler():
+    """The C kernels' library (kernels/cpu_native.py), or None where they cannot run."""
+    from kernels import cpu_native
+    return cpu_native.load()
 
 
 def greedy_tokens(logits: torch.Tensor) -> list[int]:

@@ -1,5 +1,5 @@
-"""Float32 CPU kernels in C for decode-sized inputs (cpu_native.c, cpu_moe.c, cpu_attention.c),
-beside their torch references.
+"""Float32 CPU kernels in C for decode-sized inputs (cpu_native.c, cpu_moe.c, cpu_attention.c,
+cpu_sample.c), beside their torch references.
 
 At batch 1 a decode step is ~90 small projections plus ~100 small ops per layer; in torch each
 projection of one row took a copy, two transposes and MKL's matrix product, and each op 2-10 us of
@@ -38,7 +38,7 @@ from kernels.norm import rms_norm_ref
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = (HERE / "cpu_native.c", HERE / "cpu_moe.c", HERE / "cpu_attention.c")  # and their header, cpu_native.h
+SOURCES = tuple(HERE / f for f in ("cpu_native.c", "cpu_moe.c", "cpu_attention.c", "cpu_sample.c"))  # + cpu_native.h
 HEADER = HERE / "cpu_native.h"
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-std=gnu11", "-shared", "-fPIC")
 ENV_SWITCH = "MOE_SERVE_NATIVE_KERNELS"
@@ -50,6 +50,7 @@ _SIGNATURES = {
     "ms_rms_norm": [_P, _I, _P, _F, _P, _I, _I],
     "ms_attend_causal": [_P, _I, _P, _P, _I, _I, _I, _I, _I, _F, _P, _I, _P, ctypes.c_int],
     "ms_rope": [_P, _I, _I, _I, _I, _P, _P],
+    "ms_sample_row": [_P, _I, _F, _I, _F, ctypes.c_double, _P],
     "ms_attention_block": [_P, _P, _P, _I, _P, _P, _F, _P, _P, _P, _P, ctypes.c_int, _F, _P, _P, _P, _P, _I, _I,
                            _I, _I, _I, _F, _P, _P, ctypes.c_int],
 }
@@ -109,6 +110,7 @@ def _open(path: Path) -> ctypes.CDLL:
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
+    lib.ms_sample_row.restype = ctypes.c_int64
     return lib
 
 
@@ -227,6 +229,21 @@ def attention_block_native(h: Tensor, weights: dict[str, Tensor | None], eps: fl
                            k_cache.data_ptr(), v_cache.data_ptr(), first, keys, num_heads, nkv, d, scale,
                            ptr["o"], scratch.data_ptr(), torch.get_num_threads())
     return h_out, x_out
+
+
+def sample_native(logits: Tensor, temperatures: list[float], top_ks: list[int], top_ps: list[float],
+                  uniforms: list[float], lib: ctypes.CDLL | None = None) -> list[int]:
+    """One token per row of float32 CPU logits [R, V], drawn at uniforms[r] from softmax(row /
+    temperatures[r]) kept to its top_ks[r] largest (0: all; ties with the k-th kept, as HF does) and
+    to the smallest set of the largest whose mass reaches top_ps[r] (1: all), in token order
+    (cpu_sample.c; cluster/sampler.py's torch path draws the same way)."""
+    lib = lib or load()
+    rows = logits.contiguous()
+    v = rows.shape[1]
+    scratch = torch.empty(2 * v, dtype=torch.float32)
+    base, step = rows.data_ptr(), 4 * v
+    return [lib.ms_sample_row(base + r * step, v, t, k, p, u, scratch.data_ptr())
+            for r, (t, k, p, u) in enumerate(zip(temperatures, top_ks, top_ps, uniforms))]
 
 
 def _check_slots(cache: Tensor, first: int, keys: int, queries: int) -> None:

@@ -202,3 +202,37 @@ def test_draws_barely_move_when_the_logits_change_in_their_last_bits():
     r = new_random(params)
     moved = sum(sample(logits, [params], [r], [i]) != sample(nudged, [params], [r], [i]) for i in range(300))
     assert moved <= 2
+
+
+def _torch_path(monkeypatch):
+    import cluster.sampler as sampler
+    monkeypatch.setattr(sampler, "_native_sampler", lambda: None)
+
+
+@pytest.mark.parametrize("kw", [{"temperature": 0.7, "top_p": 0.95}, {"top_k": 50}, {"temperature": 1.3},
+                                {"temperature": 0.5, "top_k": 200, "top_p": 0.8}, {"temperature": 0.9, "top_p": 0.5}])
+def test_the_c_sampler_draws_what_the_torch_path_draws(monkeypatch, kw):
+    from cluster import sampler
+    if sampler._native_sampler() is None:
+        pytest.skip("the C kernels cannot be built here")
+    g = torch.Generator().manual_seed(len(kw))
+    logits = torch.cat([torch.randn(2, 4096, generator=g) * s for s in (0.5, 3.0, 10.0)])  # flat to peaked
+    params = [SamplingParams(seed=1, **kw)] * 6
+    randoms = [TokenRandom(r) for r in range(6)]
+    native = [sample(logits, params, randoms, [i] * 6) for i in range(100)]
+    _torch_path(monkeypatch)
+    assert [sample(logits, params, randoms, [i] * 6) for i in range(100)] == native
+
+
+def test_the_c_sampler_keeps_ties_with_the_kth_and_the_edge_of_the_nucleus():
+    from cluster import sampler
+    if sampler._native_sampler() is None:
+        pytest.skip("the C kernels cannot be built here")
+    logits = torch.full((1, 300), -5.0)
+    logits[0, [7, 70, 170]] = 4.0  # three tokens tied for the largest
+    draws = {sample(logits, [SamplingParams(top_k=2, seed=0)], [TokenRandom(0)], [i])[0] for i in range(300)}
+    assert draws == {7, 70, 170}  # HF keeps every token tied with the k-th
+    draws = {sample(logits, [SamplingParams(top_p=0.5, seed=0)], [TokenRandom(0)], [i])[0] for i in range(300)}
+    assert draws == {7, 70, 170}  # the nucleus' edge falls among equals: all of them are kept
+    peaked = torch.tensor([[0.0, 9.0, 1.0, 8.5]])
+    assert {sample(peaked, [SamplingParams(top_p=0.01, seed=0)], [TokenRandom(0)], [i])[0] for i in range(50)} == {1}
