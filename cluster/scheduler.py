@@ -29,7 +29,7 @@ from cluster.prefix_cache import root_of
 from cluster.scheduler_config import (AdmissionError, ScheduledChunk, SchedulerConfig,  # noqa: F401
                                       SchedulerOutput)
 from cluster.sequence import Sequence, SeqStatus
-from cluster.speculative import next_pause, propose
+from cluster.speculative import NgramIndex, next_pause
 from router.shuffle import start_worker
 
 
@@ -193,7 +193,12 @@ class Scheduler:
             return ()
         room = len(seq.block_ids) * self.config.block_size - seq.num_tokens
         k = min(spec.num_speculative_tokens, budget, room, seq.max_tokens - len(seq.output_ids) - 1)
-        return propose(seq.all_tokens(), k, spec.prompt_lookup_max, spec.prompt_lookup_min) if k > 0 else ()
+        if k <= 0:
+            return ()
+        if seq.ngrams is None:
+            seq.ngrams = NgramIndex(spec.prompt_lookup_max, spec.prompt_lookup_min)
+        seq.ngrams.extend(seq.tokens(len(seq.ngrams.tokens), seq.num_tokens))
+        return seq.ngrams.propose(k)
 
     @staticmethod
     def _prompt_targets(seq: Sequence, start: int, n: int) -> tuple[int, tuple[int, ...]]:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cluster.speculative import NgramIndex
 
 
 class SeqStatus(enum.Enum):
@@ -28,6 +32,7 @@ class Sequence:
     speculate: bool = False  # decode steps may carry draft tokens (cluster/speculative.py)
     num_drafted: int = 0  # draft tokens in the step being scheduled: their slots are in use
     draft_pause: tuple[int, int] = (0, 0)  # (decode steps left without drafts, the last pause): speculative.py
+    ngrams: NgramIndex | None = None  # its tokens' n-grams for draft proposals, built at its first draft
     num_prompt_scored: int = 0  # prompt positions 1..this already scored (by a step that finished)
     num_cached_blocks: int = 0  # leading blocks matched in or registered with the prefix cache
     cache_node: int | None = 0  # the prefix cache's node of the last of them (or its worker's root:

@@ -60,6 +60,37 @@ def propose(tokens: Seq[int], k: int, max_n: int, min_n: int) -> tuple[int, ...]
     return ()
 
 
+class NgramIndex:
+    """`propose` kept up as a sequence grows: the latest start of every n-gram (min_n <= n <= max_n)
+    that has a token after it, so a proposal costs O(max_n) instead of a pass over the whole context
+    (`propose` took 17 us at 150 tokens and grows with the context). Tokens are only ever appended."""
+
+    __slots__ = ("max_n", "min_n", "tokens", "latest")
+
+    def __init__(self, max_n: int, min_n: int) -> None:
+        self.max_n, self.min_n = max_n, min_n
+        self.tokens: list[int] = []
+        self.latest: dict[tuple[int, ...], int] = {}  # n-gram -> its latest start with a token after it
+
+    def extend(self, tokens: Seq[int]) -> None:
+        for token in tokens:
+            end = len(self.tokens)  # the new token's position: the n-grams ending just before it now have one after
+            self.tokens.append(token)
+            for n in range(self.min_n, min(self.max_n, end) + 1):
+                self.latest[tuple(self.tokens[end - n:end])] = end - n
+
+    def propose(self, k: int) -> tuple[int, ...]:
+        """What `propose(tokens, k, max_n, min_n)` gives for the tokens so far."""
+        size = len(self.tokens)
+        if k <= 0 or size <= self.min_n:
+            return ()
+        for n in range(min(self.max_n, size - 1), self.min_n - 1, -1):
+            start = self.latest.get(tuple(self.tokens[size - n:]))
+            if start is not None:
+                return tuple(self.tokens[start + n:start + n + k])
+        return ()
+
+
 def accept(drafts: Seq[int], targets: Seq[int]) -> list[int]:
     """The step's new tokens: the drafts up to the first that differs from the model's token at its
     row (targets[i]: the model's token after the chunk's row i), then the model's token there."""

@@ -10,7 +10,7 @@ from cluster.engine import LLMEngine
 from cluster.sampling_params import SamplingParams
 from cluster.scheduler import Scheduler, SchedulerConfig
 from cluster.sequence import Sequence
-from cluster.speculative import MAX_PAUSE, SpeculativeConfig, accept, next_pause, propose, row_outputs
+from cluster.speculative import MAX_PAUSE, NgramIndex, SpeculativeConfig, accept, next_pause, propose, row_outputs
 
 CODE = ["def add(a, b):\n    return a + b\n\ndef sub(a, b):\n", "import os\nimport sys\n\n",
         "class Foo:\n    def __init__(self, x):\n        self.x = x\n"]
@@ -24,6 +24,22 @@ def test_drafts_follow_the_latest_earlier_occurrence_of_the_longest_suffix():
     assert propose([1, 2, 3, 1], 3, 4, 2) == ()  # only a 1-gram repeats, below min_n
     assert propose([1, 2, 1], 5, 2, 1) == (2, 1)  # fewer than k follow
     assert propose([1, 2, 1, 2], 0, 2, 1) == ()
+
+
+def test_the_incremental_index_proposes_what_the_lookup_proposes():
+    """NgramIndex, grown a few tokens at a time, against `propose` over the whole context."""
+    import random
+    rng = random.Random(0)
+    for _ in range(200):
+        max_n = rng.randint(1, 5)
+        min_n, k = rng.randint(1, max_n), rng.randint(0, 5)
+        tokens = [rng.randrange(rng.choice([2, 3, 5, 50])) for _ in range(rng.randint(0, 80))]
+        index, seen = NgramIndex(max_n, min_n), 0
+        while seen < len(tokens):
+            step = rng.randint(1, 6)
+            index.extend(tokens[seen:seen + step])
+            seen = min(seen + step, len(tokens))
+            assert index.propose(k) == propose(tokens[:seen], k, max_n, min_n)
 
 
 def test_verification_keeps_drafts_up_to_the_first_mismatch_then_the_models_token():
