@@ -55,9 +55,10 @@ def new_random(params: SamplingParams) -> TokenRandom | None:
 def sample(logits: torch.Tensor, params: list[SamplingParams], randoms: list[TokenRandom | None],
            positions: list[int]) -> list[int]:
     """logits: [S, V] float32 -> one token id per row; a sampled row draws with its request's uniform
-    for its output position (`positions[i]`: the output tokens before the row's). The non-greedy rows
-    are filtered and drawn together: row by row, sampling took 25 ms of a 40 ms decode step of the
-    demo model at batch 64 (top_p 0.9), together 5 ms. The inverse CDF runs over the candidates in
+    for its output position (`positions[i]`: the output tokens before the row's). Float32 rows on CPU
+    are drawn in C (kernels/cpu_sample.c), one at a time; elsewhere the non-greedy rows are filtered
+    and drawn together: row by row, sampling took 25 ms of a 40 ms decode step of the demo model at
+    batch 64 (top_p 0.9), together 5 ms. The inverse CDF runs over the candidates in
     token order: in probability order, two tail tokens whose probabilities differ in the last bits
     (the same row computed in a batch of another shape) could swap places and so swap which one a
     uniform picks; in token order a change of the last bits moves the draw only where the uniform

@@ -1,5 +1,5 @@
 /* The attention half of a decoder layer for one decode token, in one call (see
- * kernels/cpu_attention.py). It runs the same kernels in the same order as the attention worker's
+ * kernels/cpu_native.py `attention_block_native`). It runs the same kernels in the same order as the attention worker's
  * unfused path with the C kernels (cluster/attention_worker.py `attention`), so it gives the same
  * bits; what it saves is the glue between them: ~20 torch ops per layer, each run with cold caches
  * since the weights streamed in between have evicted torch's own code and data. */

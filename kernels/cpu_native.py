@@ -236,7 +236,8 @@ def sample_native(logits: Tensor, temperatures: list[float], top_ks: list[int], 
     """One token per row of float32 CPU logits [R, V], drawn at uniforms[r] from softmax(row /
     temperatures[r]) kept to its top_ks[r] largest (0: all; ties with the k-th kept, as HF does) and
     to the smallest set of the largest whose mass reaches top_ps[r] (1: all), in token order
-    (cpu_sample.c; cluster/sampler.py's torch path draws the same way)."""
+    (cpu_sample.c). cluster/sampler.py's torch path draws the same tokens, except among tokens tied
+    with the k-th, of which its topk keeps exactly k."""
     lib = lib or load()
     rows = logits.contiguous()
     v = rows.shape[1]

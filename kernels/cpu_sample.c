@@ -7,17 +7,25 @@
 #include <math.h>
 #include <stdint.h>
 
+/* Hoare partition of a[lo..hi] around its middle value, larger values first: on return
+ * a[lo..*j] >= pivot, a[*j+1..*i-1] == pivot, a[*i..hi] <= pivot; returns the pivot. */
+static float ms_partition(float *a, int64_t lo, int64_t hi, int64_t *i_out, int64_t *j_out) {
+    float pivot = a[lo + (hi - lo) / 2];
+    int64_t i = lo, j = hi;
+    while (i <= j) {
+        while (a[i] > pivot) ++i;
+        while (a[j] < pivot) --j;
+        if (i <= j) { float t = a[i]; a[i] = a[j]; a[j] = t; ++i; --j; }
+    }
+    *i_out = i, *j_out = j;
+    return pivot;
+}
+
 /* The `rank`-th largest of a[0..n) (rank 1: the largest); reorders a. Quickselect, O(n) on average. */
 static float ms_select(float *a, int64_t n, int64_t rank) {
-    int64_t lo = 0, hi = n - 1, want = rank - 1;
+    int64_t lo = 0, hi = n - 1, want = rank - 1, i, j;
     while (lo < hi) {
-        float pivot = a[lo + (hi - lo) / 2];
-        int64_t i = lo, j = hi;
-        while (i <= j) {  /* descending: larger values first */
-            while (a[i] > pivot) ++i;
-            while (a[j] < pivot) --j;
-            if (i <= j) { float t = a[i]; a[i] = a[j]; a[j] = t; ++i; --j; }
-        }
+        ms_partition(a, lo, hi, &i, &j);
         if (want <= j) hi = j;
         else if (want >= i) lo = i;
         else return a[want];
@@ -28,17 +36,11 @@ static float ms_select(float *a, int64_t n, int64_t rank) {
 /* The largest threshold t among a[0..n) such that the values >= t sum to at least `mass`; reorders a.
  * A selection on mass: each round partitions around a pivot and keeps the side holding the edge. */
 static float ms_mass_threshold(float *a, int64_t n, double mass) {
-    int64_t lo = 0, hi = n - 1;
+    int64_t lo = 0, hi = n - 1, i, j;
     double above = 0.0;  /* the mass of values known to be larger than a[lo..hi] */
     while (lo < hi) {
-        float pivot = a[lo + (hi - lo) / 2];
-        int64_t i = lo, j = hi;
-        while (i <= j) {
-            while (a[i] > pivot) ++i;
-            while (a[j] < pivot) --j;
-            if (i <= j) { float t = a[i]; a[i] = a[j]; a[j] = t; ++i; --j; }
-        }
-        double big = 0.0, mid = 0.0;  /* a[lo..j] >= pivot, a[j+1..i-1] == pivot, a[i..hi] <= pivot */
+        float pivot = ms_partition(a, lo, hi, &i, &j);
+        double big = 0.0, mid = 0.0;
         for (int64_t x = lo; x <= j; ++x) big += a[x];
         for (int64_t x = j + 1; x < i; ++x) mid += a[x];
         if (above + big >= mass && j >= lo) hi = j;  /* the edge lies among the larger values */
