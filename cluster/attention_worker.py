@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from cluster.batch import StepBatch
 from cluster.layers import apply_rope_rolled, gated_mlp, paged_attention, rope_table, signed_sin
+from experts import huge_pages
 from experts.config import ModelSpec
 from experts.loader import DenseWeights, LayerWeights
 from kernels.dispatch import KernelOps
@@ -27,8 +28,8 @@ class AttentionWorker:
         self._rope_at: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # see _rope
         shape = (num_slots, spec.num_kv_heads, spec.head_dim)
         # zeros, not empty: padded keys point at slot 0 and must be finite
-        self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
-        self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.num_layers)]
+        self.k_cache = [huge_pages.empty(shape, dtype, device).zero_() for _ in range(spec.num_layers)]
+        self.v_cache = [huge_pages.empty(shape, dtype, device).zero_() for _ in range(spec.num_layers)]
         self.scale = spec.head_dim ** -0.5
 
     def kv_cache_bytes(self) -> int:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from experts import huge_pages
+
 
 @dataclass(slots=True)
 class ExpertBank:
@@ -29,7 +31,7 @@ class ExpertBank:
         rows = len(expert_ids) if rows is None else rows
         if rows < len(expert_ids):
             raise ValueError(f"{rows} rows cannot hold {len(expert_ids)} experts")
-        buffer = torch.empty(rows, 3 * intermediate * hidden, dtype=dtype, device=device)
+        buffer = huge_pages.empty((rows, 3 * intermediate * hidden), dtype, device)
         slot_of = torch.full((num_experts,), -1, dtype=torch.int64, device=device)
         slot_of[list(expert_ids)] = torch.arange(len(expert_ids), device=device)
         return cls(layer, expert_ids, buffer, hidden, intermediate, slot_of)

@@ -7,6 +7,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from experts import huge_pages
 from experts.checkpoint import Checkpoint
 from experts.config import ModelSpec
 from experts.expert_bank import ExpertBank
@@ -50,9 +51,9 @@ def load_dense(ckpt: Checkpoint, spec: ModelSpec, dtype: torch.dtype,
     v, h = spec.vocab_size, spec.hidden_size
     embed = ckpt.read(table.globals["embed"], (v, h), dtype, device)
     if spec.tie_word_embeddings and table.globals["lm_head"] not in ckpt:
-        lm_head = embed
+        lm_head = embed = huge_pages.copy(embed)  # every decode step reads all of the LM head
     else:
-        lm_head = ckpt.read(table.globals["lm_head"], (v, h), dtype, device)
+        lm_head = huge_pages.copy(ckpt.read(table.globals["lm_head"], (v, h), dtype, device))
     layers = []
     for layer in range(spec.num_layers):
         layers.append(_load_layer(ckpt, spec, layer, dtype, device))
@@ -71,7 +72,7 @@ def _load_layer(ckpt: Checkpoint, spec: ModelSpec, layer: int, dtype: torch.dtyp
     def read(part: str, shape: tuple[int, ...]) -> torch.Tensor:
         return ckpt.read(layer_name(table, part, layer), shape, dtype, device)
 
-    qkv = torch.cat([read("q", (q_out, h)), read("k", (kv_out, h)), read("v", (kv_out, h))])  # [out, H]
+    qkv = huge_pages.copy(torch.cat([read("q", (q_out, h)), read("k", (kv_out, h)), read("v", (kv_out, h))]))
     bias = None
     if spec.qkv_bias:
         bias = torch.cat([read("q_bias", (q_out,)), read("k_bias", (kv_out,)), read("v_bias", (kv_out,))])
@@ -84,7 +85,7 @@ def _load_layer(ckpt: Checkpoint, spec: ModelSpec, layer: int, dtype: torch.dtyp
     shared, score = _load_shared(read, spec, sparse)
     return LayerWeights(
         input_norm=read("input_norm", (h,)), post_norm=read("post_norm", (h,)),
-        qkv=qkv, qkv_bias=bias, o=read("o", (h, q_out)),
+        qkv=qkv, qkv_bias=bias, o=huge_pages.copy(read("o", (h, q_out))),
         q_norm=q_norm, k_norm=k_norm,
         router=read("router", (spec.num_experts, h)) if sparse else None,
         shared=shared, shared_score=score)
@@ -103,7 +104,7 @@ def _load_shared(read, spec: ModelSpec, sparse: bool) -> tuple[MLPWeights | None
 
 def _mlp(read, prefix: str, i: int, h: int) -> MLPWeights:
     gate_up = torch.cat([read(f"{prefix}_gate", (i, h)), read(f"{prefix}_up", (i, h))])  # [2I, H]
-    return MLPWeights(gate_up=gate_up, down=read(f"{prefix}_down", (h, i)))
+    return MLPWeights(gate_up=huge_pages.copy(gate_up), down=huge_pages.copy(read(f"{prefix}_down", (h, i))))
 
 
 def load_experts(ckpt: Checkpoint, spec: ModelSpec, layer: int, expert_ids: Iterable[int],
