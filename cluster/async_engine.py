@@ -13,17 +13,16 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import queue
 import threading
 import time
 import uuid
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator
 
+from cluster.async_channels import AbortRequest, AddRequest, Stream, merge_outputs, settle
 from cluster.config import EngineConfig
 from cluster.engine import LLMEngine
 from cluster.metrics import EngineMetrics
@@ -42,31 +41,6 @@ class EngineStopped(RuntimeError):
     """The engine has been shut down (or its thread died) and takes no more requests."""
 
 
-@dataclass(slots=True, eq=False)
-class _Stream:
-    """One request's channel from the engine thread to the consumer's event loop."""
-
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue  # of RequestOutput
-    accepted: asyncio.Future  # resolved once the engine took (or refused) the request
-    arrival: float = field(default_factory=time.monotonic)
-    first_at: float | None = None
-    last_at: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Add:
-    request_id: str
-    prompt: str | list[int]
-    params: SamplingParams
-    stream: _Stream
-
-
-@dataclass(frozen=True, slots=True)
-class _Abort:
-    request_id: str
-
-
 class AsyncLLMEngine:
     def __init__(self, config: EngineConfig, *, model_name: str | None = None, max_waiting: int = 256,
                  stream_interval_s: float = 0.0) -> None:
@@ -77,8 +51,8 @@ class AsyncLLMEngine:
         if not 0.0 <= stream_interval_s <= 1.0:
             raise ValueError(f"stream_interval_s must be in [0, 1], got {stream_interval_s}")
         self.config, self.max_waiting, self.stream_interval_s = config, max_waiting, stream_interval_s
-        self._inbox: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
-        self._live: dict[str, _Stream] = {}  # engine thread only
+        self._inbox: queue.SimpleQueue[AddRequest | AbortRequest | None] = queue.SimpleQueue()
+        self._live: dict[str, Stream] = {}  # engine thread only
         self._stopping = threading.Event()
         self._gate = threading.Lock()  # orders generate()'s enqueue against the final drain
         self._closed = False
@@ -121,12 +95,12 @@ class AsyncLLMEngine:
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; ValueError / AdmissionError / EngineOverloaded come before any."""
         loop = asyncio.get_running_loop()
-        stream = _Stream(loop, asyncio.Queue(), loop.create_future())
+        stream = Stream(loop, asyncio.Queue(), loop.create_future())
         request_id = request_id or uuid.uuid4().hex
         with self._gate:
             if self._closed or self._stopping.is_set():
                 raise EngineStopped("the engine is not running")
-            self._inbox.put(_Add(request_id, prompt, params, stream))
+            self._inbox.put(AddRequest(request_id, prompt, params, stream))
         await stream.accepted
         finished, last = False, None
         try:
@@ -141,10 +115,10 @@ class AsyncLLMEngine:
                 last = loop.time()
         finally:
             if not finished:
-                self._inbox.put(_Abort(request_id))
+                self._inbox.put(AbortRequest(request_id))
 
     async def abort(self, request_id: str) -> None:
-        self._inbox.put(_Abort(request_id))
+        self._inbox.put(AbortRequest(request_id))
 
     def stats(self) -> dict:
         """Latest engine-thread snapshot: running, waiting, kv_cache_usage, num_requests, ..."""
@@ -186,15 +160,15 @@ class AsyncLLMEngine:
         while not self._inbox.empty():
             cmds.append(self._inbox.get_nowait())
         for cmd in cmds:
-            if isinstance(cmd, _Add):
+            if isinstance(cmd, AddRequest):
                 self._add(cmd)
-            elif isinstance(cmd, _Abort) and cmd.request_id in self._live:
+            elif isinstance(cmd, AbortRequest) and cmd.request_id in self._live:
                 out = self.engine.abort(cmd.request_id)
                 if out is not None:
                     self._deliver(out, time.monotonic())
         self._publish()
 
-    def _add(self, cmd: _Add) -> None:
+    def _add(self, cmd: AddRequest) -> None:
         try:
             if self._stopping.is_set():
                 raise EngineStopped("the engine is shutting down")
@@ -202,13 +176,13 @@ class AsyncLLMEngine:
                 raise EngineOverloaded(f"{self.max_waiting} requests are already waiting; retry later")
             self.engine.add_request(cmd.prompt, cmd.params, cmd.request_id)
         except Exception as exc:  # handed to the caller of generate()
-            self._post(cmd.stream, _settle, cmd.stream.accepted, exc, None)
+            self._post(cmd.stream, settle, cmd.stream.accepted, exc, None)
             return
         self._live[cmd.request_id] = cmd.stream
-        self._post(cmd.stream, _settle, cmd.stream.accepted, None, self._inbox_abort(cmd.request_id))
+        self._post(cmd.stream, settle, cmd.stream.accepted, None, self._inbox_abort(cmd.request_id))
 
     def _inbox_abort(self, request_id: str):
-        return lambda: self._inbox.put(_Abort(request_id))
+        return lambda: self._inbox.put(AbortRequest(request_id))
 
     def _step(self) -> None:
         try:
@@ -245,9 +219,9 @@ class AsyncLLMEngine:
             del self._live[out.request_id]
             self.metrics.on_finish(now - stream.arrival, out.finish_reason or "unknown")
         if not self._post(stream, stream.queue.put_nowait, out) and not out.finished:
-            self._inbox.put(_Abort(out.request_id))  # the consumer's loop is gone
+            self._inbox.put(AbortRequest(out.request_id))  # the consumer's loop is gone
 
-    def _post(self, stream: _Stream, fn, *args) -> bool:
+    def _post(self, stream: Stream, fn, *args) -> bool:
         try:
             stream.loop.call_soon_threadsafe(fn, *args)
             return True
@@ -279,29 +253,9 @@ class AsyncLLMEngine:
             while not self._inbox.empty():
                 pending.append(self._inbox.get_nowait())
         for cmd in pending:
-            if isinstance(cmd, _Add):
-                self._post(cmd.stream, _settle, cmd.stream.accepted, EngineStopped("the engine shut down"), None)
+            if isinstance(cmd, AddRequest):
+                self._post(cmd.stream, settle, cmd.stream.accepted, EngineStopped("the engine shut down"), None)
         try:
             getattr(self.engine, "shutdown", lambda: None)()  # cluster mode stops its actors
         except Exception:
             log.exception("engine shutdown raised")
-
-
-def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
-    """One update equal to `a` followed by `b` (same request): deltas joined, totals from `b`."""
-    logprobs = None if a.new_logprobs is None and b.new_logprobs is None else (
-        (a.new_logprobs or ()) + (b.new_logprobs or ()))
-    return dataclasses.replace(b, new_token_ids=a.new_token_ids + b.new_token_ids, new_text=a.new_text + b.new_text,
-                               new_logprobs=logprobs)
-
-
-def _settle(future: asyncio.Future, exc: BaseException | None, undo) -> None:
-    """On the consumer's loop: resolve `future`; if its consumer already left, undo the add."""
-    if future.cancelled():
-        if undo is not None:
-            undo()
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(None)

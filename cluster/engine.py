@@ -21,7 +21,7 @@ from cluster.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from cluster.sequence import Sequence
 from cluster.speculative import accept, draft_tokens, row_outputs
 from experts.config import load_spec
-from experts.expert_cache import CacheStats
+from experts.cache_stats import CacheStats
 from experts.tokenizer import load_tokenizer
 from kernels.dispatch import select_kernels
 from router.live import LiveRouteMeter

@@ -4,9 +4,10 @@
   `grpc_context` (RayServegRPCContext); `GrpcMethods` is the mixin that provides them.
 - `serve_grpc` runs a standalone `grpc.aio` server (MoeServeServicer, EngineHealthServicer, reflection).
 
-Both wrap the same engine-facing functions (generate_stream, model_info, health_*), which raise plain
-exceptions; `grpc_status` maps them to status codes: bad input (ValueError) -> INVALID_ARGUMENT,
-unknown model or health service -> NOT_FOUND, EngineOverloaded -> RESOURCE_EXHAUSTED. When the RPC is
+Both wrap the same engine-facing functions (generate_stream and model_info here, health_* in
+cluster/grpc_health.py), which raise plain exceptions; `grpc_status` (cluster/grpc_status.py) maps them
+to status codes: bad input (ValueError) -> INVALID_ARGUMENT, unknown model or health service ->
+NOT_FOUND, EngineOverloaded -> RESOURCE_EXHAUSTED. When the RPC is
 cancelled or its deadline passes, the engine's output stream is closed, which aborts the request.
 """
 
@@ -22,7 +23,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cluster.async_engine import EngineOverloaded, EngineStopped
+from cluster.grpc_health import HEALTH_SERVICE_NAME, SERVICE_NAME, health_check, health_list, health_watch
+from cluster.grpc_status import EngineUnavailable, NotFound, RequestEnded, grpc_status
 from cluster.request import RequestOutput
 from cluster.sampling_params import SamplingParams
 from protos import moe_serve_pb2 as pb
@@ -32,48 +34,9 @@ if TYPE_CHECKING:
     from cluster.async_engine import AsyncLLMEngine
 
 T = TypeVar("T")
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["MoeServe"].full_name  # "moeserve.v1.MoeServe"
-HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-HEALTH_SERVICES = ("", SERVICE_NAME)  # "" is the whole server
-WATCH_POLL_S = 0.25
 # GenerateRequest fields that map 1:1 onto SamplingParams when set (unset: SamplingParams' default)
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "presence_penalty", "frequency_penalty",
                    "repetition_penalty", "min_tokens", "logprobs", "prompt_logprobs")
-
-
-class NotFound(LookupError):
-    """The request names a model or health service this server does not serve."""
-
-
-class EngineUnavailable(RuntimeError):
-    """The standalone server is up but its engine is still loading (or failed to load)."""
-
-
-class RequestEnded(RuntimeError):
-    """The engine ended the request without finishing it ("abort" or "error")."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-_STATUS: tuple[tuple[type | tuple[type, ...], grpc.StatusCode], ...] = (  # first match wins
-    (EngineOverloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    ((EngineStopped, EngineUnavailable), grpc.StatusCode.UNAVAILABLE),
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
-)
-
-
-def grpc_status(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
-    """The status an exception from the functions below is reported with; None: not ours (re-raise)."""
-    if isinstance(exc, RequestEnded):
-        code = grpc.StatusCode.ABORTED if exc.reason == "abort" else grpc.StatusCode.INTERNAL
-        return code, str(exc)
-    for kind, code in _STATUS:
-        if isinstance(exc, kind):
-            return code, str(exc) or type(exc).__name__
-    return None
 
 
 # ---- requests in, responses out ------------------------------------------------------------------
@@ -134,40 +97,6 @@ def model_info(engine: AsyncLLMEngine, model_name: str, request: pb.ModelInfoReq
     return pb.ModelInfo(name=model_name, family=spec.family, vocab_size=spec.vocab_size,
                         max_model_len=engine.max_model_len, num_layers=spec.num_layers,
                         num_experts=spec.num_experts, top_k=spec.top_k)
-
-
-# ---- health: NOT_SERVING until the engine is ready ---------------------------------------------
-def serving_status(engine: AsyncLLMEngine | None, service: str) -> int:
-    """SERVING when the engine exists and is ready; None is an engine still loading."""
-    if service not in HEALTH_SERVICES:
-        return health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
-    ready = engine is not None and engine.ready
-    return health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def health_check(engine: AsyncLLMEngine | None,
-                 request: health_pb2.HealthCheckRequest) -> health_pb2.HealthCheckResponse:
-    status = serving_status(engine, request.service)
-    if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
-        raise NotFound(f"unknown health service {request.service!r}; known: {list(HEALTH_SERVICES)}")
-    return health_pb2.HealthCheckResponse(status=status)
-
-
-def health_list(engine: AsyncLLMEngine | None) -> health_pb2.HealthListResponse:
-    return health_pb2.HealthListResponse(statuses={
-        name: health_pb2.HealthCheckResponse(status=serving_status(engine, name)) for name in HEALTH_SERVICES})
-
-
-async def health_watch(engine: Callable[[], AsyncLLMEngine | None],
-                       request: health_pb2.HealthCheckRequest) -> AsyncIterator[health_pb2.HealthCheckResponse]:
-    """The current status, then every change (polled), until the caller goes away."""
-    last = None
-    while True:
-        status = serving_status(engine(), request.service)
-        if status != last:
-            yield health_pb2.HealthCheckResponse(status=status)
-            last = status
-        await asyncio.sleep(WATCH_POLL_S)
 
 
 # ---- Ray Serve: deployment methods the gRPC proxy calls -------------------------------------------

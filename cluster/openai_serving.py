@@ -17,10 +17,11 @@ from cluster.async_engine import AsyncLLMEngine
 from cluster.chat_template import ChatTemplateError, render_chat, special_tokens
 from cluster.openai_logprobs import (ChatLogprobs, CompletionLogprobs, chat_logprobs, completion_logprobs,
                                      prompt_completion_logprobs)
-from cluster.openai_schema import (
-    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
-    ChatCompletionResponse, ChatDelta, CompletionChoice, CompletionRequest, CompletionResponse, DetokenizeRequest,
-    DetokenizeResponse, ModelCard, ModelList, TokenizeRequest, TokenizeResponse, Usage, new_id, now)
+from cluster.openai_responses import (
+    AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionResponse, ChatDelta,
+    CompletionChoice, CompletionResponse, DetokenizeResponse, ModelCard, ModelList, TokenizeResponse, Usage, new_id,
+    now)
+from cluster.openai_schema import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from cluster.openai_streams import (DONE, OpenAIError, Stream, ended as _ended, error_for, finals as _finals,
                                     merge as _merge, parse, sampling_params as _params, sse as _sse,
                                     usage as _usage)

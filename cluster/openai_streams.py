@@ -10,7 +10,7 @@ from typing import AsyncIterator
 from pydantic import BaseModel, ValidationError
 
 from cluster.async_engine import EngineOverloaded, EngineStopped
-from cluster.openai_schema import ErrorDetail, ErrorResponse, Usage
+from cluster.openai_responses import ErrorDetail, ErrorResponse, Usage
 from cluster.request import RequestOutput
 from cluster.sampling_params import SamplingParams
 

@@ -14,66 +14,25 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
-
 import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
-from cluster.actors import ActorConfig, StepResult, Topology
+from cluster.actors import StepResult, Topology
 from cluster.batch import build_batch
 from cluster.builder import start_attention, start_shard
 from cluster.errors import ClusterRecovered
 from cluster.live_placement import LivePlacement
+from cluster.ray_model_config import RayModelConfig, TrafficTotals
 from cluster.plan_cli import DTYPE_BYTES, footprint_of
 from cluster.scheduler_config import ScheduledChunk, SchedulerOutput
 from cluster.sequence_homes import KVMove, SequenceHomes, prompt_score_order, row_order
 from experts.config import ModelSpec
-from experts.expert_cache import CacheStats
+from experts.cache_stats import CacheStats
 from router.replicas import Replicas
-from router.shuffle import RequestShuffler, ShuffleConfig, ShuffleGeometry
+from router.shuffle import RequestShuffler, ShuffleGeometry
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class RayModelConfig:
-    actor: ActorConfig
-    plan: object  # cluster.placement.PlacementPlan
-    num_kv_slots: int
-    block_size: int
-    microbatches: int = 2  # per attention worker; 1 switches ping-pong pipelining off
-    min_microbatch_tokens: int = 32  # below 2x this many tokens a worker's batch is not split
-    replan_every_steps: int | None = None  # re-plan and move experts every N steps (None: never)
-    shuffle: ShuffleConfig | None = None  # move sequences toward their predicted shards (None: never)
-    replicas_per_layer: int = 0  # expert copies per layer and node made at each periodic re-plan
-    start_timeout_s: float = 300.0
-
-    def __post_init__(self) -> None:
-        if self.microbatches not in (1, 2):
-            raise ValueError(f"microbatches must be 1 or 2, got {self.microbatches}")
-
-
-@dataclass(slots=True)
-class TrafficTotals:
-    """Cross-node data-plane traffic seen by the attention workers (dispatch = sent, combine = received)."""
-
-    steps: int = 0
-    dispatch_bytes: int = 0
-    combine_bytes: int = 0
-    migrate_bytes: int = 0  # KV copied across nodes when a sequence moved to another attention worker
-    sequences_moved: int = 0
-    messages: int = 0
-    per_layer: dict[int, list[int]] = field(default_factory=dict)  # layer -> [dispatch, combine, msgs]
-
-    def add(self, traffic: dict) -> None:
-        self.dispatch_bytes += traffic["cross_bytes_sent"]
-        self.combine_bytes += traffic["cross_bytes_recv"]
-        self.messages += traffic["cross_messages"]
-        for layer, row in traffic["per_layer"].items():
-            acc = self.per_layer.setdefault(int(layer), [0, 0, 0])
-            for i, v in enumerate(row):
-                acc[i] += v
 
 
 class RayModel(LivePlacement):

@@ -14,7 +14,8 @@ from cluster.cluster_spec import CLUSTERS_DIR, DEFAULT_LABEL_KEY, ClusterSpec, c
 from cluster.config import EngineConfig, expert_cache_config
 from cluster.placement import PlacementPlan, PlannerConfig, plan
 from cluster.plan_cli import footprint_of
-from cluster.ray_model import RayModel, RayModelConfig
+from cluster.ray_model import RayModel
+from cluster.ray_model_config import RayModelConfig
 from experts.config import load_spec
 from router.shuffle import ShuffleConfig
 

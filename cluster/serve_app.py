@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException
 from cluster.async_engine import AsyncLLMEngine
 from cluster.config import EngineConfig
 from cluster.grpc_service import GrpcMethods
-from cluster.openai_schema import ErrorDetail, ErrorResponse
+from cluster.openai_responses import ErrorDetail, ErrorResponse
 from cluster.openai_serving import OpenAIServing
 from cluster.openai_streams import OpenAIError
 
