@@ -50,7 +50,7 @@ _SIGNATURES = {
     "ms_rms_norm": [_P, _I, _P, _F, _P, _I, _I],
     "ms_attend_causal": [_P, _I, _P, _P, _I, _I, _I, _I, _I, _F, _P, _I, _P, ctypes.c_int],
     "ms_rope": [_P, _I, _I, _I, _I, _P, _P],
-    "ms_sample_row": [_P, _I, _F, _I, _F, ctypes.c_double, _P],
+    "ms_sample_rows": [_P, _I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int],
     "ms_attention_block": [_P, _P, _P, _I, _P, _P, _F, _P, _P, _P, _P, ctypes.c_int, _F, _P, _P, _P, _P, _I, _I,
                            _I, _I, _I, _F, _P, _P, ctypes.c_int],
 }
@@ -110,7 +110,6 @@ def _open(path: Path) -> ctypes.CDLL:
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
-    lib.ms_sample_row.restype = ctypes.c_int64
     return lib
 
 
@@ -240,11 +239,14 @@ def sample_native(logits: Tensor, temperatures: list[float], top_ks: list[int], 
     with the k-th, of which its topk keeps exactly k."""
     lib = lib or load()
     rows = logits.contiguous()
-    v = rows.shape[1]
-    scratch = torch.empty(2 * v, dtype=torch.float32)
-    base, step = rows.data_ptr(), 4 * v
-    return [lib.ms_sample_row(base + r * step, v, t, k, p, u, scratch.data_ptr())
-            for r, (t, k, p, u) in enumerate(zip(temperatures, top_ks, top_ps, uniforms))]
+    r, v = rows.shape
+    threads = max(torch.get_num_threads(), 1)
+    scratch = torch.empty(threads * 2 * v, dtype=torch.float32)
+    out = (ctypes.c_int64 * r)()
+    lib.ms_sample_rows(rows.data_ptr(), r, v, (ctypes.c_float * r)(*temperatures), (ctypes.c_int64 * r)(*top_ks),
+                       (ctypes.c_float * r)(*top_ps), (ctypes.c_double * r)(*uniforms), scratch.data_ptr(), out,
+                       threads)
+    return list(out)
 
 
 def _check_slots(cache: Tensor, first: int, keys: int, queries: int) -> None:

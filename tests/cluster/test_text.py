@@ -224,6 +224,31 @@ def test_the_c_sampler_draws_what_the_torch_path_draws(monkeypatch, kw):
     assert [sample(logits, params, randoms, [i] * 6) for i in range(100)] == native
 
 
+@pytest.mark.parametrize("vocab", [5003, 20011])  # neither a multiple of the C passes' 16 or 64
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_c_sampler_on_odd_vocabularies_rows_of_their_own(monkeypatch, vocab, threads):
+    """Each row with its own settings, flat to peaked, the rows shared among threads: the C sampler
+    (which selects only among tokens above a bound it derives, and draws by blocks) draws what the
+    torch path draws."""
+    from cluster import sampler
+    if sampler._native_sampler() is None:
+        pytest.skip("the C kernels cannot be built here")
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.cat([torch.randn(3, vocab, generator=g) * s for s in (0.3, 2.0, 6.0, 15.0)])
+    kinds = [{"temperature": 0.7, "top_p": 0.95}, {"top_k": 50}, {"temperature": 1.3}, {"top_k": 1, "top_p": 0.5},
+             {"temperature": 0.5, "top_k": 400, "top_p": 0.8}, {"temperature": 0.9, "top_p": 0.3}]
+    params = [SamplingParams(seed=1, **kinds[r % len(kinds)]) for r in range(len(logits))]
+    randoms = [TokenRandom(r) for r in range(len(logits))]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        native = [sample(logits, params, randoms, [i] * len(logits)) for i in range(40)]
+        _torch_path(monkeypatch)
+        assert [sample(logits, params, randoms, [i] * len(logits)) for i in range(40)] == native
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_the_c_sampler_keeps_ties_with_the_kth_and_the_edge_of_the_nucleus():
     from cluster import sampler
     if sampler._native_sampler() is None:
