@@ -10,18 +10,35 @@
  * all the tokens. */
 static void ms_act(const float *x, const int64_t *tok, int64_t n, const float *wgu, int64_t h, int64_t inter,
                    int64_t lo, int64_t hi, float *act) {
-    for (int64_t i = lo; i < hi; ++i)
-        for (int64_t j = 0; j < n; ++j) {
+    for (int64_t i = lo; i < hi; ++i) {
+        int64_t j = 0;
+        for (; j + 4 <= n; j += 4) {
+            const float *xs[4] = {x + tok[j] * h, x + tok[j + 1] * h, x + tok[j + 2] * h, x + tok[j + 3] * h};
+            float g[4], u[4];
+            ms_dot4(wgu + i * h, xs, h, g);
+            ms_dot4(wgu + (inter + i) * h, xs, h, u);
+            for (int q = 0; q < 4; ++q) act[(j + q) * inter + i] = ms_silu(g[q]) * u[q];
+        }
+        for (; j < n; ++j) {
             const float *xj = x + tok[j] * h;
             act[j * inter + i] = ms_silu(ms_dot(wgu + i * h, xj, h)) * ms_dot(wgu + (inter + i) * h, xj, h);
         }
+    }
 }
 
 /* Rows [lo, hi) of the expert's down projection for its n tokens, weighted, added to part [T, h]. */
 static void ms_down(const float *wd, const int64_t *tok, const float *w, int64_t n, int64_t h, int64_t inter,
                     int64_t lo, int64_t hi, const float *act, float *part) {
-    for (int64_t r = lo; r < hi; ++r)
-        for (int64_t j = 0; j < n; ++j) part[tok[j] * h + r] += ms_dot(wd + r * inter, act + j * inter, inter) * w[j];
+    for (int64_t r = lo; r < hi; ++r) {
+        int64_t j = 0;
+        for (; j + 4 <= n; j += 4) {
+            const float *as[4] = {act + j * inter, act + (j + 1) * inter, act + (j + 2) * inter, act + (j + 3) * inter};
+            float d[4];
+            ms_dot4(wd + r * inter, as, inter, d);
+            for (int q = 0; q < 4; ++q) part[tok[j + q] * h + r] += d[q] * w[j + q];
+        }
+        for (; j < n; ++j) part[tok[j] * h + r] += ms_dot(wd + r * inter, act + j * inter, inter) * w[j];
+    }
 }
 
 /* out [T, h] = for each token, sum over its slots j with ids[t, j] >= 0 (a negative id is an expert

@@ -22,7 +22,15 @@ static void ms_rows(const float *x, int64_t x_stride, const float *w, const floa
     for (int64_t n = lo; n < hi; ++n) {
         const float *wn = w + n * k;
         float b = bias ? bias[n] : 0.f;
-        for (int64_t m = 0; m < m_rows; ++m) y[m * y_stride + n] = ms_dot(wn, x + m * x_stride, k) + b;
+        int64_t m = 0;
+        for (; m + 4 <= m_rows; m += 4) {
+            const float *xs[4] = {x + m * x_stride, x + (m + 1) * x_stride, x + (m + 2) * x_stride,
+                                  x + (m + 3) * x_stride};
+            float d[4];
+            ms_dot4(wn, xs, k, d);
+            for (int j = 0; j < 4; ++j) y[(m + j) * y_stride + n] = d[j] + b;
+        }
+        for (; m < m_rows; ++m) y[m * y_stride + n] = ms_dot(wn, x + m * x_stride, k) + b;
     }
 }
 

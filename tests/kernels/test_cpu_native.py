@@ -35,7 +35,8 @@ def threads(request):
 
 
 @needs_lib
-@pytest.mark.parametrize("m, k, n", [(1, 5, 1), (1, 512, 1030), (3, 100, 33), (8, 1000, 300), (2, 64, 40000)])
+@pytest.mark.parametrize("m, k, n", [(1, 5, 1), (1, 512, 1030), (3, 100, 33), (8, 1000, 300), (2, 64, 40000),
+                                     (7, 130, 50), (16, 300, 70)])  # rows four at a time (ms_dot4) and the rest
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear(threads, m, k, n, bias):
     g = torch.Generator().manual_seed(m * k + n)
@@ -45,6 +46,7 @@ def test_linear(threads, m, k, n, bias):
     torch.testing.assert_close(got, linear_ref(x, w, b), atol=1e-4, rtol=1e-4)
     # each row's dot products do not depend on the other rows: a row alone gets the same bits
     assert torch.equal(cpu_native.linear_native(x[-1:], w, b, lib=LIB), got[-1:])
+    assert torch.equal(cpu_native.linear_native(x[:1], w, b, lib=LIB), got[:1])
     wide = torch.randn(m, k + 7, generator=g)
     wide[:, :k] = x  # rows k + 7 floats apart
     assert torch.equal(cpu_native.linear_native(wide[:, :k], w, b, lib=LIB), got)
