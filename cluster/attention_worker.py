@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from cluster.batch import StepBatch
-from cluster.layers import apply_rope_rolled, gated_mlp, paged_attention, rope_table, signed_sin
+from cluster.layers import (ATTEND_MAX_QUERIES, apply_rope_rolled, gated_mlp, paged_attention, rope_table,
+                            signed_sin)
 from experts import huge_pages
 from experts.config import ModelSpec
 from experts.loader import DenseWeights, LayerWeights
@@ -42,7 +43,7 @@ class AttentionWorker:
     def attention(self, layer: int, h: torch.Tensor, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Residual stream h [T, H] -> (h + attention, post-attention-normed input of the FFN)."""
         lw = self.w.layers[layer]
-        if self.block is not None and self._one_decode_token(batch):
+        if self.block is not None and self._one_sequence_chunk(batch):
             return self._attention_block(layer, lw, h, batch)
         x = self.rms_norm(h, lw.input_norm, self.spec.rms_norm_eps)
         q, k, v = self._qkv(lw, x, batch)
@@ -52,16 +53,17 @@ class AttentionWorker:
         h = h + self.linear(attn, lw.o)
         return h, self.rms_norm(h, lw.post_norm, self.spec.rms_norm_eps)
 
-    def _one_decode_token(self, batch: StepBatch) -> bool:
-        """A lone sequence's single new token, its keys consecutive and all visible to it: what the
-        fused attention block (KernelOps.attention_block) computes."""
+    def _one_sequence_chunk(self, batch: StepBatch) -> bool:
+        """A lone sequence's few new tokens (a decode token, a draft chunk, a short prompt), its keys
+        consecutive and all visible to them: what the fused attention block
+        (KernelOps.attention_block) computes."""
         keys = batch.kv_lens[0] if batch.kv_lens else 0
         window = batch.sliding_window
-        return (batch.num_seqs == 1 and batch.q_lens == (1,) and batch.kv_runs is not None
+        return (batch.num_seqs == 1 and 1 <= batch.q_lens[0] <= ATTEND_MAX_QUERIES and batch.kv_runs is not None
                 and (window is None or keys <= window))
 
     def _attention_block(self, layer: int, lw: LayerWeights, h: torch.Tensor, batch: StepBatch):
-        """`attention` for one decode token in one call: the same kernels, the same bits."""
+        """`attention` for a lone sequence's few new tokens in one call: the same kernels, the same bits."""
         s = self.spec
         cos, sin = self._rope(batch)
         weights = {"input_norm": lw.input_norm, "post_norm": lw.post_norm, "qkv": lw.qkv,

@@ -51,8 +51,8 @@ _SIGNATURES = {
     "ms_attend_causal": [_P, _I, _P, _P, _I, _I, _I, _I, _I, _F, _P, _I, _P, ctypes.c_int],
     "ms_rope": [_P, _I, _I, _I, _I, _P, _P],
     "ms_sample_rows": [_P, _I, _I, _P, _P, _P, _P, _P, _P, ctypes.c_int],
-    "ms_attention_block": [_P, _P, _P, _I, _P, _P, _F, _P, _P, _P, _P, ctypes.c_int, _F, _P, _P, _P, _P, _I, _I,
-                           _I, _I, _I, _F, _P, _P, ctypes.c_int],
+    "ms_attention_block": [_P, _P, _P, _I, _I, _P, _P, _F, _P, _P, _P, _P, ctypes.c_int, _F, _P, _P, _P, _P, _I,
+                           _I, _I, _I, _I, _F, _P, _P, ctypes.c_int],
 }
 QK_NORM_MODES = {"none": 0, "full": 1, "head": 2}  # cpu_attention.c's MS_QK_*
 
@@ -207,22 +207,23 @@ def attention_block_native(h: Tensor, weights: dict[str, Tensor | None], eps: fl
                            clip: float | None, cos: Tensor, sin_signed: Tensor, k_cache: Tensor, v_cache: Tensor,
                            first: int, keys: int, num_heads: int, scale: float,
                            lib: ctypes.CDLL | None = None) -> tuple[Tensor, Tensor]:
-    """The attention half of a decoder layer for one float32 CPU decode token h [1, H]
-    (kernels/cpu_attention.c): (h + o(attention(input_norm(h))), post_norm of that), its key and value
-    written to cache slot first + keys - 1, its query attending slots first..first+keys-1. `weights`:
-    input_norm, post_norm, qkv, qkv_bias, q_norm, k_norm, o (contiguous; the biases and q/k norms may
-    be None); qk_norm: "none", "full" or "head"; cos, sin_signed: [D] rows (contiguous) at the
-    token's position. The same bits as the unfused path through this module's kernels."""
+    """The attention half of a decoder layer for n float32 CPU tokens of one sequence, h [n, H]
+    (kernels/cpu_attention.c; n <= 8): (h + o(attention(input_norm(h))), post_norm of that), their
+    keys and values written to the last n of slots first..first+keys-1, each query attending the
+    slots up to its own. `weights`: input_norm, post_norm, qkv, qkv_bias, q_norm, k_norm, o
+    (contiguous; the biases and q/k norms may be None); qk_norm: "none", "full" or "head"; cos,
+    sin_signed: [n, D] rows (contiguous) at the tokens' positions. The same bits as the unfused path
+    through this module's kernels."""
     lib = lib or load()
-    hid = h.shape[1]
+    n, hid = h.shape
     nkv, d = k_cache.shape[1], k_cache.shape[2]
-    _check_slots(k_cache, first, keys, 1)
+    _check_slots(k_cache, first, keys, n)
     held = {name: None if t is None else t.contiguous() for name, t in weights.items()}  # alive through the call
     ptr = {name: None if t is None else t.data_ptr() for name, t in held.items()}
-    h_out, x_out = torch.empty(1, hid), torch.empty(1, hid)
-    scratch = torch.empty(2 * hid + (2 * num_heads + 2 * nkv) * d + num_heads * keys)
+    h_out, x_out = torch.empty(n, hid), torch.empty(n, hid)
+    scratch = torch.empty(n * (2 * hid + (3 * num_heads + 2 * nkv) * d) + num_heads * keys)
     h = h.contiguous()
-    lib.ms_attention_block(h.data_ptr(), h_out.data_ptr(), x_out.data_ptr(), hid, ptr["input_norm"],
+    lib.ms_attention_block(h.data_ptr(), h_out.data_ptr(), x_out.data_ptr(), n, hid, ptr["input_norm"],
                            ptr["post_norm"], eps, ptr["qkv"], ptr["qkv_bias"], ptr["q_norm"], ptr["k_norm"],
                            QK_NORM_MODES[qk_norm], clip or 0.0, cos.data_ptr(), sin_signed.data_ptr(),
                            k_cache.data_ptr(), v_cache.data_ptr(), first, keys, num_heads, nkv, d, scale,
