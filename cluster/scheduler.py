@@ -29,7 +29,7 @@ from cluster.prefix_cache import root_of
 from cluster.scheduler_config import (AdmissionError, ScheduledChunk, SchedulerConfig,  # noqa: F401
                                       SchedulerOutput)
 from cluster.sequence import Sequence, SeqStatus
-from cluster.speculative import NgramIndex, next_pause
+from cluster.speculative import NgramIndex, draft_limit, next_acceptance, next_pause
 from router.shuffle import start_worker
 
 
@@ -188,11 +188,15 @@ class Scheduler:
         max_tokens (the step adds one token beyond the drafts it keeps)."""
         spec = self.config.speculative
         left, last = seq.draft_pause
-        if left:  # its recent drafts missed (speculative.next_pause)
+        if left:  # its recent drafts missed, or were unlikely to be kept (speculative.next_pause)
             seq.draft_pause = (left - 1, last)
             return ()
+        k = draft_limit(seq.draft_counts, spec.num_speculative_tokens, spec.min_keep_chance)
+        if not k and not last:  # not worth a row: pause as after a miss
+            seq.draft_pause = next_pause(seq.draft_pause, 1, 0)
+            return ()
         room = len(seq.block_ids) * self.config.block_size - seq.num_tokens
-        k = min(spec.num_speculative_tokens, budget, room, seq.max_tokens - len(seq.output_ids) - 1)
+        k = min(max(k, 1), budget, room, seq.max_tokens - len(seq.output_ids) - 1)  # 1 ends a pause
         if k <= 0:
             return ()
         if seq.ngrams is None:
@@ -220,6 +224,7 @@ class Scheduler:
                 continue
             kept = accepted.get(chunk.seq_id, ()) if accepted else ()
             seq.draft_pause = next_pause(seq.draft_pause, chunk.num_draft, len(kept))
+            seq.draft_counts = next_acceptance(seq.draft_counts, chunk.num_draft, len(kept))
             seq.num_computed = chunk.start + len(chunk.token_ids) - chunk.num_draft + len(kept)
             seq.output_ids.extend(kept)
             if chunk.prompt_targets:  # scored now; a step that failed scores them again when recomputed

@@ -32,6 +32,7 @@ class Sequence:
     speculate: bool = False  # decode steps may carry draft tokens (cluster/speculative.py)
     num_drafted: int = 0  # draft tokens in the step being scheduled: their slots are in use
     draft_pause: tuple[int, int] = (0, 0)  # (decode steps left without drafts, the last pause): speculative.py
+    draft_counts: tuple[float, float] = (0.0, 0.0)  # its drafts (kept, missed), decayed: speculative.py
     ngrams: NgramIndex | None = None  # its tokens' n-grams for draft proposals, built at its first draft
     num_prompt_scored: int = 0  # prompt positions 1..this already scored (by a step that finished)
     num_cached_blocks: int = 0  # leading blocks matched in or registered with the prefix cache

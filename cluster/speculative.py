@@ -17,6 +17,14 @@ at a draft's row, the drafts before it (`row_outputs`), so each row's token is t
 would have picked there. A step whose drafts are all dropped costs more than a plain decode step
 and gives no more, so a sequence whose drafts miss pauses drafting (`next_pause`): 1 step after a
 miss, doubling with each miss in a row up to MAX_PAUSE, back to none after a step keeps a draft.
+And each draft costs a row of the step (in a MoE model, its own experts too), so a sequence drafts
+only as many tokens as are likely to be kept (`draft_limit`): with its drafts kept at an estimated
+rate a each (`next_acceptance`), the i-th draft is proposed while a^i, the chance that it and every
+draft before it are kept, is at least `min_keep_chance`. Where not even one qualifies, the sequence
+pauses as after a miss, and the step that ends a pause proposes one draft whatever the estimate, so
+the estimate follows the sequence. A greedy request that repeats itself keeps drafting K tokens; a
+sampled one, whose drafts the model seldom draws, one now and then (the demo model at temperature
+0.7 kept 7% of 4).
 """
 
 from __future__ import annotations
@@ -32,10 +40,13 @@ class SpeculativeConfig:
     num_speculative_tokens: int = 0  # draft tokens per step at most; 0: no speculation
     prompt_lookup_max: int = 4  # longest suffix n-gram looked up
     prompt_lookup_min: int = 2  # shortest
+    min_keep_chance: float = 0.3  # a draft is proposed while the chance it and those before it are kept is >= this
 
     def __post_init__(self) -> None:
         if self.num_speculative_tokens < 0:
             raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
+        if not 0.0 <= self.min_keep_chance < 1.0:
+            raise ValueError(f"min_keep_chance must be in [0, 1), got {self.min_keep_chance}")
         if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
             raise ValueError(f"need 1 <= prompt_lookup_min <= prompt_lookup_max, got {self.prompt_lookup_min} "
                              f"and {self.prompt_lookup_max}")
@@ -113,6 +124,31 @@ def next_pause(pause: tuple[int, int], drafted: int, kept: int) -> tuple[int, in
         return 0, 0
     length = min(max(1, 2 * pause[1]), MAX_PAUSE)
     return length, length
+
+
+ACCEPT_DECAY = 0.8  # weight of the past in a sequence's acceptance estimate, per step that drafted
+
+
+def next_acceptance(counts: tuple[float, float], drafted: int, kept: int) -> tuple[float, float]:
+    """A sequence's (kept, missed) draft counts, each decayed by ACCEPT_DECAY per step that drafted,
+    after a step that drafted `drafted` tokens and kept `kept`: the drafts are kept in turn until the
+    first miss, so a step adds `kept` keeps and one miss unless it kept them all; kept / (kept +
+    missed) is then the decayed estimate of the chance that a draft is kept, given those before it."""
+    if not drafted:
+        return counts
+    return ACCEPT_DECAY * counts[0] + kept, ACCEPT_DECAY * counts[1] + (kept < drafted)
+
+
+def draft_limit(counts: tuple[float, float], k: int, min_keep_chance: float) -> int:
+    """How many drafts (0..k) to propose at an estimated keep rate a = kept / (kept + missed): the
+    i-th while a^i >= min_keep_chance; k before any draft has been judged."""
+    seen = counts[0] + counts[1]
+    if k <= 0 or not seen:
+        return max(k, 0)
+    rate, chain, n = counts[0] / seen, 1.0, 0
+    while n < k and chain * rate >= min_keep_chance:
+        chain, n = chain * rate, n + 1
+    return n
 
 
 def draft_tokens(chunks) -> dict[int, tuple[int, ...]]:

@@ -10,7 +10,8 @@ from cluster.engine import LLMEngine
 from cluster.sampling_params import SamplingParams
 from cluster.scheduler import Scheduler, SchedulerConfig
 from cluster.sequence import Sequence
-from cluster.speculative import MAX_PAUSE, NgramIndex, SpeculativeConfig, accept, next_pause, propose, row_outputs
+from cluster.speculative import (ACCEPT_DECAY, MAX_PAUSE, NgramIndex, SpeculativeConfig, accept, draft_limit,
+                                 next_acceptance, next_pause, propose, row_outputs)
 
 CODE = ["def add(a, b):\n    return a + b\n\ndef sub(a, b):\n", "import os\nimport sys\n\n",
         "class Foo:\n    def __init__(self, x):\n        self.x = x\n"]
@@ -93,8 +94,39 @@ def test_missed_drafts_pause_drafting_for_longer_each_time_until_one_is_kept():
         return drafted
 
     step(False)  # the prefill
-    assert [step(False) for _ in range(8)] == [2, 0, 2, 0, 0, 2, 0, 0]  # missed: pauses of 1, 2, 4 steps
-    assert [step(True) for _ in range(6)] == [0, 0, 2, 2, 2, 2]  # the pause runs out; kept: no more pausing
+    # missed: pauses of 1, 2, 4 steps, and one draft at a time once none has been kept (draft_limit)
+    assert [step(False) for _ in range(8)] == [2, 0, 1, 0, 0, 1, 0, 0]
+    # the pause runs out; kept: no more pausing, and more drafts as the estimated keep rate climbs
+    assert [step(True) for _ in range(6)] == [0, 0, 1, 1, 1, 2]
+
+
+def test_the_keep_rate_sets_how_many_drafts_a_step_proposes():
+    assert next_acceptance((1.0, 2.0), 0, 0) == (1.0, 2.0)  # no drafts: nothing learned
+    assert next_acceptance((0.0, 0.0), 4, 4) == (4.0, 0.0)  # all kept: no miss seen
+    assert next_acceptance((0.0, 0.0), 4, 1) == (1.0, 1.0)  # kept up to the first miss
+    assert next_acceptance((5.0, 5.0), 2, 0) == pytest.approx((5 * ACCEPT_DECAY, 5 * ACCEPT_DECAY + 1))
+    assert draft_limit((0.0, 0.0), 4, 0.3) == 4  # nothing judged yet: all of them
+    assert draft_limit((9.0, 1.0), 4, 0.3) == 4  # 0.9^4 = 0.66
+    assert draft_limit((6.0, 4.0), 4, 0.3) == 2  # 0.6, 0.36, then 0.22 < 0.3
+    assert draft_limit((5.0, 5.0), 4, 0.3) == 1  # 0.5, then 0.25
+    assert draft_limit((0.0, 3.0), 4, 0.3) == 0  # never kept: none (the scheduler pauses, then tries one)
+    assert draft_limit((6.0, 4.0), 4, 0.0) == 4  # min_keep_chance 0: always all of them
+    assert draft_limit((6.0, 4.0), 0, 0.3) == 0
+    with pytest.raises(ValueError, match="min_keep_chance"):
+        SpeculativeConfig(2, min_keep_chance=1.0)
+    # in the scheduler: a sequence whose drafts are seldom kept pauses instead, and tries one at the end
+    s = Scheduler(SchedulerConfig(block_size=4, num_blocks=16, max_model_len=64,
+                                  speculative=SpeculativeConfig(3, 4, 2)))
+    seq = Sequence(0, [1, 2, 3, 1, 2], 40, speculate=True)
+    s.add(seq)
+    s.update(s.schedule(), {0: 3})  # the prefill
+    seq.draft_counts = (1.0, 9.0)  # kept 1 in 10
+    drafted = []
+    for token in [1, 2, 3, 1]:
+        out = s.schedule()
+        drafted.append(out.chunks[0].num_draft)
+        s.update(out, {0: token}, {0: ()})
+    assert drafted == [0, 0, 1, 0]  # paused (1 step), then one draft, missed: a pause of 2
 
 
 @pytest.fixture(scope="module")
