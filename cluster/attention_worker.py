@@ -24,6 +24,7 @@ class AttentionWorker:
         self.spec, self.w, self.dtype, self.device = spec, weights, dtype, device
         self.linear, self.rms_norm, self.attend = ops.linear, ops.rms_norm, ops.attend
         self.rope_in_place, self.block = ops.rope_in_place, ops.attention_block
+        self.block_weights, self._blocks = ops.block_weights, {}  # layer -> its weights for self.block
         cos, sin = rope_table(spec.head_dim, spec.rope_theta, spec.max_position_embeddings)
         self.cos, self.sin = cos.to(device, dtype), signed_sin(sin).to(device, dtype)
         self._rope_at: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # see _rope
@@ -66,8 +67,11 @@ class AttentionWorker:
         """`attention` for a lone sequence's few new tokens in one call: the same kernels, the same bits."""
         s = self.spec
         cos, sin = self._rope(batch)
-        weights = {"input_norm": lw.input_norm, "post_norm": lw.post_norm, "qkv": lw.qkv,
-                   "qkv_bias": lw.qkv_bias, "q_norm": lw.q_norm, "k_norm": lw.k_norm, "o": lw.o}
+        weights = self._blocks.get(layer)
+        if weights is None:
+            weights = {"input_norm": lw.input_norm, "post_norm": lw.post_norm, "qkv": lw.qkv,
+                       "qkv_bias": lw.qkv_bias, "q_norm": lw.q_norm, "k_norm": lw.k_norm, "o": lw.o}
+            weights = self._blocks[layer] = self.block_weights(weights) if self.block_weights else weights
         return self.block(h, weights, s.rms_norm_eps, s.qk_norm, s.clip_qkv, cos, sin, self.k_cache[layer],
                           self.v_cache[layer], batch.kv_runs[0], batch.kv_lens[0], s.num_heads, self.scale)
 

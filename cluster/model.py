@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -31,7 +32,7 @@ class InProcessModel:
                  experts: ExpertShard | CachedExperts, block_size: int) -> None:
         self.spec, self.attention, self.gate, self.experts = spec, attention, gate, experts
         self.block_size = block_size
-        self._expert_tokens: dict[int, torch.Tensor] = {}  # MoE layer -> [E] tokens routed, last step
+        self._step_ids: dict[int, torch.Tensor] = {}  # MoE layer -> [T, k] experts chosen, last step
         self.record_routes = False  # keep the last step's routes for take_routes()
         self.pregate = False  # also apply each next MoE layer's gate to this layer's input (take_pregate())
         self._pregate: dict[int, torch.Tensor] = {}  # target layer -> [T, k] predicted experts
@@ -79,7 +80,7 @@ class InProcessModel:
             y = self.attention.dense_ffn(layer, x)
             if self.spec.sparse_layers[layer]:
                 route = self.gate.route(layer, x)
-                self._expert_tokens[layer] = torch.bincount(route.ids.reshape(-1), minlength=self.spec.num_experts)
+                self._step_ids[layer] = route.ids  # counted in step_stats
                 if self.record_routes:
                     self._routes[layer] = (route.ids, route.weights)
                 moe = self.experts.forward(layer, x, route.ids, route.weights)
@@ -110,7 +111,9 @@ class InProcessModel:
 
     def step_stats(self) -> dict:
         """The last step's MoE statistics, as cluster.metrics reads them."""
-        stats = {"expert_tokens": {layer: c.tolist() for layer, c in self._expert_tokens.items()}}
+        e = self.spec.num_experts
+        stats = {"expert_tokens": {layer: np.bincount(ids.reshape(-1).cpu().numpy(), minlength=e).tolist()
+                                   for layer, ids in self._step_ids.items()}}
         if isinstance(self.experts, CachedExperts):
             cache = self.experts.take_step_stats()
             stats["expert_cache"] = cache

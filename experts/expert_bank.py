@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +22,7 @@ class ExpertBank:
     hidden: int
     intermediate: int
     slot_of: torch.Tensor  # [E] int64: row of each global expert, -1 when not local
+    _views: tuple | None = field(default=None, init=False, repr=False, compare=False)  # see _split
 
     @classmethod
     def empty(cls, layer: int, expert_ids: tuple[int, ...], num_experts: int, hidden: int,
@@ -38,13 +39,20 @@ class ExpertBank:
 
     @property
     def w_gate_up(self) -> torch.Tensor:  # [n, 2I, H] (rows :I gate, I: up), contiguous per expert
-        n, i, h = self.buffer.shape[0], self.intermediate, self.hidden
-        return self.buffer[:, : 2 * i * h].view(n, 2 * i, h)
+        return self._split()[1]
 
     @property
     def w_down(self) -> torch.Tensor:  # [n, H, I], contiguous per expert
-        n, i, h = self.buffer.shape[0], self.intermediate, self.hidden
-        return self.buffer[:, 2 * i * h:].view(n, h, i)
+        return self._split()[2]
+
+    def _split(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(buffer, its gate_up view, its down view), made once per buffer: views cost a few us a
+        layer, and a decode step asks for them at every MoE layer. A new buffer (pinned) gets new ones."""
+        if self._views is None or self._views[0] is not self.buffer:
+            n, i, h = self.buffer.shape[0], self.intermediate, self.hidden
+            self._views = (self.buffer, self.buffer[:, : 2 * i * h].view(n, 2 * i, h),
+                           self.buffer[:, 2 * i * h:].view(n, h, i))
+        return self._views
 
     def set_expert(self, row: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
         """gate, up: [I, H]; down: [H, I] (HF orientation)."""

@@ -45,16 +45,19 @@ static void ms_down(const float *wd, const int64_t *tok, const float *w, int64_t
  * held elsewhere) of weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t, j]. Expert e's
  * [2i, h] gate and up rows start at gate_up + e * gate_up_stride, its [h, i] down rows at
  * down + e * down_stride; x: [T, h] contiguous. Each expert runs once on its tokens, the experts in
- * ascending id order. scratch: threads * T * (h + i) + 2 * T * i floats.
+ * ascending id order. scratch: threads * T * (h + i) + 2 * T * i floats. Returns -1, or, computing
+ * nothing, the first id >= num_experts (the banks' rows: it would read past them).
  * When there are enough experts for the threads (a multiple of their number, or at least three
  * each), each thread runs a contiguous share of whole experts into a partial sum of its own: one
  * sequential stream per thread and a single barrier before the partial sums are added (on the 2-core
  * VM one token's 4 experts read 36-45 GB/s this way, 29-45 with every expert's rows split).
  * Otherwise each expert's rows are split among the threads, one barrier per expert (two activation
  * buffers alternate). */
-void ms_moe(const float *x, int64_t t_rows, const float *gate_up, int64_t gate_up_stride, const float *down,
-            int64_t down_stride, const int64_t *ids, const float *weights, int64_t top_k, int64_t h, int64_t inter,
-            float *out, float *scratch, int threads) {
+int64_t ms_moe(const float *x, int64_t t_rows, const float *gate_up, int64_t gate_up_stride, const float *down,
+               int64_t down_stride, const int64_t *ids, const float *weights, int64_t top_k, int64_t h,
+               int64_t inter, int64_t num_experts, float *out, float *scratch, int threads) {
+    for (int64_t p = 0; p < t_rows * top_k; ++p)
+        if (ids[p] >= num_experts) return ids[p];  /* would read past the banks: nothing computed */
     int64_t cap = t_rows * top_k > 0 ? t_rows * top_k : 1, np = 0, ne = 0;
     int64_t slot[cap], tok[cap], first[cap + 1];  /* pairs by (expert, token); each expert's first pair */
     float w[cap];
@@ -104,4 +107,5 @@ void ms_moe(const float *x, int64_t t_rows, const float *gate_up, int64_t gate_u
             }
         }
     }
+    return -1;
 }

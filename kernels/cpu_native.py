@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,7 @@ ENV_SWITCH = "MOE_SERVE_NATIVE_KERNELS"
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "ms_linear": [_P, _I, _P, _P, _P, _I, _I, _I, ctypes.c_int],
-    "ms_moe": [_P, _I, _P, _I, _P, _I, _P, _P, _I, _I, _I, _P, _P, ctypes.c_int],
+    "ms_moe": [_P, _I, _P, _I, _P, _I, _P, _P, _I, _I, _I, _I, _P, _P, ctypes.c_int],
     "ms_rms_norm": [_P, _I, _P, _F, _P, _I, _I],
     "ms_attend_causal": [_P, _I, _P, _P, _I, _I, _I, _I, _I, _F, _P, _I, _P, ctypes.c_int],
     "ms_rope": [_P, _I, _I, _I, _I, _P, _P],
@@ -110,6 +111,7 @@ def _open(path: Path) -> ctypes.CDLL:
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
+    lib.ms_moe.restype = ctypes.c_int64
     return lib
 
 
@@ -151,14 +153,14 @@ def moe_native(x: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_ids: Tensor, t
     t, h = x.shape
     inter = w_down.shape[2]
     x, ids, weights = x.contiguous(), topk_ids.to(torch.int64).contiguous(), topk_weights.float().contiguous()
-    if ids.numel() and int(ids.max()) >= w_gate_up.shape[0]:  # C would read past the banks
-        raise ValueError(f"expert id {int(ids.max())} out of range for {w_gate_up.shape[0]} experts")
     threads = torch.get_num_threads()
     out = torch.empty(t, h, dtype=torch.float32)
     scratch = torch.empty(max(threads, 1) * t * (h + inter) + 2 * t * inter, dtype=torch.float32)
-    lib.ms_moe(x.data_ptr(), t, w_gate_up.data_ptr(), w_gate_up.stride(0), w_down.data_ptr(),
-               w_down.stride(0), ids.data_ptr(), weights.data_ptr(), ids.shape[-1], h, inter, out.data_ptr(),
-               scratch.data_ptr(), threads)
+    bad = lib.ms_moe(x.data_ptr(), t, w_gate_up.data_ptr(), w_gate_up.stride(0), w_down.data_ptr(),
+                     w_down.stride(0), ids.data_ptr(), weights.data_ptr(), ids.shape[-1], h, inter,
+                     w_gate_up.shape[0], out.data_ptr(), scratch.data_ptr(), threads)
+    if bad >= 0:  # checked in C before anything is read
+        raise ValueError(f"expert id {bad} out of range for {w_gate_up.shape[0]} experts")
     return out
 
 
@@ -203,23 +205,38 @@ def rope_native(x: Tensor, cos: Tensor, sin_signed: Tensor, lib: ctypes.CDLL | N
     return x
 
 
-def attention_block_native(h: Tensor, weights: dict[str, Tensor | None], eps: float, qk_norm: str,
+BLOCK_WEIGHTS = ("input_norm", "post_norm", "qkv", "qkv_bias", "q_norm", "k_norm", "o")
+
+
+class BlockWeights:
+    """A layer's attention-block weights as `attention_block_native` passes them to C: contiguous
+    tensors (held here, so their memory outlives every call) and their addresses, worked out once
+    per layer rather than at every token (two dict passes and a copy check per call)."""
+
+    __slots__ = ("tensors", "ptr")
+
+    def __init__(self, weights: Mapping[str, Tensor | None]) -> None:
+        self.tensors = {name: None if weights[name] is None else weights[name].contiguous() for name in BLOCK_WEIGHTS}
+        self.ptr = {name: None if t is None else t.data_ptr() for name, t in self.tensors.items()}
+
+
+def attention_block_native(h: Tensor, weights: BlockWeights | Mapping[str, Tensor | None], eps: float, qk_norm: str,
                            clip: float | None, cos: Tensor, sin_signed: Tensor, k_cache: Tensor, v_cache: Tensor,
                            first: int, keys: int, num_heads: int, scale: float,
                            lib: ctypes.CDLL | None = None) -> tuple[Tensor, Tensor]:
     """The attention half of a decoder layer for n float32 CPU tokens of one sequence, h [n, H]
     (kernels/cpu_attention.c; n <= 8): (h + o(attention(input_norm(h))), post_norm of that), their
     keys and values written to the last n of slots first..first+keys-1, each query attending the
-    slots up to its own. `weights`: input_norm, post_norm, qkv, qkv_bias, q_norm, k_norm, o
-    (contiguous; the biases and q/k norms may be None); qk_norm: "none", "full" or "head"; cos,
+    slots up to its own. `weights`: input_norm, post_norm, qkv, qkv_bias, q_norm, k_norm, o (the
+    biases and q/k norms may be None), or a BlockWeights of them; qk_norm: "none", "full" or "head"; cos,
     sin_signed: [n, D] rows (contiguous) at the tokens' positions. The same bits as the unfused path
     through this module's kernels."""
     lib = lib or load()
     n, hid = h.shape
     nkv, d = k_cache.shape[1], k_cache.shape[2]
     _check_slots(k_cache, first, keys, n)
-    held = {name: None if t is None else t.contiguous() for name, t in weights.items()}  # alive through the call
-    ptr = {name: None if t is None else t.data_ptr() for name, t in held.items()}
+    held = weights if isinstance(weights, BlockWeights) else BlockWeights(weights)  # alive through the call
+    ptr = held.ptr
     h_out, x_out = torch.empty(n, hid), torch.empty(n, hid)
     scratch = torch.empty(n * (2 * hid + (3 * num_heads + 2 * nkv) * d) + num_heads * keys)
     h = h.contiguous()

@@ -38,7 +38,8 @@ class KernelOps:
     rms_norm: Callable[..., Tensor] = rms_norm_ref  # (x, weight, eps) -> normed x
     attend: Callable[..., Tensor] | None = None  # attention of a sequence's few new queries (cluster/layers.py)
     rope_in_place: Callable[..., Tensor] | None = None  # apply_rope_rolled in place (cluster/attention_worker.py)
-    attention_block: Callable[..., tuple[Tensor, Tensor]] | None = None  # one decode token's attention half
+    attention_block: Callable[..., tuple[Tensor, Tensor]] | None = None  # a lone sequence's chunk's attention half
+    block_weights: Callable[..., object] | None = None  # a layer's weights in the form attention_block takes
 
 
 def _triton_importable() -> bool:
@@ -82,7 +83,8 @@ def _native(device: torch.device, dtype: torch.dtype) -> dict[str, Callable]:
             "rms_norm": functools.partial(cpu_native.rms_norm_native, lib=lib),
             "attend": functools.partial(cpu_native.attend_native, lib=lib),
             "rope_in_place": functools.partial(cpu_native.rope_native, lib=lib),
-            "attention_block": functools.partial(cpu_native.attention_block_native, lib=lib)}
+            "attention_block": functools.partial(cpu_native.attention_block_native, lib=lib),
+            "block_weights": cpu_native.BlockWeights}
 
 
 def select_kernels(device: torch.device | str, backend: str = "auto",
