@@ -13,13 +13,15 @@ from cluster.scheduler_config import SchedulerOutput
 
 @dataclass(slots=True)
 class StepBatch:
-    """T new tokens of B sequences, padded to [B, max_q] queries over [B, max_k] cached keys."""
+    """T new tokens of B sequences, padded to [B, max_q] queries over [B, max_k] cached keys.
+
+    `kv_index` and `attn_mask`, which grow with the context, are built on first use: a lone
+    sequence's decode step, attended where its keys lie, never reads them (at batch 1 they were
+    half of the 50 us a batch took to build)."""
 
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
     slot_mapping: torch.Tensor  # [T] int64: flat KV slot each new token is written to
-    kv_index: torch.Tensor  # [B, max_k] int64: flat KV slot of each key (padding -> slot 0)
-    attn_mask: torch.Tensor  # [B, 1, max_q, max_k] bool
     q_dest: torch.Tensor  # [T] int64: row of each token in the padded [B * max_q] layout
     q_padded: bool  # False when every sequence has exactly max_q new tokens
     num_seqs: int
@@ -33,54 +35,80 @@ class StepBatch:
     sliding_window: int | None = None  # the model's, which attn_mask applies
     prompt_rows: torch.Tensor | None = None  # [P] int64: rows of T that score the prompt token after them
     prompt_targets: torch.Tensor | None = None  # [P] int64: those tokens
+    block_ids: tuple[tuple[int, ...], ...] = ()  # [B] each sequence's KV blocks (for kv_index)
+    block_size: int = 1
+    device: torch.device = torch.device("cpu")
+    _kv_index: torch.Tensor | None = None
+    _attn_mask: torch.Tensor | None = None
+
+    @property
+    def max_k(self) -> int:
+        return max(self.kv_lens)
+
+    @property
+    def kv_index(self) -> torch.Tensor:
+        """[B, max_k] int64: flat KV slot of each key (padding -> slot 0)."""
+        if self._kv_index is None:
+            kv = np.zeros((self.num_seqs, self.max_k), dtype=np.int64)
+            for b, (blocks, keys) in enumerate(zip(self.block_ids, self.kv_lens)):
+                kv[b, :keys] = context_slots(blocks, keys, self.block_size)
+            self._kv_index = torch.from_numpy(kv).to(self.device)
+        return self._kv_index
+
+    @property
+    def attn_mask(self) -> torch.Tensor:
+        """[B, 1, max_q, max_k] bool: key j visible to a query at position p iff j <= p (within the window)."""
+        if self._attn_mask is None:
+            qpos = np.zeros((self.num_seqs, self.max_q), dtype=np.int64)
+            for b, (n, keys) in enumerate(zip(self.q_lens, self.kv_lens)):
+                qpos[b, :n] = np.arange(keys - n, keys)
+            self._attn_mask = _mask(torch.from_numpy(qpos), self.max_k, self.sliding_window).to(self.device)
+        return self._attn_mask
 
     def to(self, device: torch.device) -> "StepBatch":
         """The same batch with its tensors on `device` (itself when they are there already)."""
         if self.input_ids.device == device:
             return self
-        moved = {f: getattr(self, f).to(device) for f in ("input_ids", "positions", "slot_mapping", "kv_index",
-                                                          "attn_mask", "q_dest", "logit_rows", "prompt_rows",
-                                                          "prompt_targets") if getattr(self, f) is not None}
-        return replace(self, **moved)
+        moved = {f: getattr(self, f).to(device) for f in ("input_ids", "positions", "slot_mapping", "q_dest",
+                                                          "logit_rows", "prompt_rows", "prompt_targets",
+                                                          "_kv_index", "_attn_mask") if getattr(self, f) is not None}
+        return replace(self, device=device, **moved)
+
+
+def _ints(values: list[int], device: torch.device) -> torch.Tensor:
+    """int64 tensor of `values` (through numpy: a third of torch.tensor's cost on a short list)."""
+    t = torch.from_numpy(np.array(values, dtype=np.int64))
+    return t if device.type == "cpu" else t.to(device)
 
 
 def build_batch(out: SchedulerOutput, block_size: int, sliding_window: int | None,
                 device: torch.device) -> StepBatch:
     chunks = out.chunks
     lens = [len(c.token_ids) for c in chunks]
-    max_q, max_k = max(lens), max(c.start + n for c, n in zip(chunks, lens))
-    ids, pos, dest, qpos, rows, seq_ids, prompt_rows, targets = [], [], [], [], [], [], [], []
-    kv = np.zeros((len(chunks), max_k), dtype=np.int64)  # padding keys read slot 0
+    max_q = max(lens)
+    ids, pos, slots, dest, rows, seq_ids, prompt_rows, targets = [], [], [], [], [], [], [], []
     for b, (c, n) in enumerate(zip(chunks, lens)):
         first = len(ids) + c.prompt_from
         prompt_rows.extend(range(first, first + len(c.prompt_targets)))
         targets.extend(c.prompt_targets)
         ids.extend(c.token_ids)
         pos.extend(range(c.start, c.start + n))
+        slots.extend(c.block_ids[p // block_size] * block_size + p % block_size for p in range(c.start, c.start + n))
         dest.extend(range(b * max_q, b * max_q + n))
-        kv[b, :c.start + n] = context_slots(c.block_ids, c.start + n, block_size)
-        qpos.append(list(range(c.start, c.start + n)) + [0] * (max_q - n))
         if c.sample:  # the last row, and each draft's row before it
             rows.extend(range(len(ids) - 1 - c.num_draft, len(ids)))
             seq_ids.extend([c.seq_id] * (c.num_draft + 1))
-    kv_lens = [c.start + n for c, n in zip(chunks, lens)]
+    kv_lens = tuple(c.start + n for c, n in zip(chunks, lens))
     consecutive = all(_consecutive(c.block_ids[:-(-n // block_size)]) for c, n in zip(chunks, kv_lens))
-    kv_t = torch.from_numpy(kv)
-    positions = torch.tensor(pos, dtype=torch.int64)
-    slot_mapping = kv_t.view(-1)[torch.tensor(dest, dtype=torch.int64) // max_q * max_k + positions]
-    mask = _mask(torch.tensor(qpos, dtype=torch.int64), max_k, sliding_window)
     return StepBatch(
-        input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
-        positions=positions.to(device), slot_mapping=slot_mapping.to(device),
-        kv_index=kv_t.to(device), attn_mask=mask.to(device),
-        q_dest=torch.tensor(dest, dtype=torch.int64, device=device),
-        q_padded=any(n != max_q for n in lens), num_seqs=len(chunks), max_q=max_q,
-        logit_rows=torch.tensor(rows, dtype=torch.int64, device=device),
-        sample_seq_ids=tuple(seq_ids), q_lens=tuple(lens), kv_lens=tuple(kv_lens),
-        kv_runs=tuple(int(kv[b, 0]) for b in range(len(chunks))) if consecutive else None,
+        input_ids=_ints(ids, device), positions=_ints(pos, device), slot_mapping=_ints(slots, device),
+        q_dest=_ints(dest, device), q_padded=any(n != max_q for n in lens), num_seqs=len(chunks), max_q=max_q,
+        logit_rows=_ints(rows, device), sample_seq_ids=tuple(seq_ids), q_lens=tuple(lens), kv_lens=kv_lens,
+        kv_runs=tuple(c.block_ids[0] * block_size for c in chunks) if consecutive else None,
         sliding_window=sliding_window,
-        prompt_rows=torch.tensor(prompt_rows, dtype=torch.int64, device=device) if prompt_rows else None,
-        prompt_targets=torch.tensor(targets, dtype=torch.int64, device=device) if prompt_rows else None)
+        prompt_rows=_ints(prompt_rows, device) if prompt_rows else None,
+        prompt_targets=_ints(targets, device) if prompt_rows else None,
+        block_ids=tuple(c.block_ids for c in chunks), block_size=block_size, device=device)
 
 
 def _consecutive(blocks: tuple[int, ...]) -> bool:

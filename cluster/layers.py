@@ -69,7 +69,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 def _gather_bytes(cache: torch.Tensor, batch: StepBatch) -> int:
-    return batch.kv_index.numel() * cache[0].numel() * cache.element_size()
+    return batch.num_seqs * batch.max_k * cache[0].numel() * cache.element_size()
 
 
 def _attention_in_place(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
