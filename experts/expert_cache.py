@@ -19,6 +19,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from experts.cache_policy import ONLINE_POLICIES, online_policy
@@ -150,20 +151,20 @@ class CachedExperts:
         flat/weights: [N] expert id (-1: none) and gate weight of every (token, expert) pair."""
         lay, now = self.layers[layer], self._clock
         self._clock += 1
-        flat = flat.cpu()
-        counts = torch.bincount(flat[flat >= 0], minlength=self.spec.num_experts).tolist()  # [E]
-        gate_mass = torch.zeros(self.spec.num_experts).index_add_(0, flat.clamp(min=0), weights.float().cpu()
-                                                                  * (flat >= 0)).tolist()
+        ids, w = flat.cpu().numpy(), weights.float().cpu().numpy()  # numpy: a few pairs a layer at decode
+        used = ids >= 0
+        counts = np.bincount(ids[used], minlength=self.spec.num_experts).tolist()  # [E]
+        gate_mass = np.bincount(ids[used], weights=w[used], minlength=self.spec.num_experts).tolist()
         tokens = {e: c for e, c in enumerate(counts) if c}
         hits = [e for e in tokens if e in lay.resident]
         used_prefetch = sum(e in lay.prefetched for e in hits)
         lay.prefetched.difference_update(hits)
-        self._count(hits=len(hits), misses=len(tokens) - len(hits), prefetch_used=used_prefetch)
         reusable = len(lay.free) + sum(e not in tokens for e in lay.resident)
         to_load, to_cpu = self._schedule(tokens, lay, reusable)
         loaded = [e for e in to_load if self._load(layer, lay, e, set(tokens), now, admit=True)]
         on_cpu = [*to_cpu, *(e for e in to_load if e not in loaded)]
-        self._count(loads=len(loaded), cpu_computed=len(on_cpu))
+        self._count(hits=len(hits), misses=len(tokens) - len(hits), prefetch_used=used_prefetch, loads=len(loaded),
+                    cpu_computed=len(on_cpu))
         for e in tokens:
             self.policy.touch((layer, e), now, gate_mass[e])
         return loaded, on_cpu

@@ -23,8 +23,8 @@ from experts.config import ModelSpec
 from experts.expert_bank import ExpertBank
 from experts.loader import expert_views, load_experts
 from kernels.fused_moe import expert_pair_outputs_ref
-from kernels.fused_moe_torch import fused_moe_torch
-from kernels.linear import Linear, select_linear
+from kernels.dispatch import KernelOps, select_kernels
+from kernels.linear import Linear
 
 CPU = torch.device("cpu")
 
@@ -49,12 +49,13 @@ class SlowTier(Protocol):
 
 
 def _weighted(bank: ExpertBank, experts: list[int], x: torch.Tensor, ids: torch.Tensor,
-              weights: torch.Tensor, linear: Linear) -> torch.Tensor:
-    """SlowTier.compute on a CPU bank holding `experts`: only their weighted outputs, on x's device."""
+              weights: torch.Tensor, ops: KernelOps) -> torch.Tensor:
+    """SlowTier.compute on a CPU bank holding `experts`: only their weighted outputs, on x's device,
+    through the CPU's own MoE path (the C kernel for a few float32 tokens, as the fast tier on a CPU node)."""
     ids_cpu = ids.to(CPU)
     keep = torch.isin(ids_cpu, torch.tensor(experts, dtype=ids_cpu.dtype))
     rows = torch.where(keep, bank.slot_of[ids_cpu.clamp(min=0)], -1)  # [T, K] bank rows, -1 elsewhere
-    return fused_moe_torch(x.to(CPU), bank.w_gate_up, bank.w_down, rows, weights.to(CPU), linear).to(x.device)
+    return ops.fused_moe(x.to(CPU), bank.w_gate_up, bank.w_down, rows, weights.to(CPU)).to(x.device)
 
 
 def _pairs(bank: ExpertBank, x: torch.Tensor, pair_row: torch.Tensor, pair_expert: torch.Tensor,
@@ -71,7 +72,8 @@ class CheckpointTier:
 
     def __init__(self, ckpt: Checkpoint, spec: ModelSpec, dtype: torch.dtype) -> None:
         self.ckpt, self.spec, self.dtype = ckpt, spec, dtype
-        self.linear = select_linear(CPU, dtype)
+        self.ops = select_kernels(CPU, "torch", dtype)
+        self.linear = self.ops.linear
 
     def copy_into(self, bank: ExpertBank, row: int, layer: int, expert: int) -> None:
         bank.set_expert(row, *expert_views(self.ckpt, self.spec, layer, expert))
@@ -79,7 +81,7 @@ class CheckpointTier:
     def compute(self, layer: int, experts: list[int], x: torch.Tensor, ids: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
         return _weighted(load_experts(self.ckpt, self.spec, layer, experts, self.dtype, CPU), experts, x, ids,
-                         weights, self.linear)
+                         weights, self.ops)
 
     def pair_outputs(self, layer: int, x: torch.Tensor, pair_row: torch.Tensor,
                      pair_expert: torch.Tensor) -> torch.Tensor:
@@ -100,7 +102,8 @@ class HostTier:
                  progress: Callable[[int], object] | None = None) -> None:
         """`owned`: layer -> the experts held (default: all of every MoE layer)."""
         self.ckpt, self.spec, self.dtype, self.pin = ckpt, spec, dtype, pin
-        self.linear = select_linear(CPU, dtype)
+        self.ops = select_kernels(CPU, "torch", dtype)
+        self.linear = self.ops.linear
         self.banks: dict[int, ExpertBank] = {}
         owned = owned if owned is not None else {layer: tuple(range(spec.num_experts)) for layer in spec.moe_layers}
         for layer, ids in owned.items():
@@ -125,7 +128,7 @@ class HostTier:
 
     def compute(self, layer: int, experts: list[int], x: torch.Tensor, ids: torch.Tensor,
                 weights: torch.Tensor) -> torch.Tensor:
-        return _weighted(self.banks[layer], experts, x, ids, weights, self.linear)
+        return _weighted(self.banks[layer], experts, x, ids, weights, self.ops)
 
     def pair_outputs(self, layer: int, x: torch.Tensor, pair_row: torch.Tensor,
                      pair_expert: torch.Tensor) -> torch.Tensor:
