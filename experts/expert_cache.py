@@ -31,7 +31,6 @@ from experts.cost_model import SCHEDULES, ExpertCostModel, plan_layer
 from experts.expert_bank import ExpertBank
 from experts.slow_tier import SlowTier, slow_tier_for
 from kernels.dispatch import KernelOps
-from kernels.fused_moe import expert_pair_outputs_ref
 
 log = logging.getLogger(__name__)
 MIN_PREFETCH_USES = 1.0  # predicted uses by the step's tokens below which an expert is not loaded ahead
@@ -137,8 +136,8 @@ class CachedExperts:
             torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
         here = ~cpu
         if bool(here.any()):
-            out[here] = expert_pair_outputs_ref(x, lay.bank.w_gate_up, lay.bank.w_down, pair_row[here],
-                                                lay.bank.slot_of[pair_expert[here]], self.ops.linear)
+            out[here] = self.ops.pair_outputs(x, lay.bank.w_gate_up, lay.bank.w_down, pair_row[here],
+                                              lay.bank.slot_of[pair_expert[here]])
         self._computed(lay)
         return out
 

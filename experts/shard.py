@@ -6,7 +6,6 @@ import torch
 
 from experts.expert_bank import ExpertBank
 from kernels.dispatch import KernelOps
-from kernels.fused_moe import expert_pair_outputs_ref
 
 
 class ExpertShard:
@@ -28,7 +27,7 @@ class ExpertShard:
         if bool((local < 0).any()):
             missing = sorted(set(pair_expert[local < 0].tolist()))
             raise ValueError(f"layer {layer}: experts {missing} are not on this shard")
-        return expert_pair_outputs_ref(x, bank.w_gate_up, bank.w_down, pair_row, local, self.ops.linear)
+        return self.ops.pair_outputs(x, bank.w_gate_up, bank.w_down, pair_row, local)
 
     def nbytes(self) -> int:
         return sum(b.nbytes() for b in self.banks.values())

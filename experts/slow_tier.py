@@ -22,9 +22,7 @@ from experts.checkpoint import Checkpoint
 from experts.config import ModelSpec
 from experts.expert_bank import ExpertBank
 from experts.loader import expert_views, load_experts
-from kernels.fused_moe import expert_pair_outputs_ref
 from kernels.dispatch import KernelOps, select_kernels
-from kernels.linear import Linear
 
 CPU = torch.device("cpu")
 
@@ -59,11 +57,10 @@ def _weighted(bank: ExpertBank, experts: list[int], x: torch.Tensor, ids: torch.
 
 
 def _pairs(bank: ExpertBank, x: torch.Tensor, pair_row: torch.Tensor, pair_expert: torch.Tensor,
-           linear: Linear) -> torch.Tensor:
+           ops: KernelOps) -> torch.Tensor:
     """SlowTier.pair_outputs on a CPU bank holding every expert of `pair_expert`, on x's device."""
     rows = bank.slot_of[pair_expert.to(CPU)]
-    return expert_pair_outputs_ref(x.to(CPU), bank.w_gate_up, bank.w_down, pair_row.to(CPU), rows,
-                                   linear).to(x.device)
+    return ops.pair_outputs(x.to(CPU), bank.w_gate_up, bank.w_down, pair_row.to(CPU), rows).to(x.device)
 
 
 class CheckpointTier:
@@ -73,7 +70,6 @@ class CheckpointTier:
     def __init__(self, ckpt: Checkpoint, spec: ModelSpec, dtype: torch.dtype) -> None:
         self.ckpt, self.spec, self.dtype = ckpt, spec, dtype
         self.ops = select_kernels(CPU, "torch", dtype)
-        self.linear = self.ops.linear
 
     def copy_into(self, bank: ExpertBank, row: int, layer: int, expert: int) -> None:
         bank.set_expert(row, *expert_views(self.ckpt, self.spec, layer, expert))
@@ -87,7 +83,7 @@ class CheckpointTier:
                      pair_expert: torch.Tensor) -> torch.Tensor:
         needed = sorted(set(pair_expert.tolist()))
         return _pairs(load_experts(self.ckpt, self.spec, layer, needed, self.dtype, CPU), x, pair_row, pair_expert,
-                      self.linear)
+                      self.ops)
 
     def set_owned(self, owned: dict[int, tuple[int, ...]]) -> None:
         pass  # every expert is in the checkpoint
@@ -103,7 +99,6 @@ class HostTier:
         """`owned`: layer -> the experts held (default: all of every MoE layer)."""
         self.ckpt, self.spec, self.dtype, self.pin = ckpt, spec, dtype, pin
         self.ops = select_kernels(CPU, "torch", dtype)
-        self.linear = self.ops.linear
         self.banks: dict[int, ExpertBank] = {}
         owned = owned if owned is not None else {layer: tuple(range(spec.num_experts)) for layer in spec.moe_layers}
         for layer, ids in owned.items():
@@ -132,7 +127,7 @@ class HostTier:
 
     def pair_outputs(self, layer: int, x: torch.Tensor, pair_row: torch.Tensor,
                      pair_expert: torch.Tensor) -> torch.Tensor:
-        return _pairs(self.banks[layer], x, pair_row, pair_expert, self.linear)
+        return _pairs(self.banks[layer], x, pair_row, pair_expert, self.ops)
 
 
 def slow_tier_for(ckpt: Checkpoint, spec: ModelSpec, dtype: torch.dtype, device: torch.device,

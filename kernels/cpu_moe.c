@@ -109,3 +109,69 @@ int64_t ms_moe(const float *x, int64_t t_rows, const float *gate_up, int64_t gat
     }
     return -1;
 }
+
+/* Rows [lo, hi) of the expert's down projection for its n pairs, unweighted, into out[pid[j]] [P, h]. */
+static void ms_down_pairs(const float *wd, const int64_t *pid, int64_t n, int64_t h, int64_t inter, int64_t lo,
+                          int64_t hi, const float *act, float *out) {
+    for (int64_t r = lo; r < hi; ++r) {
+        int64_t j = 0;
+        for (; j + 4 <= n; j += 4) {
+            const float *as[4] = {act + j * inter, act + (j + 1) * inter, act + (j + 2) * inter, act + (j + 3) * inter};
+            float d[4];
+            ms_dot4(wd + r * inter, as, inter, d);
+            for (int q = 0; q < 4; ++q) out[pid[j + q] * h + r] = d[q];
+        }
+        for (; j < n; ++j) out[pid[j] * h + r] = ms_dot(wd + r * inter, act + j * inter, inter);
+    }
+}
+
+/* An expert shard's part of a MoE layer (kernels/fused_moe.py `expert_pair_outputs_ref`): out [P, h]
+ * row p = the SwiGLU MLP of bank row ex[p] on row rows[p] of x [n_rows, h], unweighted; each expert
+ * runs once on its pairs (in pair order), the experts in ascending row order, whole experts per
+ * thread when there are enough of them (each pair's row is written by one expert: no partial sums),
+ * else each expert's rows split among the threads. scratch: max(threads, 2) * P * inter floats.
+ * Returns -1, or, computing nothing, the first pair whose bank row or x row lies outside its tensor. */
+int64_t ms_pair_outputs(const float *x, int64_t n_rows, const float *gate_up, int64_t gate_up_stride,
+                        const float *down, int64_t down_stride, const int64_t *rows, const int64_t *ex, int64_t np,
+                        int64_t h, int64_t inter, int64_t num_experts, float *out, float *scratch, int threads) {
+    for (int64_t p = 0; p < np; ++p)
+        if (ex[p] < 0 || ex[p] >= num_experts || rows[p] < 0 || rows[p] >= n_rows) return p;
+    int64_t cap = np > 0 ? np : 1, ne = 0;
+    int64_t pid[cap], tok[cap], first[cap + 1];  /* pairs by (expert, pair order); each expert's first */
+    for (int64_t p = 0; p < np; ++p) {  /* insertion sort, stable */
+        int64_t at = p;
+        for (; at > 0 && ex[pid[at - 1]] > ex[p]; --at) pid[at] = pid[at - 1];
+        pid[at] = p;
+    }
+    for (int64_t p = 0; p < np; ++p) {
+        tok[p] = rows[pid[p]];
+        if (p == 0 || ex[pid[p]] != ex[pid[p - 1]]) first[ne++] = p;
+    }
+    first[ne] = np;
+#pragma omp parallel num_threads(ms_threads(3 * h * inter, threads))
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int64_t lo, hi;
+        if (ne % nt == 0 || ne >= 3 * nt) {
+            float *act = scratch + t * np * inter;
+            ms_share(ne, t, nt, &lo, &hi);
+            for (int64_t g = lo; g < hi; ++g) {
+                int64_t e = ex[pid[first[g]]], n = first[g + 1] - first[g];
+                ms_act(x, tok + first[g], n, gate_up + e * gate_up_stride, h, inter, 0, inter, act);
+                ms_down_pairs(down + e * down_stride, pid + first[g], n, h, inter, 0, h, act, out);
+            }
+        } else {
+            int64_t dlo, dhi;
+            ms_share(inter, t, nt, &lo, &hi);
+            ms_share(h, t, nt, &dlo, &dhi);
+            for (int64_t g = 0; g < ne; ++g) {
+                int64_t e = ex[pid[first[g]]], n = first[g + 1] - first[g];
+                float *act = scratch + (g % 2) * np * inter;
+                ms_act(x, tok + first[g], n, gate_up + e * gate_up_stride, h, inter, lo, hi, act);
+#pragma omp barrier
+                ms_down_pairs(down + e * down_stride, pid + first[g], n, h, inter, dlo, dhi, act, out);
+            }
+        }
+    }
+    return -1;
+}

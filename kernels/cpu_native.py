@@ -48,6 +48,7 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "ms_linear": [_P, _I, _P, _P, _P, _I, _I, _I, ctypes.c_int],
     "ms_moe": [_P, _I, _P, _I, _P, _I, _P, _P, _I, _I, _I, _I, _P, _P, ctypes.c_int],
+    "ms_pair_outputs": [_P, _I, _P, _I, _P, _I, _P, _P, _I, _I, _I, _I, _P, _P, ctypes.c_int],
     "ms_rms_norm": [_P, _I, _P, _F, _P, _I, _I],
     "ms_attend_causal": [_P, _I, _P, _P, _I, _I, _I, _I, _I, _F, _P, _I, _P, ctypes.c_int],
     "ms_rope": [_P, _I, _I, _I, _I, _P, _P],
@@ -111,7 +112,7 @@ def _open(path: Path) -> ctypes.CDLL:
     for name, args in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
-    lib.ms_moe.restype = ctypes.c_int64
+    lib.ms_moe.restype = lib.ms_pair_outputs.restype = ctypes.c_int64
     return lib
 
 
@@ -161,6 +162,27 @@ def moe_native(x: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_ids: Tensor, t
                      w_gate_up.shape[0], out.data_ptr(), scratch.data_ptr(), threads)
     if bad >= 0:  # checked in C before anything is read
         raise ValueError(f"expert id {bad} out of range for {w_gate_up.shape[0]} experts")
+    return out
+
+
+def pair_outputs_native(x: Tensor, w_gate_up: Tensor, w_down: Tensor, pair_row: Tensor, pair_expert: Tensor,
+                        lib: ctypes.CDLL | None = None) -> Tensor:
+    """`expert_pair_outputs_ref` for float32 CPU x [n, H] (cpu_moe.c): [P, H], row p the unweighted
+    output of bank row pair_expert[p] on x[pair_row[p]], over banks w_gate_up [E, 2I, H] and w_down
+    [E, H, I] whose experts' matrices are each contiguous; each expert once on its pairs."""
+    lib = lib or load()
+    n, h = x.shape
+    p, inter = pair_row.numel(), w_down.shape[2]
+    x, rows, ex = x.contiguous(), pair_row.to(torch.int64).contiguous(), pair_expert.to(torch.int64).contiguous()
+    threads = torch.get_num_threads()
+    out = torch.empty(p, h, dtype=torch.float32)
+    scratch = torch.empty(max(threads, 2) * p * inter, dtype=torch.float32)
+    bad = lib.ms_pair_outputs(x.data_ptr(), n, w_gate_up.data_ptr(), w_gate_up.stride(0), w_down.data_ptr(),
+                              w_down.stride(0), rows.data_ptr(), ex.data_ptr(), p, h, inter, w_gate_up.shape[0],
+                              out.data_ptr(), scratch.data_ptr(), threads)
+    if bad >= 0:  # checked in C before anything is read
+        raise ValueError(f"pair {bad}: bank row {int(ex[bad])} of {w_gate_up.shape[0]} on x row {int(rows[bad])} "
+                         f"of {n}: out of range")
     return out
 
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels.fused_moe_torch import fused_moe_torch
+from kernels.fused_moe import expert_pair_outputs_ref
+from kernels.fused_moe_torch import fused_moe_torch, pair_outputs_torch
 from kernels.linear import linear_ref, select_linear
 from kernels.norm import rms_norm_ref
 from kernels.topk_gating import topk_gating_ref
@@ -40,6 +41,7 @@ class KernelOps:
     rope_in_place: Callable[..., Tensor] | None = None  # apply_rope_rolled in place (cluster/attention_worker.py)
     attention_block: Callable[..., tuple[Tensor, Tensor]] | None = None  # a lone sequence's chunk's attention half
     block_weights: Callable[..., object] | None = None  # a layer's weights in the form attention_block takes
+    pair_outputs: Callable[..., Tensor] = expert_pair_outputs_ref  # an expert shard's unweighted outputs per pair
 
 
 def _triton_importable() -> bool:
@@ -80,6 +82,7 @@ def _native(device: torch.device, dtype: torch.dtype) -> dict[str, Callable]:
     if lib is None:
         return {}
     return {"few_tokens": functools.partial(cpu_native.moe_native, lib=lib),
+            "few_pairs": functools.partial(cpu_native.pair_outputs_native, lib=lib),
             "rms_norm": functools.partial(cpu_native.rms_norm_native, lib=lib),
             "attend": functools.partial(cpu_native.attend_native, lib=lib),
             "rope_in_place": functools.partial(cpu_native.rope_native, lib=lib),
@@ -113,6 +116,8 @@ def select_kernels(device: torch.device | str, backend: str = "auto",
         linear = select_linear(device, dtype)
         native = _native(device, dtype)
         moe = functools.partial(fused_moe_torch, linear=linear, few_tokens=native.pop("few_tokens", None))
-        return KernelOps(backend="torch", fused_moe=moe, topk_gating=topk_gating_ref, linear=linear, **native)
+        pairs = functools.partial(pair_outputs_torch, linear=linear, few_pairs=native.pop("few_pairs", None))
+        return KernelOps(backend="torch", fused_moe=moe, topk_gating=topk_gating_ref, linear=linear,
+                         pair_outputs=pairs, **native)
     _check_triton_allowed(device)
     return _triton_ops()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.fused_moe import check_moe_args, expert_mlp, fused_moe_ref
+from kernels.fused_moe import check_moe_args, expert_mlp, expert_pair_outputs_ref, fused_moe_ref
 from kernels.linear import Linear, linear_ref
 
 # Tokens up to which a MoE layer goes to the C kernel (kernels/cpu_native.py `moe_native`): 8 MoE
@@ -41,6 +41,20 @@ def fused_moe_torch(x: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_ids: Tens
         check_moe_args(x, w_gate_up, w_down, topk_ids, topk_weights)
         return _one_token(x, w_gate_up, w_down, topk_ids, topk_weights, linear)
     return fused_moe_ref(x, w_gate_up, w_down, topk_ids, topk_weights, linear)
+
+
+MAX_PAIRS = 4 * MAX_TOKENS  # (token, expert) pairs up to which an expert shard's outputs go to the C kernel
+
+
+def pair_outputs_torch(x: Tensor, w_gate_up: Tensor, w_down: Tensor, pair_row: Tensor, pair_expert: Tensor,
+                       linear: Linear = linear_ref, few_pairs=None) -> Tensor:
+    """`expert_pair_outputs_ref` (an expert shard's unweighted outputs per pair); `few_pairs`: the
+    kernel for up to MAX_PAIRS float32 pairs on CPU with contiguous experts (kernels/cpu_native.py
+    `pair_outputs_native`), else the reference through `linear`."""
+    if (few_pairs is not None and x.device.type == "cpu" and x.dtype == torch.float32
+            and pair_row.numel() <= MAX_PAIRS and _experts_contiguous(w_gate_up, w_down)):
+        return few_pairs(x, w_gate_up, w_down, pair_row, pair_expert)
+    return expert_pair_outputs_ref(x, w_gate_up, w_down, pair_row, pair_expert, linear)
 
 
 def _experts_contiguous(w_gate_up: Tensor, w_down: Tensor) -> bool:

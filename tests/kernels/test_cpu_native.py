@@ -7,7 +7,7 @@ import torch
 
 from cluster.layers import apply_rope_rolled, rope_table, signed_sin
 from kernels import cpu_native, select_kernels
-from kernels.fused_moe import fused_moe_ref
+from kernels.fused_moe import expert_pair_outputs_ref, fused_moe_ref
 from kernels.linear import linear_ref
 from kernels.norm import rms_norm_ref
 
@@ -88,10 +88,33 @@ def test_moe(threads, tokens, top_k, h, inter):
 
 
 @needs_lib
+@pytest.mark.parametrize("pairs", [1, 5, 24])
+@pytest.mark.parametrize("experts", [2, 3, 6])  # rows split among the threads; whole experts per thread
+@pytest.mark.parametrize("h, inter", [(24, 16), (64, 512)])  # one thread; several
+def test_pair_outputs(threads, pairs, experts, h, inter):
+    """An expert shard's unweighted outputs per (row, expert) pair: each row the reference's, and the
+    same bits whatever the other pairs are (a row alone, or after the pairs are shuffled)."""
+    g = torch.Generator().manual_seed(pairs * experts + h)
+    w_gate_up, w_down = torch.randn(6, 2 * inter, h, generator=g) * 0.2, torch.randn(6, h, inter, generator=g) * 0.2
+    x = torch.randn(7, h, generator=g)
+    rows, ex = torch.randint(0, 7, (pairs,), generator=g), torch.randint(0, experts, (pairs,), generator=g)
+    got = cpu_native.pair_outputs_native(x, w_gate_up, w_down, rows, ex, lib=LIB)
+    want = expert_pair_outputs_ref(x, w_gate_up, w_down, rows, ex)
+    torch.testing.assert_close(got, want, atol=1e-4 * float(want.abs().max()), rtol=1e-5)
+    perm = torch.randperm(pairs, generator=g)
+    assert torch.equal(cpu_native.pair_outputs_native(x, w_gate_up, w_down, rows[perm], ex[perm], lib=LIB), got[perm])
+    assert torch.equal(cpu_native.pair_outputs_native(x, w_gate_up, w_down, rows[-1:], ex[-1:], lib=LIB), got[-1:])
+
+
+@needs_lib
 def test_out_of_range_inputs_are_refused_before_the_c_call():
     w_gate_up, w_down = torch.randn(2, 8, 4), torch.randn(2, 4, 4)
     with pytest.raises(ValueError, match="expert id 2 out of range for 2 experts"):
         cpu_native.moe_native(torch.randn(1, 4), w_gate_up, w_down, torch.tensor([[0, 2]]), torch.ones(1, 2), lib=LIB)
+    for rows, ex in (([0, 1], [1, 2]), ([0, 3], [1, 1]), ([0, 0], [-1, 0])):  # bank row 2 of 2; x row 3 of 3; -1
+        with pytest.raises(ValueError, match="out of range"):
+            cpu_native.pair_outputs_native(torch.randn(3, 4), w_gate_up, w_down, torch.tensor(rows), torch.tensor(ex),
+                                           lib=LIB)
     cache = torch.zeros(10, 1, 16)
     for first, keys, n in ((5, 6, 1), (-1, 3, 1), (0, 2, 3)):
         with pytest.raises(ValueError, match="do not fit a cache of 10 slots"):
