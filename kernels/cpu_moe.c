@@ -129,15 +129,17 @@ static void ms_down_pairs(const float *wd, const int64_t *pid, int64_t n, int64_
  * row p = the SwiGLU MLP of bank row ex[p] on row rows[p] of x [n_rows, h], unweighted; each expert
  * runs once on its pairs (in pair order), the experts in ascending row order, whole experts per
  * thread when there are enough of them (each pair's row is written by one expert: no partial sums),
- * else each expert's rows split among the threads. scratch: max(threads, 2) * P * inter floats.
+ * else each expert's rows split among the threads. scratch: max(threads, 2) * P * inter floats;
+ * index: 3 * P + 1 int64s (any number of pairs: nothing on the stack).
  * Returns -1, or, computing nothing, the first pair whose bank row or x row lies outside its tensor. */
 int64_t ms_pair_outputs(const float *x, int64_t n_rows, const float *gate_up, int64_t gate_up_stride,
                         const float *down, int64_t down_stride, const int64_t *rows, const int64_t *ex, int64_t np,
-                        int64_t h, int64_t inter, int64_t num_experts, float *out, float *scratch, int threads) {
+                        int64_t h, int64_t inter, int64_t num_experts, float *out, float *scratch, int64_t *index,
+                        int threads) {
     for (int64_t p = 0; p < np; ++p)
         if (ex[p] < 0 || ex[p] >= num_experts || rows[p] < 0 || rows[p] >= n_rows) return p;
-    int64_t cap = np > 0 ? np : 1, ne = 0;
-    int64_t pid[cap], tok[cap], first[cap + 1];  /* pairs by (expert, pair order); each expert's first */
+    int64_t ne = 0;
+    int64_t *pid = index, *tok = index + np, *first = index + 2 * np;  /* pairs by (expert, pair order); each expert's first */
     for (int64_t p = 0; p < np; ++p) {  /* insertion sort, stable */
         int64_t at = p;
         for (; at > 0 && ex[pid[at - 1]] > ex[p]; --at) pid[at] = pid[at - 1];

@@ -48,7 +48,7 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "ms_linear": [_P, _I, _P, _P, _P, _I, _I, _I, ctypes.c_int],
     "ms_moe": [_P, _I, _P, _I, _P, _I, _P, _P, _I, _I, _I, _I, _P, _P, ctypes.c_int],
-    "ms_pair_outputs": [_P, _I, _P, _I, _P, _I, _P, _P, _I, _I, _I, _I, _P, _P, ctypes.c_int],
+    "ms_pair_outputs": [_P, _I, _P, _I, _P, _I, _P, _P, _I, _I, _I, _I, _P, _P, _P, ctypes.c_int],
     "ms_rms_norm": [_P, _I, _P, _F, _P, _I, _I],
     "ms_attend_causal": [_P, _I, _P, _P, _I, _I, _I, _I, _I, _F, _P, _I, _P, ctypes.c_int],
     "ms_rope": [_P, _I, _I, _I, _I, _P, _P],
@@ -177,9 +177,10 @@ def pair_outputs_native(x: Tensor, w_gate_up: Tensor, w_down: Tensor, pair_row: 
     threads = torch.get_num_threads()
     out = torch.empty(p, h, dtype=torch.float32)
     scratch = torch.empty(max(threads, 2) * p * inter, dtype=torch.float32)
+    index = torch.empty(3 * p + 1, dtype=torch.int64)
     bad = lib.ms_pair_outputs(x.data_ptr(), n, w_gate_up.data_ptr(), w_gate_up.stride(0), w_down.data_ptr(),
                               w_down.stride(0), rows.data_ptr(), ex.data_ptr(), p, h, inter, w_gate_up.shape[0],
-                              out.data_ptr(), scratch.data_ptr(), threads)
+                              out.data_ptr(), scratch.data_ptr(), index.data_ptr(), threads)
     if bad >= 0:  # checked in C before anything is read
         raise ValueError(f"pair {bad}: bank row {int(ex[bad])} of {w_gate_up.shape[0]} on x row {int(rows[bad])} "
                          f"of {n}: out of range")

@@ -107,6 +107,17 @@ def test_pair_outputs(threads, pairs, experts, h, inter):
 
 
 @needs_lib
+def test_pair_outputs_of_many_pairs():
+    """Prefill-sized calls too: the kernel keeps its pair index in a buffer it is given, not on the stack."""
+    g = torch.Generator().manual_seed(7)
+    w_gate_up, w_down = torch.randn(5, 16, 12, generator=g), torch.randn(5, 12, 8, generator=g)
+    x = torch.randn(40, 12, generator=g)
+    rows, ex = torch.randint(0, 40, (20000,), generator=g), torch.randint(0, 5, (20000,), generator=g)
+    torch.testing.assert_close(cpu_native.pair_outputs_native(x, w_gate_up, w_down, rows, ex, lib=LIB),
+                               expert_pair_outputs_ref(x, w_gate_up, w_down, rows, ex), atol=1e-4, rtol=1e-5)
+
+
+@needs_lib
 def test_out_of_range_inputs_are_refused_before_the_c_call():
     w_gate_up, w_down = torch.randn(2, 8, 4), torch.randn(2, 4, 4)
     with pytest.raises(ValueError, match="expert id 2 out of range for 2 experts"):
