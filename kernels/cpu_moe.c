@@ -5,6 +5,11 @@
 
 #include "cpu_native.h"
 
+/* Floats of ms_moe's scratch before its pair weights: partial sums and activations. */
+static inline int64_t threads_scratch(int threads, int64_t t_rows, int64_t h, int64_t inter) {
+    return (threads > 1 ? threads : 1) * t_rows * (h + inter) + 2 * t_rows * inter;
+}
+
 /* silu(gate(x_j)) * up(x_j) of one expert for its n tokens (x rows tok[0..n), h floats apart),
  * rows [lo, hi) of the intermediate dimension, into act [n, inter]. Each weight row is read once for
  * all the tokens. */
@@ -41,12 +46,26 @@ static void ms_down(const float *wd, const int64_t *tok, const float *w, int64_t
     }
 }
 
+/* The pairs p of ids [n] with 0 <= ids[p] < num_experts (a negative id is skipped) sorted by id,
+ * stably (ties in pair order), in O(n + num_experts), into order [n]; returns how many were placed.
+ * next: num_experts + 1 int64s of scratch (each id's next place in order). */
+static int64_t ms_sort_pairs(const int64_t *ids, int64_t n, int64_t num_experts, int64_t *order, int64_t *next) {
+    for (int64_t e = 0; e <= num_experts; ++e) next[e] = 0;
+    for (int64_t p = 0; p < n; ++p)
+        if (ids[p] >= 0) ++next[ids[p] + 1];
+    for (int64_t e = 0; e < num_experts; ++e) next[e + 1] += next[e];  /* next[e]: where e's pairs start */
+    for (int64_t p = 0; p < n; ++p)
+        if (ids[p] >= 0) order[next[ids[p]]++] = p;
+    return next[num_experts];  /* no id reaches num_experts: still the count */
+}
+
 /* out [T, h] = for each token, sum over its slots j with ids[t, j] >= 0 (a negative id is an expert
  * held elsewhere) of weights[t, j] * down_e(silu(gate_e(x_t)) * up_e(x_t)), e = ids[t, j]. Expert e's
  * [2i, h] gate and up rows start at gate_up + e * gate_up_stride, its [h, i] down rows at
  * down + e * down_stride; x: [T, h] contiguous. Each expert runs once on its tokens, the experts in
- * ascending id order. scratch: threads * T * (h + i) + 2 * T * i floats. Returns -1, or, computing
- * nothing, the first id >= num_experts (the banks' rows: it would read past them).
+ * ascending id order. scratch: threads * T * (h + i) + 2 * T * i + T * K floats; index: 3 * T * K +
+ * 2 * num_experts + 2 int64s (nothing on the stack, whatever T). Returns -1, or, computing nothing,
+ * the first id >= num_experts (the banks' rows: it would read past them).
  * When there are enough experts for the threads (a multiple of their number, or at least three
  * each), each thread runs a contiguous share of whole experts into a partial sum of its own: one
  * sequential stream per thread and a single barrier before the partial sums are added (on the 2-core
@@ -55,21 +74,16 @@ static void ms_down(const float *wd, const int64_t *tok, const float *w, int64_t
  * buffers alternate). */
 int64_t ms_moe(const float *x, int64_t t_rows, const float *gate_up, int64_t gate_up_stride, const float *down,
                int64_t down_stride, const int64_t *ids, const float *weights, int64_t top_k, int64_t h,
-               int64_t inter, int64_t num_experts, float *out, float *scratch, int threads) {
+               int64_t inter, int64_t num_experts, float *out, float *scratch, int64_t *index, int threads) {
     for (int64_t p = 0; p < t_rows * top_k; ++p)
         if (ids[p] >= num_experts) return ids[p];  /* would read past the banks: nothing computed */
-    int64_t cap = t_rows * top_k > 0 ? t_rows * top_k : 1, np = 0, ne = 0;
-    int64_t slot[cap], tok[cap], first[cap + 1];  /* pairs by (expert, token); each expert's first pair */
-    float w[cap];
-    for (int64_t p = 0; p < t_rows * top_k; ++p) {  /* insertion sort of the valid pairs */
-        if (ids[p] < 0) continue;
-        int64_t at = np++;
-        for (; at > 0 && ids[slot[at - 1]] > ids[p]; --at) slot[at] = slot[at - 1];
-        slot[at] = p;
-    }
+    int64_t n_pairs = t_rows * top_k, ne = 0;
+    int64_t *slot = index, *tok = slot + n_pairs, *by_id = tok + n_pairs, *first = by_id + num_experts + 1;
+    float *w = scratch + threads_scratch(threads, t_rows, h, inter);
+    int64_t np = ms_sort_pairs(ids, n_pairs, num_experts, slot, by_id);  /* pairs by (expert, token) */
     for (int64_t p = 0; p < np; ++p) {
         tok[p] = slot[p] / top_k, w[p] = weights[slot[p]];
-        if (p == 0 || ids[slot[p]] != ids[slot[p - 1]]) first[ne++] = p;
+        if (p == 0 || ids[slot[p]] != ids[slot[p - 1]]) first[ne++] = p;  /* each expert's first pair */
     }
     first[ne] = np;
 #pragma omp parallel num_threads(ms_threads(3 * h * inter, threads))
@@ -130,7 +144,7 @@ static void ms_down_pairs(const float *wd, const int64_t *pid, int64_t n, int64_
  * runs once on its pairs (in pair order), the experts in ascending row order, whole experts per
  * thread when there are enough of them (each pair's row is written by one expert: no partial sums),
  * else each expert's rows split among the threads. scratch: max(threads, 2) * P * inter floats;
- * index: 3 * P + 1 int64s (any number of pairs: nothing on the stack).
+ * index: 3 * P + 2 * num_experts + 2 int64s (any number of pairs: nothing on the stack).
  * Returns -1, or, computing nothing, the first pair whose bank row or x row lies outside its tensor. */
 int64_t ms_pair_outputs(const float *x, int64_t n_rows, const float *gate_up, int64_t gate_up_stride,
                         const float *down, int64_t down_stride, const int64_t *rows, const int64_t *ex, int64_t np,
@@ -139,12 +153,8 @@ int64_t ms_pair_outputs(const float *x, int64_t n_rows, const float *gate_up, in
     for (int64_t p = 0; p < np; ++p)
         if (ex[p] < 0 || ex[p] >= num_experts || rows[p] < 0 || rows[p] >= n_rows) return p;
     int64_t ne = 0;
-    int64_t *pid = index, *tok = index + np, *first = index + 2 * np;  /* pairs by (expert, pair order); each expert's first */
-    for (int64_t p = 0; p < np; ++p) {  /* insertion sort, stable */
-        int64_t at = p;
-        for (; at > 0 && ex[pid[at - 1]] > ex[p]; --at) pid[at] = pid[at - 1];
-        pid[at] = p;
-    }
+    int64_t *pid = index, *tok = pid + np, *by_id = tok + np, *first = by_id + num_experts + 1;
+    ms_sort_pairs(ex, np, num_experts, pid, by_id);  /* pairs by (expert, pair order) */
     for (int64_t p = 0; p < np; ++p) {
         tok[p] = rows[pid[p]];
         if (p == 0 || ex[pid[p]] != ex[pid[p - 1]]) first[ne++] = p;

@@ -47,7 +47,7 @@ ENV_SWITCH = "MOE_SERVE_NATIVE_KERNELS"
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 _SIGNATURES = {
     "ms_linear": [_P, _I, _P, _P, _P, _I, _I, _I, ctypes.c_int],
-    "ms_moe": [_P, _I, _P, _I, _P, _I, _P, _P, _I, _I, _I, _I, _P, _P, ctypes.c_int],
+    "ms_moe": [_P, _I, _P, _I, _P, _I, _P, _P, _I, _I, _I, _I, _P, _P, _P, ctypes.c_int],
     "ms_pair_outputs": [_P, _I, _P, _I, _P, _I, _P, _P, _I, _I, _I, _I, _P, _P, _P, ctypes.c_int],
     "ms_rms_norm": [_P, _I, _P, _F, _P, _I, _I],
     "ms_attend_causal": [_P, _I, _P, _P, _I, _I, _I, _I, _I, _F, _P, _I, _P, ctypes.c_int],
@@ -154,12 +154,13 @@ def moe_native(x: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_ids: Tensor, t
     t, h = x.shape
     inter = w_down.shape[2]
     x, ids, weights = x.contiguous(), topk_ids.to(torch.int64).contiguous(), topk_weights.float().contiguous()
-    threads = torch.get_num_threads()
+    threads, e, pairs = torch.get_num_threads(), w_gate_up.shape[0], ids.numel()
     out = torch.empty(t, h, dtype=torch.float32)
-    scratch = torch.empty(max(threads, 1) * t * (h + inter) + 2 * t * inter, dtype=torch.float32)
+    scratch = torch.empty(max(threads, 1) * t * (h + inter) + 2 * t * inter + pairs, dtype=torch.float32)
+    index = torch.empty(3 * pairs + 2 * e + 2, dtype=torch.int64)
     bad = lib.ms_moe(x.data_ptr(), t, w_gate_up.data_ptr(), w_gate_up.stride(0), w_down.data_ptr(),
-                     w_down.stride(0), ids.data_ptr(), weights.data_ptr(), ids.shape[-1], h, inter,
-                     w_gate_up.shape[0], out.data_ptr(), scratch.data_ptr(), threads)
+                     w_down.stride(0), ids.data_ptr(), weights.data_ptr(), ids.shape[-1], h, inter, e,
+                     out.data_ptr(), scratch.data_ptr(), index.data_ptr(), threads)
     if bad >= 0:  # checked in C before anything is read
         raise ValueError(f"expert id {bad} out of range for {w_gate_up.shape[0]} experts")
     return out
@@ -177,7 +178,7 @@ def pair_outputs_native(x: Tensor, w_gate_up: Tensor, w_down: Tensor, pair_row: 
     threads = torch.get_num_threads()
     out = torch.empty(p, h, dtype=torch.float32)
     scratch = torch.empty(max(threads, 2) * p * inter, dtype=torch.float32)
-    index = torch.empty(3 * p + 1, dtype=torch.int64)
+    index = torch.empty(3 * p + 2 * w_gate_up.shape[0] + 2, dtype=torch.int64)
     bad = lib.ms_pair_outputs(x.data_ptr(), n, w_gate_up.data_ptr(), w_gate_up.stride(0), w_down.data_ptr(),
                               w_down.stride(0), rows.data_ptr(), ex.data_ptr(), p, h, inter, w_gate_up.shape[0],
                               out.data_ptr(), scratch.data_ptr(), index.data_ptr(), threads)

@@ -85,6 +85,8 @@ def test_moe(threads, tokens, top_k, h, inter):
         torch.testing.assert_close(got, want, atol=1e-4 * float(want.abs().max()), rtol=1e-5)
         strided = torch.stack([x, x], dim=2).reshape(tokens, 2 * h)[:, ::2]  # x, column stride 2: copied, kept alive
         assert torch.equal(cpu_native.moe_native(strided, w_gate_up, w_down, ids, weights, lib=LIB), got)
+        # experts are added in ascending id whatever the order of a token's slots: the same bits
+        assert torch.equal(cpu_native.moe_native(x, w_gate_up, w_down, ids.flip(1), weights.flip(1), lib=LIB), got)
 
 
 @needs_lib
