@@ -31,7 +31,13 @@ static void ms_act(const float *x, const int64_t *tok, int64_t n, const float *w
     }
 }
 
-/* Rows [lo, hi) of the expert's down projection for its n tokens, weighted, added to part [T, h]. */
+/* Rows [lo, hi) of the expert's down projection for its n tokens (rows tok[j] of part [T, h]):
+ * weighted by w and added, or, with w NULL, written unweighted (an expert shard's pair outputs). */
+static inline void ms_put(float *dst, float d, const float *w, int64_t j) {
+    if (w) *dst += d * w[j];
+    else *dst = d;
+}
+
 static void ms_down(const float *wd, const int64_t *tok, const float *w, int64_t n, int64_t h, int64_t inter,
                     int64_t lo, int64_t hi, const float *act, float *part) {
     for (int64_t r = lo; r < hi; ++r) {
@@ -40,9 +46,9 @@ static void ms_down(const float *wd, const int64_t *tok, const float *w, int64_t
             const float *as[4] = {act + j * inter, act + (j + 1) * inter, act + (j + 2) * inter, act + (j + 3) * inter};
             float d[4];
             ms_dot4(wd + r * inter, as, inter, d);
-            for (int q = 0; q < 4; ++q) part[tok[j + q] * h + r] += d[q] * w[j + q];
+            for (int q = 0; q < 4; ++q) ms_put(part + tok[j + q] * h + r, d[q], w, j + q);
         }
-        for (; j < n; ++j) part[tok[j] * h + r] += ms_dot(wd + r * inter, act + j * inter, inter) * w[j];
+        for (; j < n; ++j) ms_put(part + tok[j] * h + r, ms_dot(wd + r * inter, act + j * inter, inter), w, j);
     }
 }
 
@@ -124,21 +130,6 @@ int64_t ms_moe(const float *x, int64_t t_rows, const float *gate_up, int64_t gat
     return -1;
 }
 
-/* Rows [lo, hi) of the expert's down projection for its n pairs, unweighted, into out[pid[j]] [P, h]. */
-static void ms_down_pairs(const float *wd, const int64_t *pid, int64_t n, int64_t h, int64_t inter, int64_t lo,
-                          int64_t hi, const float *act, float *out) {
-    for (int64_t r = lo; r < hi; ++r) {
-        int64_t j = 0;
-        for (; j + 4 <= n; j += 4) {
-            const float *as[4] = {act + j * inter, act + (j + 1) * inter, act + (j + 2) * inter, act + (j + 3) * inter};
-            float d[4];
-            ms_dot4(wd + r * inter, as, inter, d);
-            for (int q = 0; q < 4; ++q) out[pid[j + q] * h + r] = d[q];
-        }
-        for (; j < n; ++j) out[pid[j] * h + r] = ms_dot(wd + r * inter, act + j * inter, inter);
-    }
-}
-
 /* An expert shard's part of a MoE layer (kernels/fused_moe.py `expert_pair_outputs_ref`): out [P, h]
  * row p = the SwiGLU MLP of bank row ex[p] on row rows[p] of x [n_rows, h], unweighted; each expert
  * runs once on its pairs (in pair order), the experts in ascending row order, whole experts per
@@ -170,7 +161,7 @@ int64_t ms_pair_outputs(const float *x, int64_t n_rows, const float *gate_up, in
             for (int64_t g = lo; g < hi; ++g) {
                 int64_t e = ex[pid[first[g]]], n = first[g + 1] - first[g];
                 ms_act(x, tok + first[g], n, gate_up + e * gate_up_stride, h, inter, 0, inter, act);
-                ms_down_pairs(down + e * down_stride, pid + first[g], n, h, inter, 0, h, act, out);
+                ms_down(down + e * down_stride, pid + first[g], 0, n, h, inter, 0, h, act, out);
             }
         } else {
             int64_t dlo, dhi;
@@ -181,7 +172,7 @@ int64_t ms_pair_outputs(const float *x, int64_t n_rows, const float *gate_up, in
                 float *act = scratch + (g % 2) * np * inter;
                 ms_act(x, tok + first[g], n, gate_up + e * gate_up_stride, h, inter, lo, hi, act);
 #pragma omp barrier
-                ms_down_pairs(down + e * down_stride, pid + first[g], n, h, inter, dlo, dhi, act, out);
+                ms_down(down + e * down_stride, pid + first[g], 0, n, h, inter, dlo, dhi, act, out);
             }
         }
     }
