@@ -152,8 +152,9 @@ class CachedExperts:
         self._clock += 1
         ids, w = flat.cpu().numpy(), weights.float().cpu().numpy()  # numpy: a few pairs a layer at decode
         used = ids >= 0
-        counts = np.bincount(ids[used], minlength=self.spec.num_experts).tolist()  # [E]
-        gate_mass = np.bincount(ids[used], weights=w[used], minlength=self.spec.num_experts).tolist()
+        chosen, e = ids[used], self.spec.num_experts
+        counts = np.bincount(chosen, minlength=e).tolist()  # [E]
+        gate_mass = np.bincount(chosen, weights=w[used], minlength=e).tolist()
         tokens = {e: c for e, c in enumerate(counts) if c}
         hits = [e for e in tokens if e in lay.resident]
         used_prefetch = sum(e in lay.prefetched for e in hits)
