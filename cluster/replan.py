@@ -12,7 +12,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from router.grouping import GroupingConfig, Placement, group_experts, moves
+from router.grouping import GroupingConfig, Placement, align, group_experts, moves
 
 
 def current_placement(owner: Mapping[int, Sequence[int]], moe_layers: Sequence[int], num_shards: int) -> Placement:
@@ -34,14 +34,16 @@ def replan(owner: Mapping[int, Sequence[int]], moe_layers: Sequence[int], num_sh
            popularity: Mapping[int, Sequence[float]], coactivation: Mapping[int, np.ndarray],
            transitions: Mapping[int, np.ndarray], max_load_ratio: float = 1.25) -> dict[int, tuple[int, ...]]:
     """A new owner table (layer -> shard of each expert) that co-locates experts tokens use together,
-    seeded from the current one (few moves), balanced to max/mean expected load <= max_load_ratio."""
+    balanced to max/mean expected load <= max_load_ratio; the current one is among the searches'
+    starts, and the shards are named to keep as many experts where they are as the grouping allows."""
     current = current_placement(owner, moe_layers, num_shards)
     num_experts = current.node_of.shape[1]
     capacity = int(max(np.bincount(row, minlength=num_shards).max() for row in current.node_of))
     pop, co, tr = stats_arrays(moe_layers, num_experts, popularity, coactivation, transitions)
     if pop.sum() == 0:
         return {layer: tuple(owner[layer]) for layer in moe_layers}
-    new = group_experts(pop + 1e-3, co, tr, GroupingConfig(num_shards, max_load_ratio, capacity), start=current)
+    new = align(group_experts(pop + 1e-3, co, tr, GroupingConfig(num_shards, max_load_ratio, capacity), start=current),
+                current)
     return {layer: tuple(int(s) for s in new.node_of[i]) for i, layer in enumerate(moe_layers)}
 
 

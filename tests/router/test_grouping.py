@@ -78,6 +78,33 @@ def test_replanning_from_an_optimal_start_moves_nothing():
     assert moves(first, again) == []
 
 
+def test_a_placement_one_swap_cannot_improve_is_left_for_a_better_start():
+    # Two layers, pairs (0, 1) and (2, 3) used together at both, each expert followed by itself. The
+    # start crosses the layers: every single swap breaks two pairs (-2 x 10) to join two chains
+    # (+2 x 4), so a search from the start alone stays there; the optimum keeps both.
+    co, crossed = trap_stats(), Placement(np.array([[0, 0, 1, 1], [1, 1, 0, 0]]), 2)
+    placement = group_experts(np.ones((2, 4)), co, 4.0 * np.eye(4)[None], GroupingConfig(nodes=2), start=crossed)
+    assert (placement.node_of[0] == placement.node_of[1]).all()
+    assert (placement.node_of[:, 0] == placement.node_of[:, 1]).all()
+
+
+def test_a_re_plan_keeps_the_live_placement_within_the_stay_margin():
+    co, crossed = trap_stats(), Placement(np.array([[0, 0, 1, 1], [1, 1, 0, 0]]), 2)
+    tr = 0.01 * np.eye(4)[None]  # the optimum beats the start by 0.04 / 40 = 0.1%
+    kept = group_experts(np.ones((2, 4)), co, tr, GroupingConfig(nodes=2, stay_margin=0.002), start=crossed)
+    assert moves(crossed, kept) == []
+    placement = group_experts(np.ones((2, 4)), co, tr, GroupingConfig(nodes=2), start=crossed)
+    assert (placement.node_of[0] == placement.node_of[1]).all()
+
+
+def trap_stats() -> np.ndarray:
+    """Co-activation [2, 4, 4] of pairs (0, 1) and (2, 3) at both layers, 10 tokens each."""
+    co = np.zeros((2, 4, 4))
+    for a, b in ((0, 1), (2, 3)):
+        co[:, a, b] = co[:, b, a] = 10.0
+    return co
+
+
 def test_bad_configs_are_rejected():
     pop, co, tr = chain_stats([(0, 1)])
     with pytest.raises(ValueError, match="cannot hold"):
@@ -86,3 +113,5 @@ def test_bad_configs_are_rejected():
         GroupingConfig(nodes=2, max_load_ratio=0.5)
     with pytest.raises(ValueError, match="nodes"):
         GroupingConfig(nodes=0)
+    with pytest.raises(ValueError, match="restarts"):
+        GroupingConfig(nodes=2, restarts=-1)
