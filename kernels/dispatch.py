@@ -77,17 +77,17 @@ def _native(device: torch.device, dtype: torch.dtype) -> dict[str, Callable]:
     cannot run."""
     if device.type != "cpu" or dtype != torch.float32:
         return {}
-    from kernels import cpu_native
+    from kernels import cpu_attention, cpu_native
     lib = cpu_native.load()
     if lib is None:
         return {}
     return {"few_tokens": functools.partial(cpu_native.moe_native, lib=lib),
             "few_pairs": functools.partial(cpu_native.pair_outputs_native, lib=lib),
             "rms_norm": functools.partial(cpu_native.rms_norm_native, lib=lib),
-            "attend": functools.partial(cpu_native.attend_native, lib=lib),
-            "rope_in_place": functools.partial(cpu_native.rope_native, lib=lib),
-            "attention_block": functools.partial(cpu_native.attention_block_native, lib=lib),
-            "block_weights": cpu_native.BlockWeights}
+            "attend": functools.partial(cpu_attention.attend_native, lib=lib),
+            "rope_in_place": functools.partial(cpu_attention.rope_native, lib=lib),
+            "attention_block": functools.partial(cpu_attention.attention_block_native, lib=lib),
+            "block_weights": cpu_attention.BlockWeights}
 
 
 def select_kernels(device: torch.device | str, backend: str = "auto",

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cluster.layers import apply_rope_rolled, rope_table, signed_sin
-from kernels import cpu_native, select_kernels
+from kernels import cpu_attention, cpu_native, select_kernels
 from kernels.fused_moe import expert_pair_outputs_ref, fused_moe_ref
 from kernels.linear import linear_ref
 from kernels.norm import rms_norm_ref
@@ -131,7 +131,7 @@ def test_out_of_range_inputs_are_refused_before_the_c_call():
     cache = torch.zeros(10, 1, 16)
     for first, keys, n in ((5, 6, 1), (-1, 3, 1), (0, 2, 3)):
         with pytest.raises(ValueError, match="do not fit a cache of 10 slots"):
-            cpu_native.attend_native(torch.zeros(n, 1, 16), cache, cache, first, keys, 1.0, torch.empty(n, 16), lib=LIB)
+            cpu_attention.attend_native(torch.zeros(n, 1, 16), cache, cache, first, keys, 1.0, torch.empty(n, 16), lib=LIB)
 
 
 @needs_lib
@@ -162,16 +162,16 @@ def test_attend(threads, nh, nkv, keys, queries):
     q = torch.randn(queries, nh, d, generator=g)
     k_cache, v_cache = torch.randn(slots, nkv, d, generator=g), torch.randn(slots, nkv, d, generator=g)
     out = torch.full((queries, nh * d), float("nan"))
-    got = cpu_native.attend_native(q, k_cache, v_cache, first, keys, 0.125, out, lib=LIB)
+    got = cpu_attention.attend_native(q, k_cache, v_cache, first, keys, 0.125, out, lib=LIB)
     assert got.data_ptr() == out.data_ptr()
-    torch.testing.assert_close(got, cpu_native.attention_ref(q, k_cache, v_cache, first, keys, 0.125),
+    torch.testing.assert_close(got, cpu_attention.attention_ref(q, k_cache, v_cache, first, keys, 0.125),
                                atol=1e-5, rtol=1e-5)
     strided = torch.randn(queries, nh + 3, d, generator=g)[:, :nh]  # rows (nh + 3) d floats apart
     strided.copy_(q)
-    assert torch.equal(cpu_native.attend_native(strided, k_cache, v_cache, first, keys, 0.125,
+    assert torch.equal(cpu_attention.attend_native(strided, k_cache, v_cache, first, keys, 0.125,
                                                 torch.empty(queries, nh * d), lib=LIB), got)
     # each query sees the keys up to its own: the last one alone gets the same
-    alone = cpu_native.attend_native(q[-1:], k_cache, v_cache, first, keys, 0.125, torch.empty(1, nh * d), lib=LIB)
+    alone = cpu_attention.attend_native(q[-1:], k_cache, v_cache, first, keys, 0.125, torch.empty(1, nh * d), lib=LIB)
     assert torch.equal(alone, got[-1:])
 
 
@@ -186,12 +186,12 @@ def test_rope_in_place_on_a_view_of_the_qkv_rows():
     k = qkv[:, nh * d:(nh + nkv) * d].reshape(t, nkv, d)
     want_q, want_k = apply_rope_rolled(q, cos, sin), apply_rope_rolled(k, cos, sin)
     v_before = qkv[:, (nh + nkv) * d:].clone()
-    assert cpu_native.rope_native(q, cos, sin, lib=LIB) is q and cpu_native.rope_native(k, cos, sin, lib=LIB) is k
+    assert cpu_attention.rope_native(q, cos, sin, lib=LIB) is q and cpu_attention.rope_native(k, cos, sin, lib=LIB) is k
     torch.testing.assert_close(q, want_q, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(k, want_k, atol=1e-6, rtol=1e-6)
     assert torch.equal(qkv[:, (nh + nkv) * d:], v_before)  # v untouched
     with pytest.raises(ValueError, match="heads packed"):
-        cpu_native.rope_native(q.transpose(0, 1), cos, sin, lib=LIB)
+        cpu_attention.rope_native(q.transpose(0, 1), cos, sin, lib=LIB)
 
 
 @needs_lib
