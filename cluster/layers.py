@@ -60,7 +60,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     64), gathered against in place: 32 sequences of 64 keys 0.36 against 0.76 ms, of 128 keys
     1.16-6.74 (two runs) against 1.32, of 256 keys 3.85 against 2.86; 8 of 256 0.32 against 0.32,
     8 of 1,000 2.53-3.87 against 2.22; 31 of 64 keys beside one of 2,000 94-102 against 1.03.
-    `attend` (kernels/cpu_native.py `attend_native`), where given, attends the in-place path's
+    `attend` (kernels/cpu_attention.py `attend_native`), where given, attends the in-place path's
     sequences of up to ATTEND_MAX_QUERIES queries (decode, draft chunks) outside a sliding window's reach."""
     large = q.device.type == "cpu" and _gather_bytes(k_cache, batch) > GATHER_MAX_BYTES
     if batch.kv_runs is not None and (batch.num_seqs == 1 or large):
