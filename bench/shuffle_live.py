@@ -18,7 +18,8 @@ Reported per run: cross-node bytes per generated token from the data plane's cou
 combine) and the driver's (migrate: KV copied across nodes), sequences moved, the shards' load
 (token-expert assignments each served, max/mean, the worst MoE layer), and whether the tokens equal
 those of the `off` run (they must). Prints one JSON object.
-Usage: python bench/shuffle_live.py [--max-tokens 96]
+`--more-fit` adds 16 prompts to the 8 of the fit set, to see how much the result owes to the fit set.
+Usage: python bench/shuffle_live.py [--max-tokens 96] [--more-fit]
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ from placement_live import FIT, HELD_OUT  # bench/placement_live.py, beside this
 from router.grouping import max_over_mean
 from router.replicas import shard_loads
 from router.shuffle import RequestShuffler, ShuffleConfig
+
+MORE_FIT = ["def main():\n", "class Error(Exception):\n", "from collections import", "    def close(self):\n",
+            "if not isinstance(", "for key, value in", "import logging\n", "def test_", "    return self.",
+            "elif ", "lines = []\n", "print(", "with self.", "assert ", "class Base(object):\n", "except KeyError:\n"]
 
 CLUSTER_YAML = f"""
 label_key: {LABEL}
@@ -74,7 +79,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--max-tokens", type=int, default=96, help="tokens generated per held-out prompt")
     ap.add_argument("--replicas", type=int, default=1, help="expert copies per layer and node in the last run")
+    ap.add_argument("--more-fit", action="store_true", help=f"fit on {len(MORE_FIT)} more prompts as well")
     args = ap.parse_args()
+    fit = FIT + MORE_FIT if args.more_fit else FIT
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     model = str(ensure_demo_model())
     cluster = start_cluster({"node-a": {}, "node-b": {}})
@@ -88,7 +95,7 @@ def main() -> int:
         rm = engine.model
         nodes = rm.topology.node_of
         colocated = nodes[0] != nodes[1] and sorted(nodes[:2]) == sorted(nodes[2:])
-        run(engine, FIT, params)
+        run(engine, fit, params)
         owner = rm.planned_owner()  # from the fit prompts' routing only
         shuffler = RequestShuffler(ShuffleConfig())
         for name, grouped, shuffled in (("off", False, False), ("shuffling", False, True),
@@ -100,7 +107,7 @@ def main() -> int:
         # Replicas: the fit prompts again, now gathered by node, tell each node which remote experts
         # its sequences use most; one copy per layer and node.
         rm.planned_replicas(0)  # discards the per-worker statistics of the runs above
-        run(engine, FIT, params)
+        run(engine, fit, params)
         runs["replicas"] = rm.replicate_experts(args.replicas)
         runs[f"grouping+shuffling+{args.replicas} replica(s)"] = run(engine, HELD_OUT, params)
         engine.shutdown()
@@ -109,7 +116,7 @@ def main() -> int:
         cluster.shutdown()
     off = runs["off"]["bytes_per_token"]["total"]
     out = {"model": model, "attention_workers": 2, "expert_shards": 2, "colocated": colocated,
-           "held_out_prompts": len(HELD_OUT), "max_tokens": args.max_tokens, "expert_moves": runs.pop("moves", None),
+           "fit_prompts": len(fit), "held_out_prompts": len(HELD_OUT), "max_tokens": args.max_tokens, "expert_moves": runs.pop("moves", None),
            "replicas": runs.pop("replicas"), "experts": rm.spec.num_experts * len(rm.spec.moe_layers)}
     for name, r in runs.items():
         out[name] = {"bytes_per_token": r["bytes_per_token"], "sequences_moved": r["sequences_moved"],
