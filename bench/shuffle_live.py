@@ -19,7 +19,8 @@ combine) and the driver's (migrate: KV copied across nodes), sequences moved, th
 (token-expert assignments each served, max/mean, the worst MoE layer), and whether the tokens equal
 those of the `off` run (they must). Prints one JSON object.
 `--more-fit` adds 16 prompts to the 8 of the fit set, to see how much the result owes to the fit set.
-Usage: python bench/shuffle_live.py [--max-tokens 96] [--more-fit]
+`--shuffle-max-load` sets how unbalanced shuffling may leave the attention workers (default 1.25).
+Usage: python bench/shuffle_live.py [--max-tokens 96] [--more-fit] [--shuffle-max-load 1.25]
 """
 
 from __future__ import annotations
@@ -80,6 +81,8 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=96, help="tokens generated per held-out prompt")
     ap.add_argument("--replicas", type=int, default=1, help="expert copies per layer and node in the last run")
     ap.add_argument("--more-fit", action="store_true", help=f"fit on {len(MORE_FIT)} more prompts as well")
+    ap.add_argument("--shuffle-max-load", type=float, default=ShuffleConfig().max_load_ratio,
+                    help="request shuffling keeps each attention worker at most this x the mean number of sequences")
     args = ap.parse_args()
     fit = FIT + MORE_FIT if args.more_fit else FIT
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
@@ -97,7 +100,7 @@ def main() -> int:
         colocated = nodes[0] != nodes[1] and sorted(nodes[:2]) == sorted(nodes[2:])
         run(engine, fit, params)
         owner = rm.planned_owner()  # from the fit prompts' routing only
-        shuffler = RequestShuffler(ShuffleConfig())
+        shuffler = RequestShuffler(ShuffleConfig(max_load_ratio=args.shuffle_max_load))
         for name, grouped, shuffled in (("off", False, False), ("shuffling", False, True),
                                         ("grouping", True, False), ("grouping+shuffling", True, True)):
             if grouped and rm.owner != {layer: tuple(o) for layer, o in owner.items()}:
@@ -116,7 +119,8 @@ def main() -> int:
         cluster.shutdown()
     off = runs["off"]["bytes_per_token"]["total"]
     out = {"model": model, "attention_workers": 2, "expert_shards": 2, "colocated": colocated,
-           "fit_prompts": len(fit), "held_out_prompts": len(HELD_OUT), "max_tokens": args.max_tokens, "expert_moves": runs.pop("moves", None),
+           "fit_prompts": len(fit), "held_out_prompts": len(HELD_OUT), "shuffle_max_load": args.shuffle_max_load,
+           "max_tokens": args.max_tokens, "expert_moves": runs.pop("moves", None),
            "replicas": runs.pop("replicas"), "experts": rm.spec.num_experts * len(rm.spec.moe_layers)}
     for name, r in runs.items():
         out[name] = {"bytes_per_token": r["bytes_per_token"], "sequences_moved": r["sequences_moved"],

@@ -62,6 +62,10 @@ def engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shuffle-requests", action="store_true", default=None, dest="request_shuffling",
                    help="(ray) move each sequence, KV cache and all, to the attention worker on the node of the "
                         "expert shards its tokens are predicted to reach")
+    p.add_argument("--shuffle-max-load", type=float, metavar="RATIO",
+                   help="(ray, with --shuffle-requests) keep every attention worker at most RATIO x the mean number "
+                        "of sequences; higher lets more sequences sit beside their experts and unbalances attention; "
+                        + _default("shuffle_max_load"))
     p.add_argument("--microbatches", type=int, choices=(1, 2),
                    help="(ray) ping-pong micro-batches per attention worker (1 = off); " + _default("microbatches"))
     p.add_argument("--transport", choices=TRANSPORTS,
@@ -74,7 +78,7 @@ ENGINE_FLAGS = ("dtype", "device", "kernel_backend", "max_model_len", "kv_cache_
                 "route_prediction", "expert_cache_fraction", "expert_cache_policy",
                 "expert_cache_prefetch", "expert_cache_schedule", "engine", "cluster", "num_expert_shards",
                 "num_attention_workers", "replan_every_steps", "expert_replicas", "request_shuffling",
-                "microbatches", "transport")
+                "shuffle_max_load", "microbatches", "transport")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

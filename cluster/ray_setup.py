@@ -40,11 +40,12 @@ def start_ray_model(config: EngineConfig) -> RayModel:
                         kernel_backend=config.kernel_backend, num_threads=config.actor_threads,
                         transport_timeout_s=config.transport_timeout_s, transport=config.transport,
                         expert_cache=expert_cache_config(config))
+    shuffle = ShuffleConfig(max_load_ratio=config.shuffle_max_load) if config.request_shuffling else None
     return RayModel(spec, RayModelConfig(
         actor=actor, plan=_UnlabeledAware(placement), num_kv_slots=config.num_blocks * config.block_size,
         block_size=config.block_size, microbatches=config.microbatches,
         min_microbatch_tokens=config.min_microbatch_tokens, replan_every_steps=config.replan_every_steps,
-        shuffle=ShuffleConfig() if config.request_shuffling else None, replicas_per_layer=config.expert_replicas))
+        shuffle=shuffle, replicas_per_layer=config.expert_replicas))
 
 
 def connect(address: str | None) -> None:

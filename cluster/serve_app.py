@@ -56,6 +56,7 @@ class AppArgs(BaseModel):
     num_expert_shards: int | None = Field(None, ge=1)  # engine="ray"; None: one per node that may host experts
     microbatches: Literal[1, 2] | None = None  # engine="ray": ping-pong micro-batches per attention worker
     request_shuffling: bool | None = None  # engine="ray": sequences move toward their predicted shards
+    shuffle_max_load: float | None = Field(None, ge=1.0)  # with request_shuffling: sequences per worker / mean
     replan_every_steps: int | None = Field(None, ge=1)  # engine="ray": re-plan expert placement every N steps
     expert_replicas: int | None = Field(None, ge=0)  # engine="ray": copies per layer and node at each re-plan
     dtype: Literal["float32", "bfloat16"] | None = None

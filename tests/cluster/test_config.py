@@ -21,13 +21,15 @@ FLAGS = ["--dtype", "bfloat16", "--device", "cuda:1", "--kernel-backend", "torch
          "--kv-cache-tokens", "4096", "--max-num-seqs", "4", "--route-prediction", "--expert-cache", "0.5",
          "--expert-cache-policy", "lru", "--expert-cache-prefetch", "--expert-cache-schedule", "load",
          "--engine", "ray", "--cluster", "local", "--expert-shards", "3", "--attention-workers", "2",
-         "--replan-every", "7", "--expert-replicas", "1", "--shuffle-requests", "--microbatches", "1",
+         "--replan-every", "7", "--expert-replicas", "1", "--shuffle-requests", "--shuffle-max-load", "1.5",
+         "--microbatches", "1",
          "--transport", "gloo"]
-WANT = {"dtype": "bfloat16", "device": "cuda:1", "kernel_backend": "torch", "max_model_len": 200, "kv_cache_tokens": 4096,
+WANT = {"dtype": "bfloat16", "device": "cuda:1", "kernel_backend": "torch", "max_model_len": 200,
+        "kv_cache_tokens": 4096,
         "max_num_seqs": 4, "route_prediction": True, "expert_cache_fraction": 0.5, "expert_cache_policy": "lru",
         "expert_cache_prefetch": True, "expert_cache_schedule": "load", "engine": "ray", "cluster": "local",
         "num_expert_shards": 3, "num_attention_workers": 2, "replan_every_steps": 7, "expert_replicas": 1,
-        "request_shuffling": True, "microbatches": 1, "transport": "gloo"}
+        "request_shuffling": True, "shuffle_max_load": 1.5, "microbatches": 1, "transport": "gloo"}
 # Flags checked one at a time (speculative decoding refuses route_prediction, which FLAGS sets).
 ALONE = {("--enable-prefix-caching",): ("enable_prefix_caching", True),
          ("--num-speculative-tokens", "3"): ("num_speculative_tokens", 3),
@@ -83,3 +85,11 @@ def test_the_context_length_fits_the_model_and_the_kv_cache(caplog):
         context_length(EngineConfig(model="m", max_model_len=3000), 2048)
     with pytest.raises(ValueError, match="max_model_len 5000 exceeds the KV cache's 4096 tokens"):
         context_length(EngineConfig(model="m", kv_cache_tokens=4096, max_model_len=5000), 8192)
+
+
+def test_the_shuffling_load_limit_needs_shuffling_and_at_least_the_mean():
+    with pytest.raises(ValueError, match="shuffle_max_load limits request shuffling: set request_shuffling"):
+        EngineConfig(model="m", engine="ray", shuffle_max_load=1.5)
+    with pytest.raises(ValueError, match="shuffle_max_load must be >= 1, got 0.9"):
+        EngineConfig(model="m", engine="ray", request_shuffling=True, shuffle_max_load=0.9)
+    assert EngineConfig(model="m", engine="ray", request_shuffling=True, shuffle_max_load=1.5).shuffle_max_load == 1.5

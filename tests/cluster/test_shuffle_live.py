@@ -98,9 +98,11 @@ def test_sequences_forced_to_move_every_step_keep_their_tokens(ray_cluster, tiny
 
 def test_the_shuffling_policy_keeps_the_tokens_and_reports_what_it_moved(ray_cluster, tiny_model, tmp_path, expected):
     engine = LLMEngine(EngineConfig(model=str(tiny_model("olmoe")), engine="ray", cluster=_colocated(tmp_path),
-                                    num_attention_workers=2, num_expert_shards=2, request_shuffling=True))
+                                    num_attention_workers=2, num_expert_shards=2, request_shuffling=True,
+                                    shuffle_max_load=2.0))
     try:
         m = engine.model
+        assert m.shuffler.config.max_load_ratio == 2.0  # EngineConfig.shuffle_max_load reached the policy
         # The real policy, eager: any predicted saving pays for the copy, and one worker may hold them all.
         m.shuffler = RequestShuffler(ShuffleConfig(payback_tokens=10**9, max_load_ratio=2.0))
         planned, shuffle, steps = [], m.homes.shuffle, []
