@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from cluster.speculative import SpeculativeConfig
 from experts.cache_policy import ONLINE_POLICIES  # both torch-free
 from experts.cost_model import SCHEDULES
+from router.shuffle import MAX_LOAD_RATIO
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class EngineConfig:
     min_microbatch_tokens: int = 32  # split a worker's batch only when each half gets at least this many
     replan_every_steps: int | None = None  # re-plan expert placement from live routing every N steps
     request_shuffling: bool = False  # move sequences to the attention worker beside their predicted shards
-    shuffle_max_load: float = 1.25  # request shuffling: sequences per attention worker at most this x the mean
+    shuffle_max_load: float = MAX_LOAD_RATIO  # request shuffling: sequences per attention worker, max / mean
     expert_replicas: int = 0  # at each re-plan, copy per layer and node this many remote experts its tokens use
     actor_threads: int = 1  # torch threads (and Ray CPUs) per actor
     transport_timeout_s: float = 30.0  # a data-plane peer silent this long is declared failed
@@ -82,7 +83,7 @@ class EngineConfig:
             raise ValueError("expert_replicas is applied by re-planning: set replan_every_steps")
         if self.request_shuffling and self.engine != "ray":
             raise ValueError("request_shuffling needs engine='ray' (it moves sequences between attention workers)")
-        if self.shuffle_max_load != 1.25 and not self.request_shuffling:
+        if self.shuffle_max_load != MAX_LOAD_RATIO and not self.request_shuffling:
             raise ValueError("shuffle_max_load limits request shuffling: set request_shuffling")
         if self.shuffle_max_load < 1.0:
             raise ValueError(f"shuffle_max_load must be >= 1, got {self.shuffle_max_load}")

@@ -27,11 +27,14 @@ from typing import Mapping
 import numpy as np
 
 
+MAX_LOAD_RATIO = 1.25  # default max / mean sequences per worker: the balance the grouping keeps for expert loads
+
+
 @dataclass(frozen=True, slots=True)
 class ShuffleConfig:
     decay: float = 0.95  # weight of the past in a sequence's average, per token observed
     payback_tokens: int = 64  # a move must save the KV bytes it copies within this many tokens
-    max_load_ratio: float = 1.25  # sequences per attention worker, max / mean (rounded up)
+    max_load_ratio: float = MAX_LOAD_RATIO  # sequences per attention worker, max / mean (rounded up)
     min_tokens: int = 1  # tokens observed before a sequence may move
 
     def __post_init__(self) -> None:
