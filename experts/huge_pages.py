@@ -43,10 +43,15 @@ def enabled() -> bool:
     return os.environ.get(ENV_SWITCH, "1") != "0" and _madvise() is not None
 
 
+def _plain(nbytes: int, device: torch.device | str) -> bool:
+    """Whether `nbytes` on `device` stay on ordinary pages: off the CPU, under a huge page, or switched off."""
+    return torch.device(device).type != "cpu" or nbytes < HUGE_PAGE or not enabled()
+
+
 def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
     """`torch.empty(shape, dtype=dtype, device=device)`, on huge pages where it can be (see above)."""
     nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-    if torch.device(device).type != "cpu" or nbytes < HUGE_PAGE or not enabled():
+    if _plain(nbytes, device):
         return torch.empty(shape, dtype=dtype, device=device)
     raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)
     start = -raw.data_ptr() % HUGE_PAGE
@@ -56,6 +61,6 @@ def empty(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype, device: torch
 
 def copy(t: torch.Tensor) -> torch.Tensor:
     """`t` itself where `empty` would give a plain tensor, else a contiguous copy on huge pages."""
-    if t.device.type != "cpu" or t.numel() * t.element_size() < HUGE_PAGE or not enabled():
+    if _plain(t.numel() * t.element_size(), t.device):
         return t
     return empty(t.shape, t.dtype).copy_(t)

@@ -154,13 +154,18 @@ def moe_native(x: Tensor, w_gate_up: Tensor, w_down: Tensor, topk_ids: Tensor, t
     threads, e, pairs = torch.get_num_threads(), w_gate_up.shape[0], ids.numel()
     out = torch.empty(t, h, dtype=torch.float32)
     scratch = torch.empty(max(threads, 1) * t * (h + inter) + 2 * t * inter + pairs, dtype=torch.float32)
-    index = torch.empty(3 * pairs + 2 * e + 2, dtype=torch.int64)
+    index = _pair_index(pairs, e)
     bad = lib.ms_moe(x.data_ptr(), t, w_gate_up.data_ptr(), w_gate_up.stride(0), w_down.data_ptr(),
                      w_down.stride(0), ids.data_ptr(), weights.data_ptr(), ids.shape[-1], h, inter, e,
                      out.data_ptr(), scratch.data_ptr(), index.data_ptr(), threads)
     if bad >= 0:  # checked in C before anything is read
         raise ValueError(f"expert id {bad} out of range for {w_gate_up.shape[0]} experts")
     return out
+
+
+def _pair_index(pairs: int, experts: int) -> Tensor:
+    """The int64 buffer cpu_moe.c's counting sort of `pairs` (token, expert) pairs over `experts` uses."""
+    return torch.empty(3 * pairs + 2 * experts + 2, dtype=torch.int64)
 
 
 def pair_outputs_native(x: Tensor, w_gate_up: Tensor, w_down: Tensor, pair_row: Tensor, pair_expert: Tensor,
@@ -175,7 +180,7 @@ def pair_outputs_native(x: Tensor, w_gate_up: Tensor, w_down: Tensor, pair_row: 
     threads = torch.get_num_threads()
     out = torch.empty(p, h, dtype=torch.float32)
     scratch = torch.empty(max(threads, 2) * p * inter, dtype=torch.float32)
-    index = torch.empty(3 * p + 2 * w_gate_up.shape[0] + 2, dtype=torch.int64)
+    index = _pair_index(p, w_gate_up.shape[0])
     bad = lib.ms_pair_outputs(x.data_ptr(), n, w_gate_up.data_ptr(), w_gate_up.stride(0), w_down.data_ptr(),
                               w_down.stride(0), rows.data_ptr(), ex.data_ptr(), p, h, inter, w_gate_up.shape[0],
                               out.data_ptr(), scratch.data_ptr(), index.data_ptr(), threads)
