@@ -104,11 +104,13 @@ def main() -> int:
     args = ap.parse_args()
     if not args.trace.is_file():
         ap.error(f"no trace at {args.trace}")
+    if not 0.0 < args.capacity <= 1.0 or not 0.0 < args.fit_fraction < 1.0:
+        ap.error(f"need 0 < --capacity <= 1 and 0 < --fit-fraction < 1, got {args.capacity} and {args.fit_fraction}")
     steps, layers, experts = decode_steps(read_trace(args.trace))
     capacity = max(1, round(args.capacity * layers * experts))
     first = int(len(steps) * args.fit_fraction)
     if not HISTORY <= first < len(steps):
-        ap.error(f"the trace has {len(steps)} decode steps: too few to split at {args.fit_fraction}")
+        ap.error(f"the trace has {len(steps)} decode steps: too few to split at --fit-fraction {args.fit_fraction}")
     plan = ReplayPlan(steps, layers, experts, capacity, first, DEFAULT_COST)
     rates = {name: run_policy(plan, make_policy(name, plan), None).report(plan.cost)["hit_rate"]
              for name in REPLAY_POLICIES}
