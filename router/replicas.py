@@ -47,42 +47,68 @@ def shard_loads(owner: Mapping[int, Sequence[int]], replicas: Replicas, local_sh
 def plan_replicas(owner: Mapping[int, Sequence[int]], num_shards: int, local_shard: Sequence[int | None],
                   worker_counts: Sequence[Mapping[int, Sequence[float]]], per_layer: int,
                   max_load_ratio: float = 1.25) -> Replicas:
-    """Replicas for request shuffling: for each attention worker with a shard on its node, the
-    `per_layer` experts its tokens used most (worker_counts[a][layer][e]) that the shard does not
-    own, copied there so those tokens stay on the node. Per layer, while the expected shard loads
-    (tokens routed to each shard by the per-worker tables) exceed both max_load_ratio x their mean
-    and the largest load without copies, the copy serving the fewest tokens on the busiest shard
-    is refused and its worker's next most used expert tried instead."""
+    """Replicas for request shuffling: up to `per_layer` copies per layer on each shard with attention
+    workers on its node, of the experts it does not own that those workers' tokens used most
+    (worker_counts[a][layer][e]), as far as the shards' expected loads (tokens routed to each by the
+    per-worker tables) stay within both max_load_ratio x their mean and the largest load without
+    copies. Per layer: each shard first takes its `per_layer` most used; while a load is over the
+    limit, the copy serving the fewest tokens on the busiest shard goes; then, while one fits, the
+    copy serving the most tokens among those left is added. A copy only moves tokens from the
+    expert's owner to the copy's shard: the mean never changes, and copies on two shards can
+    balance each other where neither fits alone."""
     if per_layer < 0:
         raise ValueError(f"per_layer must be >= 0, got {per_layer}")
     replicas: Replicas = [{} for _ in range(num_shards)]
     for layer, row in owner.items():
         counts = [list(w.get(layer, [0.0] * len(row))) for w in worker_counts]
-        base = _layer_load(owner, replicas, local_shard, layer, counts, num_shards).max()
-        refused: set[tuple[int, int]] = set()
+        load = _layer_load(owner, replicas, local_shard, layer, counts, num_shards)
+        limit = max(max_load_ratio * load.mean(), load.max()) + 1e-9
+        served = sorted(_served(row, counts, local_shard).items(), key=lambda kv: (-kv[1], kv[0]))
+        held = [[(n, e) for (s2, e), n in served if s2 == s][:per_layer] for s in range(num_shards)]
+        load = _with(load, row, held)
+        while load.max() > limit:  # the busiest shard holds a copy: without copies no load is over
+            busiest = int(np.argmax(load))
+            n, e = min(held[busiest])
+            held[busiest].remove((n, e))
+            load[busiest] -= n
+            load[row[e]] += n
         while True:
-            served = _wanted(row, counts, local_shard, per_layer, refused)
-            for s in range(num_shards):
-                replicas[s][layer] = tuple(sorted(e for (t, e) in served if t == s))
-            load = _layer_load(owner, replicas, local_shard, layer, counts, num_shards)
-            if not served or load.max() <= max(max_load_ratio * load.mean(), base) + 1e-9:
+            fits = next(((s, e, n) for (s, e), n in served if len(held[s]) < per_layer and (n, e) not in held[s]
+                         and load[s] + n <= limit), None)
+            if fits is None:
                 break
-            busiest = int(np.argmax(load))  # it holds a copy: without copies no load exceeds `base`
-            refused.add(min((n, key) for key, n in served.items() if key[0] == busiest)[1])
-    return [{layer: ids for layer, ids in r.items() if ids} for r in replicas]
+            s, e, n = fits
+            held[s].append((n, e))
+            load[s] += n
+            load[row[e]] -= n
+        for s in range(num_shards):
+            if held[s]:
+                replicas[s][layer] = tuple(sorted(e for _, e in held[s]))
+    return replicas
 
 
-def _wanted(row: Sequence[int], counts: list[list[float]], local_shard: Sequence[int | None], per_layer: int,
-            refused: set[tuple[int, int]]) -> dict[tuple[int, int], float]:
-    """(shard, expert) -> tokens served: each worker's `per_layer` most used remote experts not refused."""
+def _with(load: np.ndarray, row: Sequence[int], held: list[list[tuple[float, int]]]) -> np.ndarray:
+    """The shards' loads once each shard s serves its copies held[s] ((tokens, expert))."""
+    load = load.copy()
+    for s, copies in enumerate(held):
+        for n, e in copies:
+            load[s] += n
+            load[row[e]] -= n
+    return load
+
+
+def _served(row: Sequence[int], counts: list[list[float]],
+            local_shard: Sequence[int | None]) -> dict[tuple[int, int], float]:
+    """(shard, expert) -> tokens a copy there would serve: those of the workers on the shard's node
+    that used the expert, which the shard does not own."""
     served: dict[tuple[int, int], float] = {}
     for a, c in enumerate(counts):
         s = local_shard[a]
         if s is None:
             continue
-        remote = [e for e in range(len(row)) if row[e] != s and c[e] > 0 and (s, e) not in refused]
-        for e in sorted(remote, key=lambda e: -c[e])[:per_layer]:
-            served[(s, e)] = served.get((s, e), 0.0) + c[e]
+        for e in range(len(row)):
+            if row[e] != s and c[e] > 0:
+                served[(s, e)] = served.get((s, e), 0.0) + c[e]
     return served
 
 

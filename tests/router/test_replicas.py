@@ -31,3 +31,13 @@ def test_a_replica_that_would_unbalance_the_shards_is_left_out():
     # shard 0 then gets 21 tokens against shard 1's 15 (max/mean 1.17)
     counts = [{0: [10, 10, 10, 1]}, {0: [0, 0, 0, 5]}]
     assert plan_replicas(OWNER, 2, [0, 1], counts, per_layer=1, max_load_ratio=1.25) == [{0: (3,)}, {}]
+
+
+def test_the_copy_serving_most_tokens_that_fits_is_taken_once_another_shards_copy_makes_room():
+    # without copies shard 0 serves worker 0's 17 tokens and worker 1's 3 (20, the busiest: the limit).
+    # Copying expert 2 (6 tokens) or 3 (3 tokens) to shard 0 would pass 20; copying expert 0 to
+    # shard 1 takes worker 1's 3 tokens off shard 0, and then expert 3 fits (expert 2 still does not).
+    counts = [{0: [10, 7, 6, 3]}, {0: [3, 0, 0, 0]}]
+    for per_layer in (1, 2):  # asking for more copies never gives fewer (it used to give [{}, {0: (0,)}])
+        assert plan_replicas(OWNER, 2, [0, 1], counts, per_layer, max_load_ratio=1.25) == [{0: (3,)}, {0: (0,)}]
+
