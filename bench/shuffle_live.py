@@ -16,7 +16,8 @@ co-activation and inter-layer transitions. Then one held-out set of prompts runs
 
 Reported per run: cross-node bytes per generated token from the data plane's counters (dispatch,
 combine) and the driver's (migrate: KV copied across nodes), sequences moved, the shards' load
-(token-expert assignments each served, max/mean, the worst MoE layer), and whether the tokens equal
+(token-expert assignments each served, max/mean: over all MoE layers, as `moe-serve replay` reports
+it, and at the worst one), and whether the tokens equal
 those of the `off` run (they must). Prints one JSON object.
 `--more-fit` adds 16 prompts to the 8 of the fit set, to see how much the result owes to the fit set.
 `--shuffle-max-load` sets how unbalanced shuffling may leave the attention workers (default 1.25).
@@ -70,10 +71,12 @@ def run(engine: LLMEngine, prompts: list[str], params: SamplingParams) -> dict:
     counts = [{layer: [a - b for a, b in zip(row, was.get(layer, [0] * len(row)))] for layer, row in now.items()}
               for now, was in zip(rm.worker_expert_totals, counts_before)]
     loads = shard_loads(rm.owner, rm.replicas, rm.local_shards(), counts, len(rm.shards))
+    per_layer = np.stack(list(loads.values()))  # [L, S]
     return {"bytes_per_token": {"dispatch": round(d / tokens), "combine": round(c / tokens),
                                 "migrate": round(m / tokens), "total": round((d + c + m) / tokens)},
             "sequences_moved": moved, "tokens": outs,
-            "shard_load_max_over_mean": round(float(max(max_over_mean(np.stack(list(loads.values()))))), 3)}
+            "shard_load_max_over_mean": round(float(max_over_mean(per_layer.sum(axis=0, keepdims=True))[0]), 3),
+            "shard_load_worst_layer": round(float(max(max_over_mean(per_layer))), 3)}
 
 
 def main() -> int:
@@ -125,6 +128,7 @@ def main() -> int:
     for name, r in runs.items():
         out[name] = {"bytes_per_token": r["bytes_per_token"], "sequences_moved": r["sequences_moved"],
                      "shard_load_max_over_mean": r["shard_load_max_over_mean"],
+                     "shard_load_worst_layer": r["shard_load_worst_layer"],
                      "reduction": round(1 - r["bytes_per_token"]["total"] / off, 4),
                      "identical_tokens": r["tokens"] == runs["off"]["tokens"]}
     print(json.dumps(out, indent=2))
