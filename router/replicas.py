@@ -61,30 +61,36 @@ def plan_replicas(owner: Mapping[int, Sequence[int]], num_shards: int, local_sha
     replicas: Replicas = [{} for _ in range(num_shards)]
     for layer, row in owner.items():
         counts = [list(w.get(layer, [0.0] * len(row))) for w in worker_counts]
-        load = _layer_load(owner, replicas, local_shard, layer, counts, num_shards)
-        limit = max(max_load_ratio * load.mean(), load.max()) + 1e-9
-        served = sorted(_served(row, counts, local_shard).items(), key=lambda kv: (-kv[1], kv[0]))
-        held = [[(n, e) for (s2, e), n in served if s2 == s][:per_layer] for s in range(num_shards)]
-        load = _with(load, row, held)
-        while load.max() > limit:  # the busiest shard holds a copy: without copies no load is over
-            busiest = int(np.argmax(load))
-            n, e = min(held[busiest])
-            held[busiest].remove((n, e))
-            load[busiest] -= n
-            load[row[e]] += n
-        while True:
-            fits = next(((s, e, n) for (s, e), n in served if len(held[s]) < per_layer and (n, e) not in held[s]
-                         and load[s] + n <= limit), None)
-            if fits is None:
-                break
-            s, e, n = fits
-            held[s].append((n, e))
-            load[s] += n
-            load[row[e]] -= n
-        for s in range(num_shards):
-            if held[s]:
-                replicas[s][layer] = tuple(sorted(e for _, e in held[s]))
+        load = _layer_load(owner, [{} for _ in range(num_shards)], local_shard, layer, counts, num_shards)
+        for s, copies in enumerate(_layer_copies(row, _served(row, counts, local_shard), load, per_layer,
+                                                 max(max_load_ratio * load.mean(), load.max()) + 1e-9)):
+            if copies:
+                replicas[s][layer] = tuple(sorted(e for _, e in copies))
     return replicas
+
+
+def _layer_copies(row: Sequence[int], served: dict[tuple[int, int], float], load: np.ndarray, per_layer: int,
+                  limit: float) -> list[list[tuple[float, int]]]:
+    """Per shard, its copies at one layer as (tokens served, expert): the `per_layer` most used, less
+    the smallest on the busiest shard while a load is over `limit`, then the largest that fit."""
+    ranked = sorted(served.items(), key=lambda kv: (-kv[1], kv[0]))
+    held = [[(n, e) for (s2, e), n in ranked if s2 == s][:per_layer] for s in range(len(load))]
+    load = _with(load, row, held)
+    while load.max() > limit:  # the busiest shard holds a copy: without copies no load is over
+        busiest = int(np.argmax(load))
+        n, e = min(held[busiest])
+        held[busiest].remove((n, e))
+        load[busiest] -= n
+        load[row[e]] += n
+    while True:
+        fits = next(((s, e, n) for (s, e), n in ranked if len(held[s]) < per_layer and (n, e) not in held[s]
+                     and load[s] + n <= limit), None)
+        if fits is None:
+            return held
+        s, e, n = fits
+        held[s].append((n, e))
+        load[s] += n
+        load[row[e]] -= n
 
 
 def _with(load: np.ndarray, row: Sequence[int], held: list[list[tuple[float, int]]]) -> np.ndarray:

@@ -38,6 +38,6 @@ def test_the_copy_serving_most_tokens_that_fits_is_taken_once_another_shards_cop
     # Copying expert 2 (6 tokens) or 3 (3 tokens) to shard 0 would pass 20; copying expert 0 to
     # shard 1 takes worker 1's 3 tokens off shard 0, and then expert 3 fits (expert 2 still does not).
     counts = [{0: [10, 7, 6, 3]}, {0: [3, 0, 0, 0]}]
-    for per_layer in (1, 2):  # asking for more copies never gives fewer (it used to give [{}, {0: (0,)}])
+    for per_layer in (1, 2):  # asking for 2 used to give fewer copies than 1: [{}, {0: (0,)}]
         assert plan_replicas(OWNER, 2, [0, 1], counts, per_layer, max_load_ratio=1.25) == [{0: (3,)}, {0: (0,)}]
 
