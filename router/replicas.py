@@ -75,13 +75,15 @@ def _layer_copies(row: Sequence[int], served: dict[tuple[int, int], float], load
     the smallest on the busiest shard while a load is over `limit`, then the largest that fit."""
     ranked = sorted(served.items(), key=lambda kv: (-kv[1], kv[0]))
     held = [[(n, e) for (s2, e), n in ranked if s2 == s][:per_layer] for s in range(len(load))]
-    load = _with(load, row, held)
+    load = load.copy()
+    for s, copies in enumerate(held):
+        for n, e in copies:
+            _shift(load, row, s, e, n)
     while load.max() > limit:  # the busiest shard holds a copy: without copies no load is over
         busiest = int(np.argmax(load))
         n, e = min(held[busiest])
         held[busiest].remove((n, e))
-        load[busiest] -= n
-        load[row[e]] += n
+        _shift(load, row, busiest, e, -n)
     while True:
         fits = next(((s, e, n) for (s, e), n in ranked if len(held[s]) < per_layer and (n, e) not in held[s]
                      and load[s] + n <= limit), None)
@@ -89,18 +91,13 @@ def _layer_copies(row: Sequence[int], served: dict[tuple[int, int], float], load
             return held
         s, e, n = fits
         held[s].append((n, e))
-        load[s] += n
-        load[row[e]] -= n
+        _shift(load, row, s, e, n)
 
 
-def _with(load: np.ndarray, row: Sequence[int], held: list[list[tuple[float, int]]]) -> np.ndarray:
-    """The shards' loads once each shard s serves its copies held[s] ((tokens, expert))."""
-    load = load.copy()
-    for s, copies in enumerate(held):
-        for n, e in copies:
-            load[s] += n
-            load[row[e]] -= n
-    return load
+def _shift(load: np.ndarray, row: Sequence[int], shard: int, expert: int, tokens: float) -> None:
+    """A copy of `expert` on `shard` taking `tokens` off its owner row[expert] (negative: dropping it)."""
+    load[shard] += tokens
+    load[row[expert]] -= tokens
 
 
 def _served(row: Sequence[int], counts: list[list[float]],
