@@ -234,9 +234,8 @@ class _Search:
 
     def rank(self, x: np.ndarray) -> tuple[float, float]:
         """Least load over the limits first, then the highest objective."""
-        c, layers = self.config, x.shape[0]
-        load = np.zeros((layers, c.nodes))
-        np.add.at(load, (np.arange(layers)[:, None], x), self.pop)
+        c = self.config
+        load = Placement(x, c.nodes).loads(self.pop)
         limit = c.max_load_ratio * self.pop.sum(axis=1, keepdims=True) / c.nodes
         return -round(float(_violation(load, limit).sum()), 9), self.objective(x)
 
